@@ -1,0 +1,30 @@
+"""The `llm-jax` command line. Each subcommand lives beside the code it drives and
+registers itself here through an `add_parser(subparsers)` function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    from llm_jax.models.cli import add_parser as add_models
+
+    add_models(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as e:
+        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

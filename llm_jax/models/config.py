@@ -1,0 +1,317 @@
+"""`ModelConfig`: one frozen dataclass for the GPT, BERT and T5 families, with named presets.
+
+A config is plain data: it holds every architectural choice, validates itself on
+construction (a bad value raises ValueError naming the field and the allowed values) and
+derives the few quantities layers need (`head_dim`, `num_kv_heads`, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FAMILIES = ("gpt", "bert", "t5")
+POSITIONS = ("learned", "rope", "sinusoidal", "relative")
+NORMS = ("layernorm", "rmsnorm")
+NORM_POSITIONS = ("pre", "post")
+ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Architecture of a GPT (decoder-only), BERT (encoder) or T5 (encoder–decoder) model.
+
+    Shape letters used in the field docs: V vocab, D d_model, F d_ff, N num_heads,
+    K num_kv_heads, H head_dim, L num_layers.
+    """
+
+    family: str
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    d_ff: int
+    num_kv_heads: int | None = None  # K; None means K = N (multi-head attention).
+    head_dim: int | None = None  # H; None means D // N.
+    num_decoder_layers: int | None = None  # T5 only; None means num_layers.
+    max_position_embeddings: int = 1024  # rows of a learned/sinusoidal table.
+
+    position: str = "learned"
+    rope_theta: float = 10_000.0
+    relative_num_buckets: int = 32
+    relative_max_distance: int = 128
+
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"  # "pre" (GPT-2, LLaMA, T5) or "post" (BERT, Transformer).
+    final_norm: bool = True  # a norm after the last block (pre-LN stacks need one).
+    activation: str = "gelu_tanh"
+    gated_mlp: bool = False  # SwiGLU / GeGLU: act(x W_gate) * (x W_up).
+    use_bias: bool = True  # biases on dense layers and norms.
+    attention_scale: bool = True  # multiply q k^T by 1/sqrt(H); T5 folds it into init.
+
+    tie_embeddings: bool = True  # output projection = input embedding transposed.
+    scale_tied_logits: bool = False  # T5: logits = (h * D^-0.5) E^T when tied.
+    embed_scale: bool = False  # Transformer: embeddings * sqrt(D).
+    embedding_dim: int | None = None  # ALBERT factorized embeddings E; None means D.
+    share_layers: bool = False  # ALBERT: one block's parameters used by all layers.
+    type_vocab_size: int = 0  # BERT token types (segments A/B); 0 disables.
+    use_pooler: bool = False  # BERT pooler (dense + tanh on the first token).
+    use_nsp: bool = False  # BERT next-sentence (or ALBERT sentence-order) head.
+    use_mlm_head: bool = False  # BERT masked-LM head (transform + norm + tied decoder).
+    num_labels: int = 0  # sequence-classification head on the pooled output; 0 disables.
+
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    initializer_range: float = 0.02
+    scan_layers: bool = False  # lax.scan over the stacked layers (else a Python loop).
+    remat_policy: str = "none"
+    dtype: str = "float32"  # compute dtype; parameters stay in param_dtype.
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # Derived quantities -------------------------------------------------------------------
+
+    @property
+    def kv_heads(self) -> int:
+        """K, the number of key/value heads."""
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_size(self) -> int:
+        """H, the per-head dimension."""
+        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+    @property
+    def decoder_layers(self) -> int:
+        """Number of decoder layers (T5)."""
+        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
+
+    @property
+    def embed_dim(self) -> int:
+        """E, the width of the token embedding table (ALBERT factorizes it)."""
+        return self.d_model if self.embedding_dim is None else self.embedding_dim
+
+    # Validation ----------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field, its value and what would be valid."""
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"ModelConfig.{name}={value!r} is not one of {list(allowed)}.")
+
+        def positive(*names: str) -> None:
+            for name in names:
+                value = getattr(self, name)
+                if value is not None and (not isinstance(value, int) or value < 1):
+                    raise ValueError(
+                        f"ModelConfig.{name}={value!r} must be a positive integer."
+                    )
+
+        choice("family", FAMILIES)
+        choice("position", POSITIONS)
+        choice("norm", NORMS)
+        choice("norm_position", NORM_POSITIONS)
+        choice("activation", ACTIVATIONS)
+        choice("remat_policy", REMAT_POLICIES)
+        choice("dtype", DTYPES)
+        choice("param_dtype", DTYPES)
+        positive(
+            "vocab_size",
+            "d_model",
+            "num_layers",
+            "num_heads",
+            "d_ff",
+            "num_kv_heads",
+            "head_dim",
+            "num_decoder_layers",
+            "max_position_embeddings",
+            "embedding_dim",
+        )
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"ModelConfig: num_heads={self.num_heads} does not divide d_model="
+                f"{self.d_model}; choose num_heads among the divisors of d_model, or set "
+                f"head_dim explicitly."
+            )
+        if self.num_heads % self.kv_heads:
+            raise ValueError(
+                f"ModelConfig: num_kv_heads={self.kv_heads} does not divide num_heads="
+                f"{self.num_heads}; choose num_kv_heads among the divisors of num_heads."
+            )
+        if self.position == "rope" and self.head_size % 2:
+            raise ValueError(f"ModelConfig: RoPE needs an even head_dim; got {self.head_size}.")
+        if self.position == "sinusoidal" and self.embed_dim % 2:
+            raise ValueError(
+                f"ModelConfig: sinusoidal positions need an even d_model; got {self.embed_dim}."
+            )
+        if self.position == "relative" and self.family != "t5":
+            raise ValueError(
+                "ModelConfig.position='relative' (T5 buckets) is only implemented for "
+                "family='t5'; use 'learned' or 'rope' for GPT and 'learned' for BERT."
+            )
+        if self.family == "t5" and self.position not in ("relative", "sinusoidal", "learned"):
+            raise ValueError(
+                f"ModelConfig.position={self.position!r} is not supported for family='t5'; "
+                "use 'relative' (T5) or 'sinusoidal' (the original Transformer)."
+            )
+        if self.family == "bert" and self.position != "learned":
+            raise ValueError("ModelConfig.position must be 'learned' for family='bert'.")
+        for name in ("dropout_rate", "attention_dropout_rate"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"ModelConfig.{name}={value} must be in [0, 1).")
+        if self.norm_eps <= 0:
+            raise ValueError(f"ModelConfig.norm_eps={self.norm_eps} must be > 0.")
+        if self.family != "bert" and (
+            self.use_pooler or self.use_nsp or self.use_mlm_head or self.type_vocab_size
+        ):
+            raise ValueError(
+                "ModelConfig: use_pooler / use_nsp / use_mlm_head / type_vocab_size are BERT "
+                "options; set family='bert' or turn them off."
+            )
+        if (self.use_nsp or self.num_labels) and not self.use_pooler:
+            raise ValueError(
+                "ModelConfig: the NSP and classification heads read the pooled output; set "
+                "use_pooler=True."
+            )
+        if self.share_layers and self.family != "bert":
+            raise ValueError("ModelConfig.share_layers (ALBERT) is only supported for BERT.")
+        if self.embedding_dim is not None and self.family != "bert":
+            raise ValueError("ModelConfig.embedding_dim (ALBERT) is only supported for BERT.")
+        if self.scale_tied_logits and not self.tie_embeddings:
+            raise ValueError("ModelConfig.scale_tied_logits needs tie_embeddings=True.")
+
+    # Construction --------------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build from a mapping; a `preset` key starts from that preset. Unknown keys fail."""
+        d = dict(d)
+        preset = d.pop("preset", None)
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown ModelConfig keys {unknown}; valid keys are {cls.field_names()} "
+                "(and 'preset')."
+            )
+        if preset is not None:
+            return cls.preset(preset, **d)
+        return cls(**d)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named published architecture, optionally with some fields overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[name], **overrides})
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(PRESETS)
+
+
+_GPT2 = dict(
+    family="gpt",
+    vocab_size=50257,
+    max_position_embeddings=1024,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-5,
+    activation="gelu_tanh",
+    use_bias=True,
+    tie_embeddings=True,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+)
+_LLAMA = dict(
+    family="gpt",
+    position="rope",
+    norm="rmsnorm",
+    activation="silu",
+    gated_mlp=True,
+    use_bias=False,
+    tie_embeddings=False,
+)
+_BERT = dict(
+    family="bert",
+    vocab_size=30522,
+    max_position_embeddings=512,
+    type_vocab_size=2,
+    position="learned",
+    norm="layernorm",
+    norm_eps=1e-12,
+    norm_position="post",
+    final_norm=False,
+    activation="gelu",
+    use_bias=True,
+    use_pooler=True,
+    use_nsp=True,
+    use_mlm_head=True,
+    tie_embeddings=True,
+    dropout_rate=0.1,
+    attention_dropout_rate=0.1,
+)
+_T5 = dict(
+    family="t5",
+    vocab_size=32128,
+    position="relative",
+    norm="rmsnorm",
+    norm_eps=1e-6,
+    activation="relu",
+    use_bias=False,
+    attention_scale=False,
+    tie_embeddings=True,
+    scale_tied_logits=True,
+    dropout_rate=0.1,
+    initializer_range=1.0,
+)
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2-tiny": {**_GPT2, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
+                  "d_ff": 256, "max_position_embeddings": 128, "dropout_rate": 0.0,
+                  "attention_dropout_rate": 0.0},
+    "gpt2-small": {**_GPT2, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_ff": 3072},
+    "gpt2-medium": {**_GPT2, "d_model": 1024, "num_layers": 24, "num_heads": 16, "d_ff": 4096},
+    "llama-tiny": {**_LLAMA, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
+                   "num_kv_heads": 2, "d_ff": 192, "max_position_embeddings": 256,
+                   "norm_eps": 1e-5},
+    # LLaMA-3.2-1B's shape (tied embeddings; rope scaling not modelled here).
+    "llama-1b": {**_LLAMA, "vocab_size": 128256, "d_model": 2048, "num_layers": 16,
+                 "num_heads": 32, "num_kv_heads": 8, "d_ff": 8192,
+                 "max_position_embeddings": 131072, "rope_theta": 500_000.0,
+                 "norm_eps": 1e-5, "tie_embeddings": True},
+    "bert-tiny": {**_BERT, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
+                  "d_ff": 256, "max_position_embeddings": 128, "dropout_rate": 0.0,
+                  "attention_dropout_rate": 0.0},
+    "bert-base": {**_BERT, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_ff": 3072},
+    "t5-tiny": {**_T5, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
+                "d_ff": 128, "relative_num_buckets": 16, "relative_max_distance": 64,
+                "dropout_rate": 0.0},
+    "t5-small": {**_T5, "d_model": 512, "num_layers": 6, "num_heads": 8, "d_ff": 2048},
+    # The original Transformer base (Vaswani et al. 2017): shared 37k BPE vocabulary.
+    "transformer-base": dict(
+        family="t5", vocab_size=37000, d_model=512, num_layers=6, num_heads=8, d_ff=2048,
+        position="sinusoidal", max_position_embeddings=1024, norm="layernorm", norm_eps=1e-6,
+        norm_position="post", final_norm=False, activation="relu", use_bias=True,
+        attention_scale=True, tie_embeddings=True, embed_scale=True, dropout_rate=0.1,
+        initializer_range=0.02,
+    ),
+}

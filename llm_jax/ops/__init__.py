@@ -1,0 +1,68 @@
+"""The math of the field as pure jnp functions: no parameters, no Flax."""
+
+from llm_jax.ops.activations import (
+    gelu,
+    gelu_tanh,
+    geglu,
+    get_activation,
+    glu,
+    relu,
+    silu,
+    swiglu,
+)
+from llm_jax.ops.attention import (
+    big_neg,
+    bidirectional_mask,
+    causal_mask,
+    combine_masks,
+    cross_mask,
+    dot_product_attention,
+    padding_mask,
+    segment_mask,
+)
+from llm_jax.ops.dropout import dropout
+from llm_jax.ops.losses import accuracy, cross_entropy, kl_divergence, log_softmax
+from llm_jax.ops.norms import layer_norm, rms_norm, t5_layer_norm
+from llm_jax.ops.positions import (
+    apply_rope,
+    check_positions,
+    learned_positions,
+    rope_frequencies,
+    sinusoidal_positions,
+    t5_relative_position_bias,
+    t5_relative_position_bucket,
+)
+
+__all__ = [
+    "accuracy",
+    "apply_rope",
+    "bidirectional_mask",
+    "big_neg",
+    "causal_mask",
+    "check_positions",
+    "combine_masks",
+    "cross_entropy",
+    "cross_mask",
+    "dot_product_attention",
+    "dropout",
+    "geglu",
+    "gelu",
+    "gelu_tanh",
+    "get_activation",
+    "glu",
+    "kl_divergence",
+    "layer_norm",
+    "learned_positions",
+    "log_softmax",
+    "padding_mask",
+    "relu",
+    "rms_norm",
+    "rope_frequencies",
+    "segment_mask",
+    "silu",
+    "sinusoidal_positions",
+    "swiglu",
+    "t5_layer_norm",
+    "t5_relative_position_bias",
+    "t5_relative_position_bucket",
+]
