@@ -1,7 +1,17 @@
 """Flax NNX models built only from `llm_jax.ops`: GPT, BERT, T5."""
 
+from llm_jax.models.bert import BERT
 from llm_jax.models.common import KVCache, count_params, param_table
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.gpt import GPT
+from llm_jax.models.t5 import T5
 
-__all__ = ["GPT", "KVCache", "ModelConfig", "count_params", "param_table"]
+FAMILY_MODELS = {"gpt": GPT, "bert": BERT, "t5": T5}
+
+
+def build(cfg: ModelConfig, *, rngs):
+    """The model class of `cfg.family`, built from `cfg`."""
+    return FAMILY_MODELS[cfg.family](cfg, rngs=rngs)
+
+
+__all__ = ["BERT", "GPT", "T5", "KVCache", "ModelConfig", "build", "count_params", "param_table"]

@@ -156,7 +156,7 @@ class ModelConfig:
                 "ModelConfig.position='relative' (T5 buckets) is only implemented for "
                 "family='t5'; use 'learned' or 'rope' for GPT and 'learned' for BERT."
             )
-        if self.family == "t5" and self.position not in ("relative", "sinusoidal", "learned"):
+        if self.family == "t5" and self.position not in ("relative", "sinusoidal"):
             raise ValueError(
                 f"ModelConfig.position={self.position!r} is not supported for family='t5'; "
                 "use 'relative' (T5) or 'sinusoidal' (the original Transformer)."

@@ -1,0 +1,178 @@
+"""Bidirectional encoder: BERT (Devlin et al. 2019), RoBERTa and ALBERT via config.
+
+Word + position + token-type embeddings, post-LayerNorm blocks, a pooler on the first
+token, an MLM head (transform + norm + tied decoder + bias), an NSP (or ALBERT SOP) head and
+a sequence-classification head. RoBERTa: `use_nsp=False, type_vocab_size=1`. ALBERT:
+`embedding_dim=E` (factorized embeddings E -> D) and `share_layers=True`.
+
+Shape letters: B batch, T length, D model dim, E embedding dim, V vocab, C classes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from llm_jax import ops
+from llm_jax.models.common import check_length, check_tokens, default_positions, is_traced
+from llm_jax.models.config import ModelConfig
+from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+
+
+class BERT(nnx.Module):
+    """A BERT-style encoder with optional pretraining and classification heads.
+
+    `model(tokens)` returns masked-LM logits [B, T, V]; `encode` the hidden states,
+    `pretraining_logits` MLM and NSP logits together, `classify` class logits [B, C].
+    """
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        if cfg.family != "bert":
+            raise ValueError(f"BERT needs a config with family='bert'; got {cfg.family!r}.")
+        self.cfg = cfg
+        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        r, d, e = cfg.initializer_range, cfg.d_model, cfg.embed_dim
+        common = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
+
+        def norm(dim):
+            return Norm(dim, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias,
+                        param_dtype=pdtype)
+
+        def dense(equation, shape, axes, bias_shape, bias_axes):
+            return Einsum(equation, shape, axes, std=r, bias_shape=bias_shape,
+                          bias_axes=bias_axes, **common)
+
+        self.embed = Embed(cfg.vocab_size, e, std=r, **common)
+        self.pos_embed = param(rngs, (cfg.max_position_embeddings, e), ("positions", "embed"),
+                               std=r, dtype=pdtype)
+        self.type_embed = (
+            param(rngs, (cfg.type_vocab_size, e), ("types", "embed"), std=r, dtype=pdtype)
+            if cfg.type_vocab_size
+            else None
+        )
+        self.embed_norm = norm(e)
+        self.embed_proj = (
+            dense("BTE,ED->BTD", (e, d), ("embed", "mlp"), (d,), ("mlp",)) if e != d else None
+        )
+        self.layers = Stack(
+            lambda r_: Block(cfg, cross_attention=False, rngs=r_),
+            cfg.num_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy,
+            shared=cfg.share_layers, rngs=rngs,
+        )
+        self.pooler = (
+            dense("BD,DE->BE", (d, d), ("embed", "mlp"), (d,), ("mlp",))
+            if cfg.use_pooler
+            else None
+        )
+        if cfg.use_mlm_head:
+            self.mlm_transform = dense("BTD,DE->BTE", (d, e), ("mlp", "embed"), (e,), ("embed",))
+            self.mlm_norm = norm(e)
+            self.mlm_bias = param(None, (cfg.vocab_size,), ("vocab",), dtype=pdtype)
+        else:
+            self.mlm_transform = self.mlm_norm = self.mlm_bias = None
+        self.nsp_head = (
+            dense("BD,DC->BC", (d, 2), ("embed", "classes"), (2,), ("classes",))
+            if cfg.use_nsp
+            else None
+        )
+        self.classifier = (
+            dense("BD,DC->BC", (d, cfg.num_labels), ("embed", "classes"), (cfg.num_labels,),
+                  ("classes",))
+            if cfg.num_labels
+            else None
+        )
+
+    def encode(
+        self,
+        tokens: Int[Array, "B T"] | None = None,
+        *,
+        token_type_ids: Int[Array, "B T"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+        inputs_embeds: Float[Array, "B T E"] | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> Float[Array, "B T D"]:
+        """Final hidden states [B, T, D].
+
+        Args:
+          tokens: token ids [B, T], or `inputs_embeds` [B, T, E] instead.
+          token_type_ids: segment A/B ids [B, T] (zeros when None).
+          positions: [B, T]; default 0..T-1.
+          segment_ids: [B, T] attention segments; 0 marks padding (a Hugging Face
+            `attention_mask` of ones and zeros is exactly this). None: no padding.
+          dropout_rng: a PRNG key turns dropout on (training); None is eval mode.
+        """
+        cfg = self.cfg
+        if inputs_embeds is None:
+            if tokens is None:
+                raise ValueError("pass tokens [B, T] or inputs_embeds [B, T, E].")
+            check_tokens(tokens, cfg.vocab_size)
+            x = self.embed(tokens)
+        else:
+            x = inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        b, t = x.shape[:2]
+        check_length(t, cfg.max_position_embeddings)
+        if positions is None:
+            positions = default_positions(b, t)
+        elif not is_traced(positions):
+            ops.check_positions(positions, cfg.max_position_embeddings)
+        x = x + ops.learned_positions(self.pos_embed[...], positions).astype(x.dtype)
+        if self.type_embed is not None:
+            if token_type_ids is None:
+                token_type_ids = jnp.zeros((b, t), jnp.int32)
+            check_tokens(token_type_ids, cfg.type_vocab_size, name="token_type_ids")
+            x = x + jnp.take(self.type_embed[...], token_type_ids, axis=0).astype(x.dtype)
+        x = self.embed_norm(x)
+        rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+        x = ops.dropout(x, cfg.dropout_rate, rngs[0])
+        if self.embed_proj is not None:
+            x = self.embed_proj(x)
+        mask = None if segment_ids is None else ops.segment_mask(segment_ids)
+        x, _ = self.layers(x, mask=mask, dropout_rng=rngs[1])
+        return x
+
+    def pool(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B D"]:
+        """The pooled representation: tanh(W h[:, 0] + b) of the first ([CLS]) token."""
+        if self.pooler is None:
+            raise ValueError("this BERT has no pooler; build it with use_pooler=True.")
+        return jnp.tanh(self.pooler(hidden[:, 0]))
+
+    def mlm_logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
+        """Masked-LM logits: norm(act(W h + b)) E^T + bias, decoder tied to the embeddings."""
+        if self.mlm_transform is None:
+            raise ValueError("this BERT has no MLM head; build it with use_mlm_head=True.")
+        h = ops.get_activation(self.cfg.activation)(self.mlm_transform(hidden))
+        h = self.mlm_norm(h)
+        return self.embed.attend(h) + self.mlm_bias[...].astype(h.dtype)
+
+    def nsp_logits(self, pooled: Float[Array, "B D"]) -> Float[Array, "B 2"]:
+        """Next-sentence (or sentence-order) logits; class 0 = B follows A."""
+        if self.nsp_head is None:
+            raise ValueError("this BERT has no NSP head; build it with use_nsp=True.")
+        return self.nsp_head(pooled)
+
+    def pretraining_logits(
+        self, tokens: Int[Array, "B T"], *, dropout_rng: jax.Array | None = None, **kwargs
+    ) -> tuple[Float[Array, "B T V"], Float[Array, "B 2"] | None]:
+        """MLM logits and, when the model has an NSP head, NSP logits, from one forward."""
+        hidden = self.encode(tokens, dropout_rng=dropout_rng, **kwargs)
+        nsp = self.nsp_logits(self.pool(hidden)) if self.nsp_head is not None else None
+        return self.mlm_logits(hidden), nsp
+
+    def classify(
+        self, tokens: Int[Array, "B T"], *, dropout_rng: jax.Array | None = None, **kwargs
+    ) -> Float[Array, "B C"]:
+        """Sequence-classification logits [B, num_labels] from the pooled first token."""
+        if self.classifier is None:
+            raise ValueError("this BERT has no classifier; build it with num_labels > 0.")
+        rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+        pooled = self.pool(self.encode(tokens, dropout_rng=rngs[0], **kwargs))
+        return self.classifier(ops.dropout(pooled, self.cfg.dropout_rate, rngs[1]))
+
+    def __call__(
+        self, tokens: Int[Array, "B T"] | None = None, **kwargs
+    ) -> Float[Array, "B T V"]:
+        """Masked-LM logits [B, T, V]; keyword arguments as in `encode`."""
+        return self.mlm_logits(self.encode(tokens, **kwargs))
