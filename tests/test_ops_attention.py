@@ -160,6 +160,30 @@ def test_fully_masked_rows_have_finite_zero_gradients():
     assert np.abs(gq[0, 0]).max() > 0.0
 
 
+def test_attention_dropout_drops_probabilities():
+    # With one-hot values (v[s] = e_s) the output row is the probability row itself, so the
+    # dropped probabilities can be read off and compared with the twin's softmax.
+    rng = np.random.default_rng(12)
+    b, t, s, n, k = 2, 3, 6, 4, 2
+    q, kk, _ = _qkv(rng, b, t, s, n, k, s)
+    v = np.broadcast_to(np.eye(s, dtype=np.float32)[None, :, None, :], (b, s, k, s))
+    mask = ops.causal_mask(t, s, q_offset=s - t)
+    probs = attention_ref(q, kk, v, mask)  # [B, T, N, S]
+    np.testing.assert_array_equal(
+        np.asarray(ops.dot_product_attention(q, kk, v, mask, dropout_rate=0.5)),
+        np.asarray(ops.dot_product_attention(q, kk, v, mask)),
+    )  # no key: eval mode
+    rate = 0.25
+    out = np.asarray(
+        ops.dot_product_attention(q, kk, v, mask, dropout_rate=rate, dropout_rng=jax.random.key(0))
+    )
+    keep = out != 0
+    visible = np.broadcast_to(np.asarray(mask)[:, 0, :, None, :], probs.shape)
+    assert 0.5 < keep[visible].mean() < 0.95  # 120 draws around 0.75
+    assert not keep[~visible].any()
+    np.testing.assert_allclose(out, np.where(keep, probs / (1 - rate), 0.0), rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------- bfloat16
 
 

@@ -111,7 +111,7 @@ def param_table(model: nnx.Module) -> str:
     total = 0
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name = "/".join(str(p) for p in path)
-        shape = tuple(var[...].shape)
+        shape = tuple(var.get_value().shape)
         axes = var.get_metadata().get("out_sharding")
         n = int(np.prod(shape))
         total += n

@@ -13,10 +13,11 @@ def dropout(
     """Zero each element with probability `rate` and scale the rest by 1 / (1 - rate).
 
     The identity when `rng` is None or `rate` is 0: that is how models run in eval mode.
+    The rate is checked either way, so a bad config fails in eval as well as in training.
     """
-    if rng is None or rate == 0.0:
-        return x
     if not 0.0 <= rate < 1.0:
         raise ValueError(f"dropout rate must be in [0, 1); got {rate}.")
+    if rng is None or rate == 0.0:
+        return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x)).astype(x.dtype)

@@ -45,11 +45,7 @@ def attention_ref(q, k, v, mask=None, bias=None, scale=None):
     scale = 1.0 / math.sqrt(h_) if scale is None else float(scale)
     full = (b_, n_, t_, s_)
     mask = np.ones(full, bool) if mask is None else np.broadcast_to(np.asarray(mask), full)
-    bias = (
-        np.zeros(full)
-        if bias is None
-        else np.broadcast_to(np.asarray(bias, np.float64), full)
-    )
+    bias = np.zeros(full) if bias is None else np.broadcast_to(np.asarray(bias, np.float64), full)
     out = np.zeros((b_, t_, n_, h_))
     for b in range(b_):
         for kv_head in range(k_):
@@ -226,9 +222,7 @@ def t5_relative_position_bucket_ref(
     return out
 
 
-def t5_relative_position_bias_ref(
-    table, q_positions, k_positions, bidirectional, max_distance=128
-):
+def t5_relative_position_bias_ref(table, q_positions, k_positions, bidirectional, max_distance=128):
     """[B, N, T, S]: bias[b, n, t, s] = table[bucket(k_pos[b, s] - q_pos[b, t]), n].
 
     Args:
@@ -334,7 +328,12 @@ def silu_ref(x):
     return x * _sigmoid(x)
 
 
-_ACTIVATIONS_REF = {"relu": relu_ref, "gelu": gelu_ref, "gelu_tanh": gelu_tanh_ref, "silu": silu_ref}
+_ACTIVATIONS_REF = {
+    "relu": relu_ref,
+    "gelu": gelu_ref,
+    "gelu_tanh": gelu_tanh_ref,
+    "silu": silu_ref,
+}
 
 
 def glu_ref(gate, up, activation="silu"):
@@ -397,6 +396,26 @@ def cross_entropy_ref(logits, labels, weights=None, label_smoothing=0.0, z_loss=
         total.append(weights[idx] * loss)
         count.append(weights[idx])
     return math.fsum(total), math.fsum(count)
+
+
+def cross_entropy_grad_ref(logits, labels, weights=None, label_smoothing=0.0, z_loss=0.0):
+    """[..., V]: d(loss sum of `cross_entropy_ref`)/d(logits), from the closed form.
+
+    With target t = (1 - eps) onehot(y) + eps / V and p = softmax(x):
+    d/dx_v [CE(t, p) + z lse^2] = w (p_v - t_v + 2 z lse p_v).
+    """
+    logits = np.asarray(logits, np.float64)
+    labels = np.asarray(labels)
+    v_ = logits.shape[-1]
+    p = np.exp(log_softmax_ref(logits))
+    lse = logsumexp_ref(logits)
+    weights = np.ones(labels.shape) if weights is None else np.asarray(weights, np.float64)
+    grad = np.zeros_like(logits)
+    for idx in np.ndindex(labels.shape):
+        target = np.full(v_, label_smoothing / v_)
+        target[int(labels[idx])] += 1.0 - label_smoothing
+        grad[idx] = weights[idx] * (p[idx] - target + 2.0 * z_loss * lse[idx] * p[idx])
+    return grad
 
 
 def accuracy_ref(logits, labels, weights=None):

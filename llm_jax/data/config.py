@@ -1,0 +1,232 @@
+"""`DataConfig`: where the text is, how it is tokenized, and how it becomes batches.
+
+One frozen dataclass holds every data-side choice of a run. It validates itself on
+construction (a bad value raises ValueError naming the field and what is allowed) and is
+loaded from the `data:` section of a YAML run config with `DataConfig.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FORMATS = ("text", "tsv", "fasttext")
+DOC_SPLITS = ("file", "line", "blank_line")
+TOKENIZER_TYPES = ("unigram", "bpe", "char")
+OBJECTIVES = ("clm", "mlm", "span_corruption", "seq2seq", "classification")
+PAIR_TASKS = ("none", "nsp", "sop")
+# Which input formats each objective can read: running text for the pretraining
+# objectives, TSV columns or fastText `__label__` lines for the supervised ones.
+OBJECTIVE_FORMATS = {
+    "clm": ("text",),
+    "mlm": ("text",),
+    "span_corruption": ("text",),
+    "seq2seq": ("tsv",),
+    "classification": ("tsv", "fasttext"),
+}
+_TUPLE_FIELDS = ("paths", "validation_paths", "text_columns", "label_names")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """Data side of a run: corpus, tokenizer, shapes, order, objective.
+
+    Shapes: B = `batch_size` (global, over all hosts), T = `seq_len` (encoder / decoder-only
+    length), and for seq2seq and span corruption the decoder length `target_seq_len`.
+    """
+
+    # Corpus ----------------------------------------------------------------------------------
+    paths: tuple[str, ...] = ()  # files or folders (folders are walked recursively).
+    format: str = "text"  # "text" | "tsv" | "fasttext" (`__label__X text` lines).
+    doc_split: str = "file"  # text: one document per "file", per "line" or per "blank_line".
+    file_pattern: str = "*"  # fnmatch pattern for file names inside folders.
+    source_column: int = 0  # tsv, seq2seq: 0-based column of the source text.
+    target_column: int = 1  # tsv, seq2seq: 0-based column of the target text.
+    text_columns: tuple[int, ...] = (0,)  # tsv, classification: one column, or two (a pair).
+    label_column: int = 1  # tsv, classification.
+    label_names: tuple[str, ...] | None = None  # label order (id = index); None: sorted.
+
+    # Tokenizer -------------------------------------------------------------------------------
+    tokenizer_path: str | None = None  # saved tokenizer dir; trained here if it is missing.
+    tokenizer_type: str = "unigram"  # "unigram" | "bpe" (SentencePiece) | "char".
+    vocab_size: int | None = 8000  # total V, sentinels included; char: an upper bound.
+    character_coverage: float = 0.9995
+    byte_fallback: bool = True  # unseen characters become UTF-8 byte tokens, never <unk>.
+    num_sentinels: int = 100  # T5's <extra_id_0..N-1>, the last ids of the vocabulary.
+    tokenizer_max_sentences: int = 1_000_000  # lines sampled to train the tokenizer.
+
+    # Shapes ----------------------------------------------------------------------------------
+    seq_len: int = 512  # T.
+    target_seq_len: int | None = None  # decoder length; None: derived (span) or = seq_len.
+    batch_size: int = 8  # B, global.
+    pack: bool = True  # pack several documents / pairs per row (segment ids keep them apart).
+    add_bos: bool = True  # clm: begin each document with <s>.
+    add_eos: bool = True  # clm: end each document with </s>.
+
+    # Order and splits ------------------------------------------------------------------------
+    shuffle: bool = True
+    shuffle_seed: int = 0  # also seeds masking, NSP pairing and span noise.
+    validation_fraction: float = 0.0  # of examples, picked with `split_seed`.
+    validation_paths: tuple[str, ...] = ()  # a separate validation corpus instead.
+    split_seed: int = 0  # kept apart from shuffle_seed so reshuffling never moves the split.
+
+    # Objective -------------------------------------------------------------------------------
+    objective: str = "clm"
+    mlm_probability: float = 0.15  # fraction of ordinary tokens selected for prediction.
+    mask_token_fraction: float = 0.8  # of selected: replaced by <mask>.
+    random_token_fraction: float = 0.1  # of selected: replaced by a random token; rest kept.
+    dynamic_masking: bool = True  # RoBERTa: new masks/pairs/noise each epoch; False: BERT.
+    pair_task: str = "none"  # mlm: "nsp" (BERT), "sop" (ALBERT) or "none" (RoBERTa).
+    noise_density: float = 0.15  # span corruption: fraction of tokens noised.
+    mean_noise_span_length: float = 3.0  # span corruption: mean span length.
+
+    # Loader ----------------------------------------------------------------------------------
+    num_workers: int = 0  # grain threads building batches; 0 builds them in the caller.
+    prefetch: int = 2  # batches grain buffers ahead when num_workers > 0.
+    cache_dir: str | None = None  # token cache; None: $LLM_JAX_CACHE or ~/.cache/llm_jax.
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # Derived quantities ----------------------------------------------------------------------
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_paths) or self.validation_fraction > 0
+
+    # Validation ------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field, its value and what would be valid."""
+
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"DataConfig.{name}={value!r} is not one of {list(allowed)}.")
+
+        def at_least(name: str, low: int) -> None:
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < low
+            ):
+                raise ValueError(f"DataConfig.{name}={value!r} must be an integer >= {low}.")
+
+        def fraction(name: str, low_open: bool = False, high_open: bool = False) -> None:
+            value = getattr(self, name)
+            lo_ok = value > 0 if low_open else value >= 0
+            hi_ok = value < 1 if high_open else value <= 1
+            if not (isinstance(value, int | float) and lo_ok and hi_ok):
+                lo, hi = "(0" if low_open else "[0", "1)" if high_open else "1]"
+                raise ValueError(f"DataConfig.{name}={value!r} must be in {lo}, {hi}.")
+
+        for name in _TUPLE_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, tuple):
+                raise ValueError(
+                    f"DataConfig.{name}={value!r} must be a tuple (from_dict accepts lists)."
+                )
+        choice("format", FORMATS)
+        choice("doc_split", DOC_SPLITS)
+        choice("tokenizer_type", TOKENIZER_TYPES)
+        choice("objective", OBJECTIVES)
+        choice("pair_task", PAIR_TASKS)
+        at_least("seq_len", 4)
+        at_least("target_seq_len", 2)
+        at_least("batch_size", 1)
+        at_least("vocab_size", 8)
+        at_least("num_sentinels", 0)
+        at_least("tokenizer_max_sentences", 1)
+        at_least("num_workers", 0)
+        at_least("prefetch", 1)
+        for name in ("source_column", "target_column", "label_column"):
+            at_least(name, 0)
+        fraction("character_coverage", low_open=True)
+        fraction("validation_fraction", high_open=True)
+        fraction("mlm_probability", low_open=True, high_open=True)
+        fraction("mask_token_fraction")
+        fraction("random_token_fraction")
+        fraction("noise_density", low_open=True, high_open=True)
+        if self.num_sentinels > 100:
+            raise ValueError(
+                f"DataConfig.num_sentinels={self.num_sentinels} must be in [0, 100] "
+                "(<extra_id_0> .. <extra_id_99>, as in T5)."
+            )
+        if self.mask_token_fraction + self.random_token_fraction > 1:
+            raise ValueError(
+                f"DataConfig.mask_token_fraction + random_token_fraction = "
+                f"{self.mask_token_fraction + self.random_token_fraction} must be <= 1 "
+                "(the rest of the selected tokens are kept unchanged)."
+            )
+        if self.mean_noise_span_length < 1:
+            raise ValueError(
+                f"DataConfig.mean_noise_span_length={self.mean_noise_span_length} must be >= 1."
+            )
+        if self.vocab_size is None and self.tokenizer_type != "char":
+            raise ValueError(
+                "DataConfig.vocab_size=None is only allowed for tokenizer_type='char'; give "
+                "SentencePiece a vocabulary size (e.g. 8000)."
+            )
+        if self.format not in OBJECTIVE_FORMATS[self.objective]:
+            raise ValueError(
+                f"DataConfig.format={self.format!r} cannot feed objective={self.objective!r}; "
+                f"use format in {list(OBJECTIVE_FORMATS[self.objective])}."
+            )
+        if self.pair_task != "none" and self.objective != "mlm":
+            raise ValueError(
+                f"DataConfig.pair_task={self.pair_task!r} needs objective='mlm' (NSP/SOP are "
+                "BERT/ALBERT pretraining tasks); set pair_task='none'."
+            )
+        if not 1 <= len(self.text_columns) <= 2:
+            raise ValueError(
+                f"DataConfig.text_columns={self.text_columns} must name 1 column (text) or "
+                "2 columns (text pair)."
+            )
+        if self.validation_paths and self.validation_fraction > 0:
+            raise ValueError(
+                "DataConfig: set either validation_fraction or validation_paths, not both."
+            )
+        if self.objective == "span_corruption" and self.num_sentinels < 1:
+            raise ValueError(
+                "DataConfig.num_sentinels=0 but objective='span_corruption' needs sentinel "
+                "tokens; set num_sentinels=100 (T5)."
+            )
+        if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"DataConfig.label_names={self.label_names} has duplicates.")
+
+    # Construction ----------------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> DataConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
+        """Build from a mapping (e.g. the `data:` section of a YAML file).
+
+        Lists become tuples; a single string is accepted for `paths` and
+        `validation_paths`. Unknown keys raise ValueError listing the valid ones.
+        """
+        unknown = sorted(set(d) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown DataConfig keys {unknown}; valid keys are {cls.field_names()}."
+            )
+        kwargs = dict(d)
+        for name in _TUPLE_FIELDS:
+            value = kwargs.get(name)
+            if isinstance(value, str) and name in ("paths", "validation_paths"):
+                kwargs[name] = (value,)
+            elif isinstance(value, list | tuple):
+                kwargs[name] = tuple(value)
+        return cls(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping (tuples become lists) that `from_dict` reads back."""
+        return {
+            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
+        }

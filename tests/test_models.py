@@ -1,0 +1,251 @@
+"""Model-level behaviour: published parameter counts, scan == unrolled, remat, caches,
+dropout/eval, logical axes and input validation. Numerics vs NumPy live in
+test_models_reference.py."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llm_jax as lj
+from llm_jax.models import BERT, GPT, T5, ModelConfig, build, count_params
+
+RTOL, ATOL = 1e-4, 1e-5
+
+TINY = {
+    "gpt2": ModelConfig.preset("gpt2-tiny"),
+    "llama": ModelConfig.preset("llama-tiny"),
+    "bert": ModelConfig.preset("bert-tiny"),
+    "albert": ModelConfig.preset("bert-tiny", embedding_dim=32, share_layers=True),
+    "t5": ModelConfig.preset("t5-tiny"),
+    "transformer": ModelConfig.preset(
+        "transformer-base", vocab_size=512, d_model=64, num_layers=2, num_heads=4, d_ff=128
+    ),
+}
+
+
+def tokens(shape=(2, 8), seed=0, vocab=512):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def apply(model, toks, **kw):
+    """Logits of any family for a [B, T] batch (T5: the same tokens on both sides)."""
+    if isinstance(model, T5):
+        return model(toks, toks, **kw)
+    return model(toks, **kw)
+
+
+# Parameter counts ---------------------------------------------------------------------------
+
+
+def abstract(cfg):
+    return nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+
+
+def test_published_parameter_counts():
+    # GPT2LMHeadModel (tied head): 124,439,808.
+    assert count_params(abstract(ModelConfig.preset("gpt2-small"))) == 124_439_808
+    # GPT2LMHeadModel gpt2-medium: 354,823,168.
+    assert count_params(abstract(ModelConfig.preset("gpt2-medium"))) == 354_823_168
+    # BertModel with pooler, i.e. without the MLM and NSP heads: 109,482,240.
+    bert = abstract(ModelConfig.preset("bert-base", use_mlm_head=False, use_nsp=False))
+    assert count_params(bert) == 109_482_240
+    # T5ForConditionalGeneration t5-small (tied): 60,506,624.
+    assert count_params(abstract(ModelConfig.preset("t5-small"))) == 60_506_624
+    # LLaMA-3.2-1B (tied embeddings): 1,235,814,400.
+    assert count_params(abstract(ModelConfig.preset("llama-1b"))) == 1_235_814_400
+
+
+@pytest.mark.parametrize("name", ModelConfig.preset_names())
+def test_every_preset_builds_abstractly_with_logical_axes(name):
+    model = abstract(ModelConfig.preset(name))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = var.get_metadata().get("out_sharding")
+        assert axes is not None and len(axes) == var.get_value().ndim, path
+        if path[0] in ("layers", "encoder", "decoder") and "blocks" in path:
+            assert axes[0] == "layers", path
+    assert "total parameters" in lj.models.param_table(model)
+
+
+# scan == unrolled, remat == none ---------------------------------------------------------------
+
+
+def loss_and_grads(cfg, toks):
+    model = build(cfg, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+        logits = apply(nnx.merge(graphdef, params), toks)
+        total, count = lj.ops.cross_entropy(logits[:, :-1], toks[:, 1:])
+        return total / count
+
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return value, jax.tree.leaves(grads)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert", "albert", "t5"])
+def test_scan_equals_unrolled_and_remat_changes_nothing(family):
+    cfg, toks = TINY[family], tokens()
+    ref_value, ref_grads = loss_and_grads(cfg, toks)
+    variants = [cfg.replace(scan_layers=True), cfg.replace(remat_policy="full"),
+                cfg.replace(scan_layers=True, remat_policy="dots")]
+    for variant in variants:
+        value, grads = loss_and_grads(variant, toks)
+        np.testing.assert_allclose(value, ref_value, rtol=1e-6)
+        for g, ref in zip(grads, ref_grads, strict=True):
+            np.testing.assert_allclose(g, ref, rtol=RTOL, atol=1e-6)
+
+
+# Dropout and eval mode --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5"])
+def test_eval_is_deterministic_and_dropout_needs_a_key(family):
+    cfg = TINY[family].replace(dropout_rate=0.1, attention_dropout_rate=0.1)
+    model = build(cfg, rngs=nnx.Rngs(0))
+    toks = tokens()
+    a, b = apply(model, toks), apply(model, toks)
+    np.testing.assert_array_equal(a, b)
+    key = jax.random.key(1)
+    c, d = apply(model, toks, dropout_rng=key), apply(model, toks, dropout_rng=key)
+    np.testing.assert_array_equal(c, d)
+    e = apply(model, toks, dropout_rng=jax.random.key(2))
+    assert not np.allclose(a, c) and not np.allclose(c, e)
+
+
+# Cached decoding == full forward -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_gpt_cached_decode_equals_full_forward(family):
+    model = GPT(TINY[family], rngs=nnx.Rngs(0))
+    toks = tokens((2, 10))
+    full = model(toks)
+    cache = model.init_cache(2, 16)
+    prefill, cache = model(toks[:, :4], cache=cache)
+    steps = [prefill]
+    for t in range(4, 10):
+        logits, cache = model(toks[:, t : t + 1], cache=cache)
+        steps.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
+    assert int(cache.index) == 10
+
+
+def test_gpt_cached_decode_with_left_padding_matches_unpadded_row():
+    model = GPT(TINY["llama"], rngs=nnx.Rngs(0))
+    row = tokens((1, 5), seed=3)
+    alone = model(row)
+    padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), row], axis=1)
+    segments = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
+    positions = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
+    logits, _ = model(padded, positions=positions, segment_ids=segments,
+                      cache=model.init_cache(1, 12))
+    np.testing.assert_allclose(logits[:, 3:], alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["t5", "transformer"])
+def test_t5_cached_decode_equals_full_forward(family):
+    model = T5(TINY[family], rngs=nnx.Rngs(0))
+    enc, dec = tokens((2, 7)), tokens((2, 6), seed=1)
+    enc_seg = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
+    full = model(enc, dec, encoder_segment_ids=enc_seg)
+    cache = model.init_cache(2, 8, model.encode(enc, segment_ids=enc_seg), enc_seg)
+    steps = []
+    for t in range(6):
+        logits, cache = model.decode(dec[:, t : t + 1], cache=cache)
+        steps.append(logits)
+    scale = float(jnp.max(jnp.abs(full)))
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5,
+                               atol=1e-6 * scale)
+
+
+# Soft prompts and features -------------------------------------------------------------------------
+
+
+def test_inputs_embeds_equal_token_path():
+    model = GPT(TINY["llama"], rngs=nnx.Rngs(0))
+    toks = tokens()
+    np.testing.assert_allclose(model(inputs_embeds=model.embed(toks)), model(toks), rtol=1e-6)
+    hidden, _ = model.features(toks)
+    assert hidden.shape == (2, 8, 64)
+
+
+def test_bf16_compute_keeps_fp32_params_and_tracks_fp32():
+    cfg = TINY["gpt2"]
+    toks = tokens()
+    ref = GPT(cfg, rngs=nnx.Rngs(0))(toks)
+    model = GPT(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))
+    out = model(toks)
+    assert out.dtype == jnp.bfloat16
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref))) < 0.05
+
+
+def test_bert_heads_shapes():
+    cfg = TINY["bert"].replace(num_labels=3)
+    model = BERT(cfg, rngs=nnx.Rngs(0))
+    toks = tokens()
+    types = jnp.array([[0] * 4 + [1] * 4] * 2)
+    mlm, nsp = model.pretraining_logits(toks, token_type_ids=types)
+    assert mlm.shape == (2, 8, 512) and nsp.shape == (2, 2)
+    assert model.classify(toks, token_type_ids=types).shape == (2, 3)
+
+
+# Bad input --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert", "t5"])
+def test_token_ids_out_of_range_and_wrong_rank(family):
+    model = build(TINY[family], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="vocabulary has 512"):
+        apply(model, jnp.array([[1, 2, 512]]))
+    with pytest.raises(ValueError, match=r"ids in \[-1"):
+        apply(model, jnp.array([[1, -1, 3]]))
+    with pytest.raises(ValueError, match="rank 2"):
+        apply(model, jnp.array([1, 2, 3]))
+    with pytest.raises(ValueError, match="integer"):
+        apply(model, jnp.ones((1, 3)))
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_sequence_longer_than_position_table(family):
+    model = build(TINY[family], rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        apply(model, jnp.ones((1, 129), jnp.int32))
+    with pytest.raises(ValueError, match="cache"):
+        GPT(TINY["gpt2"], rngs=nnx.Rngs(0)).init_cache(1, 200)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (dict(num_heads=3), "num_heads=3 does not divide d_model=64"),
+        (dict(num_kv_heads=3), "num_kv_heads=3 does not divide num_heads=4"),
+        (dict(norm="batchnorm"), r"norm='batchnorm' is not one of \['layernorm', 'rmsnorm'\]"),
+        (dict(activation="tanh"), "activation='tanh' is not one of"),
+        (dict(d_model=0), "d_model=0 must be a positive integer"),
+        (dict(dropout_rate=1.5), r"dropout_rate=1.5 must be in \[0, 1\)"),
+        (dict(position="relative"), "only implemented for family='t5'"),
+        (dict(use_pooler=True), "BERT options"),
+        (dict(remat_policy="some"), "remat_policy='some' is not one of"),
+    ],
+)
+def test_invalid_configs_name_the_fix(changes, message):
+    with pytest.raises(ValueError, match=message):
+        TINY["gpt2"].replace(**changes)
+
+
+def test_config_dict_round_trip_and_unknown_keys():
+    cfg = TINY["llama"]
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert ModelConfig.from_dict({"preset": "llama-tiny", "num_layers": 3}).num_layers == 3
+    with pytest.raises(ValueError, match="unknown ModelConfig keys .'num_layer'.*valid keys"):
+        ModelConfig.from_dict({"preset": "llama-tiny", "num_layer": 3})
+    with pytest.raises(ValueError, match="unknown preset 'gpt5'; choose one of"):
+        ModelConfig.preset("gpt5")
+
+
+def test_family_mismatch():
+    with pytest.raises(ValueError, match="family='gpt'"):
+        GPT(TINY["bert"], rngs=nnx.Rngs(0))
