@@ -176,7 +176,7 @@ def repeat_batch(cache: Cache, axes: tuple[int | None, ...], repeats: int) -> Ca
     return jax.tree.unflatten(treedef, out)
 
 
-def take_batch(cache: Cache, axes: tuple[int | None, ...], rows: Int[Array, "R"]) -> Cache:
+def take_batch(cache: Cache, axes: tuple[int | None, ...], rows: Int[Array, " R"]) -> Cache:
     """Gathers cache rows `rows` along each leaf's batch axis (the beam reorder)."""
     leaves, treedef = jax.tree.flatten(cache)
     out = [

@@ -49,7 +49,7 @@ class Prompt:
     tokens: Int[Array, "B T"]  # decoder prompt, left-padded with pad_id
     positions: Int[Array, "B T"]  # 0.. for real tokens, 0 on padding
     segment_ids: Int[Array, "B T"]  # 1 real, 0 padding
-    lengths: Int[Array, "B"]  # real decoder-prompt tokens per row
+    lengths: Int[Array, " B"]  # real decoder-prompt tokens per row
     encoder_tokens: Int[Array, "B S"] | None = None  # encoder input, right-padded
     encoder_segment_ids: Int[Array, "B S"] | None = None  # 1 real, 0 padding
 
@@ -58,7 +58,7 @@ class Prompt:
 class Controls:
     """Per-call values the loop reads; traced, so changing them does not recompile."""
 
-    eos_ids: Int[Array, "E"]  # tokens that end a row (E may be 0)
+    eos_ids: Int[Array, " E"]  # tokens that end a row (E may be 0)
     stop_sequences: Int[Array, "S W"]  # right-aligned token sequences, -1 = no token
     min_new_tokens: Int[Array, ""]  # EOS is forbidden while fewer tokens were generated
     pad_id: Int[Array, ""]  # fills the output after a row ends
@@ -71,9 +71,9 @@ class SamplingState:
     step: Int[Array, ""]  # [] tokens generated so far = column of the next write
     tokens: Int[Array, "B N"]  # [B, N] generated tokens, pad_id after a row's end
     log_probs: Float[Array, "B N"] | None  # [B, N] log p(token) under the model, 0 after end
-    positions: Int[Array, "B"]  # [B] position of each row's newest token
-    lengths: Int[Array, "B"]  # [B] generated tokens per row, counting the EOS/stop token
-    done: Bool[Array, "B"]  # [B] the row ended with EOS or a stop sequence
+    positions: Int[Array, " B"]  # [B] position of each row's newest token
+    lengths: Int[Array, " B"]  # [B] generated tokens per row, counting the EOS/stop token
+    done: Bool[Array, " B"]  # [B] the row ended with EOS or a stop sequence
     recent: Int[Array, "B W"]  # [B, W] the last W generated tokens (-1 before the first)
     cache: Cache  # the decoder's cache for the B rows
     rng: jax.Array | None  # PRNG key; None for greedy

@@ -21,7 +21,7 @@ from jaxtyping import Array, Float, Int
 from llm_jax.sample.strategies import Greedy, Sample
 
 
-def greedy_token(logits: Float[Array, "B V"]) -> Int[Array, "B"]:
+def greedy_token(logits: Float[Array, "B V"]) -> Int[Array, " B"]:
     """The argmax token of each row (the lowest id on ties)."""
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -58,7 +58,7 @@ def filter_logits(
 
 def choose_token(
     strategy: Greedy | Sample, logits: Float[Array, "B V"], key: jax.Array | None
-) -> Int[Array, "B"]:
+) -> Int[Array, " B"]:
     """The next token of every row under a greedy or sampling strategy.
 
     Args:

@@ -1,0 +1,174 @@
+"""A device mesh with axes ('data', 'fsdp', 'tensor') and the rules that map the models'
+logical axis names onto it (flax lm1b / t5x style). Shardings are derived from the logical
+axes of an abstract model, never written per tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+log = logging.getLogger(__name__)
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Logical axis -> mesh axis (or None = replicated). The batch is split over data and fsdp
+# in every preset; FSDP additionally shards parameters (and so optimizer state) along their
+# model dim; tensor parallelism splits heads, MLP hidden units and the vocabulary.
+RULES: dict[str, dict[str, Any]] = {
+    "dp": {"batch": BATCH_AXES},
+    "fsdp": {"batch": BATCH_AXES, "embed": "fsdp"},
+    "fsdp_tp": {
+        "batch": BATCH_AXES,
+        "embed": "fsdp",
+        "heads": "tensor",
+        "kv_heads": "tensor",
+        "mlp": "tensor",
+        "vocab": "tensor",
+    },
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshConfig:
+    """Mesh shape and sharding rules. A size of -1 takes the devices left over."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    rules: str = "dp"
+
+    def __post_init__(self) -> None:
+        if self.rules not in RULES:
+            raise ValueError(f"MeshConfig.rules={self.rules!r} is not one of {sorted(RULES)}.")
+        sizes = (self.data, self.fsdp, self.tensor)
+        if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
+            raise ValueError(
+                f"MeshConfig sizes {dict(zip(MESH_AXES, sizes, strict=True))} must be positive, "
+                "with at most one -1 (the remaining devices)."
+            )
+
+    def shape(self, num_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if num_devices % known:
+                raise ValueError(
+                    f"{num_devices} devices cannot be split into a mesh with fixed axes of "
+                    f"total size {known}; choose fsdp * tensor dividing {num_devices}."
+                )
+            sizes[sizes.index(-1)] = num_devices // known
+        if math.prod(sizes) != num_devices:
+            raise ValueError(
+                f"mesh {dict(zip(MESH_AXES, sizes, strict=True))} needs {math.prod(sizes)} "
+                f"devices but {num_devices} are available; make data * fsdp * tensor equal "
+                f"{num_devices} (or set one of them to -1)."
+            )
+        return tuple(sizes)
+
+
+def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
+    """A ('data', 'fsdp', 'tensor') mesh over `devices` (default: all of them)."""
+    cfg = cfg or MeshConfig()
+    devices = jax.devices() if devices is None else list(devices)
+    shape = cfg.shape(len(devices))
+    return jax.make_mesh(
+        shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
+    )
+
+
+def _axis_size(mesh: Mesh, axis) -> int:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    return math.prod(mesh.shape[n] for n in names)
+
+
+def logical_to_spec(
+    axes: tuple[str | None, ...], shape: tuple[int, ...], rules: dict[str, Any], mesh: Mesh
+) -> PartitionSpec:
+    """PartitionSpec for an array with logical `axes`; a dim that its mesh axes do not
+    divide, or a mesh axis already used by an earlier dim, stays replicated."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        mesh_axis = rules.get(name) if name is not None else None
+        names = () if mesh_axis is None else (
+            mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)
+        )
+        names = tuple(n for n in names if mesh.shape.get(n, 1) > 1)
+        if not names or used & set(names) or size % _axis_size(mesh, names):
+            spec.append(None)
+            continue
+        used |= set(names)
+        spec.append(names[0] if len(names) == 1 else names)
+    return PartitionSpec(*spec)
+
+
+def logical_axes(model: nnx.Module) -> dict:
+    """The logical axis names of every parameter, as a pure dict shaped like the params."""
+    state = nnx.state(model, nnx.Param)
+    axes = jax.tree.map(
+        lambda v: v.get_metadata().get("out_sharding"),
+        state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
+    return nnx.to_pure_dict(axes)
+
+
+def logical_to_sharding(abstract_params, axes_tree, mesh: Mesh, rules: str | dict):
+    """NamedShardings for a pytree of arrays/ShapeDtypeStructs given their logical axes."""
+    rules = RULES[rules] if isinstance(rules, str) else rules
+
+    def one(x, axes):
+        return NamedSharding(mesh, logical_to_spec(tuple(axes), x.shape, rules, mesh))
+
+    return jax.tree.map(one, abstract_params, axes_tree,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+    """Batch arrays split on their leading axis over ('data', 'fsdp')."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def data_parallel_size(mesh: Mesh) -> int:
+    return _axis_size(mesh, BATCH_AXES)
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """`jax.distributed.initialize` from arguments or the standard environment variables.
+
+    Reads JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID when the arguments
+    are None; does nothing (returns False) for a single-process run. On TPU pods and SLURM
+    clusters JAX discovers these itself: set `coordinator_address="auto"`.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and "JAX_NUM_PROCESSES" in env:
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and "JAX_PROCESS_ID" in env:
+        process_id = int(env["JAX_PROCESS_ID"])
+    if coordinator_address is None:
+        return False
+    if coordinator_address == "auto":
+        jax.distributed.initialize()
+    else:
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+    log.info("process %d of %d", jax.process_index(), jax.process_count())
+    return True
+
+
+def describe(mesh: Mesh) -> str:
+    return " x ".join(f"{n}={s}" for n, s in mesh.shape.items()) + f" ({np.prod(mesh.devices.shape)} devices)"

@@ -1,0 +1,34 @@
+"""Decoding: greedy, sampling and beam search over any model behind a small interface.
+
+    out = lj.sample.generate(decoder, prompt_ids, max_new_tokens=64,
+                             strategy=lj.sample.Sample(temperature=0.8, top_p=0.95),
+                             eos_id=eos, rng=jax.random.key(0))
+
+The engine (`loop`, `beam`) is model-independent: it drives a `Decoder`, i.e. anything with
+`init_cache(batch_size, max_length)` and `tokens_to_logits(tokens, positions, segment_ids,
+cache) -> (logits, cache)`; see `llm_jax.sample.decoder` for the contract.
+"""
+
+from llm_jax.sample.beam import BeamState, gather_beams
+from llm_jax.sample.decoder import Decoder, FunctionDecoder, cache_batch_axes
+from llm_jax.sample.generate import GenerateOutput, bucket_length, generate, stream
+from llm_jax.sample.loop import SamplingState
+from llm_jax.sample.sampling import filter_logits
+from llm_jax.sample.strategies import Beam, Greedy, Sample
+
+__all__ = [
+    "Beam",
+    "BeamState",
+    "Decoder",
+    "FunctionDecoder",
+    "GenerateOutput",
+    "Greedy",
+    "Sample",
+    "SamplingState",
+    "bucket_length",
+    "cache_batch_axes",
+    "filter_logits",
+    "gather_beams",
+    "generate",
+    "stream",
+]

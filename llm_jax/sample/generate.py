@@ -1,0 +1,428 @@
+"""`generate` and `stream`: checks and padding on the host, then one compiled program.
+
+Everything that can be wrong with a call (a bad strategy, an empty prompt, a negative or
+out-of-vocabulary token id, a prompt that does not fit the cache) raises `ValueError` here,
+before anything is traced or compiled.
+
+Prompt buckets: decoder prompts are left-padded to `bucket_length(longest prompt)`, the
+smallest power of two >= 16 that holds them (16, 32, 64, ...; capped so the cache still
+fits `max_length`). Only the bucket, the batch size, max_new_tokens, the strategy and the
+number/length of EOS ids and stop sequences shape the compiled program, so new prompt
+lengths within a bucket reuse it. Encoder inputs (encoder–decoder models) are right-padded
+to the same buckets.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import struct
+from jaxtyping import Array, Bool, Float, Int
+
+from llm_jax.sample.beam import beam_output_fields, run_beam_search
+from llm_jax.sample.decoder import Decoder
+from llm_jax.sample.loop import (
+    Controls,
+    LoopSpec,
+    Prompt,
+    SamplingState,
+    decode_step,
+    is_running,
+    output_fields,
+    prefill,
+    run_sampling,
+)
+from llm_jax.sample.strategies import Beam, Greedy, Sample
+
+MIN_BUCKET = 16
+
+
+@struct.dataclass
+class GenerateOutput:
+    """What `generate` returns. Generated tokens only (not the prompt), pad_id after the end.
+
+    Greedy / Sample: tokens [B, N], lengths [B], finished [B], log_probs [B, N], scores None.
+    Beam: tokens [B, R, N], lengths [B, R], finished [B, R], log_probs [B, R, N], scores
+    [B, R], with R = num_return_sequences, best first. N = max_new_tokens.
+
+    Attributes:
+      tokens: int32 generated ids, counting the EOS / stop-sequence token that ended a row.
+      lengths: int32 number of generated tokens in each row (EOS / stop token included).
+      finished: True where the row ended with EOS or a stop sequence, False where it ran
+        out of max_new_tokens.
+      log_probs: float32, only with return_log_probs=True. Greedy / Sample: log p(token)
+        under the model (log_softmax of the raw logits: no temperature, no filters), 0
+        after the end. Beam: the per-token terms of the beam score (EOS at -inf before
+        min_new_tokens), so scores == log_probs.sum(-1) / lengths ** length_penalty.
+      scores: beam only: float32 HF beam scores, sum(log p) / lengths ** length_penalty.
+    """
+
+    tokens: Int[Array, "..."]
+    lengths: Int[Array, "..."]
+    finished: Bool[Array, "..."]
+    log_probs: Float[Array, "..."] | None = None
+    scores: Float[Array, "..."] | None = None
+
+    def to_lists(self) -> list:
+        """The generated ids as Python lists, each cut at its length (nested per beam)."""
+        tokens, lengths = np.asarray(self.tokens), np.asarray(self.lengths)
+
+        def cut(toks: np.ndarray, lens: np.ndarray) -> list:
+            if toks.ndim == 1:
+                return toks[: int(lens)].tolist()
+            return [cut(row, n) for row, n in zip(toks, lens, strict=True)]
+
+        return cut(tokens, lengths)
+
+
+def bucket_length(length: int, limit: int | None = None) -> int:
+    """The padded prompt length for a prompt of `length` tokens.
+
+    The smallest power of two that is >= max(length, 16); if that exceeds `limit` (the
+    room left in the cache) but `length` does not, `limit` itself.
+    """
+    bucket = max(MIN_BUCKET, 1 << (max(length, 1) - 1).bit_length())
+    if limit is not None and length <= limit < bucket:
+        return limit
+    return bucket
+
+
+def as_decoder(model: Any) -> Decoder:
+    """The `Decoder` for `model`: itself if it implements the protocol, else its adapter."""
+    if isinstance(model, Decoder):
+        return model
+    from llm_jax.sample import adapters  # models are optional dependencies of the engine
+
+    return adapters.as_decoder(model)
+
+
+def _check_ids(name: str, ids: np.ndarray, vocab_size: int | None) -> None:
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"{name} contains negative token id {int(ids.min())}; ids must be >= 0.")
+    if vocab_size is not None and ids.size and ids.max() >= vocab_size:
+        raise ValueError(
+            f"{name} contains token id {int(ids.max())} >= vocab_size {vocab_size}; "
+            "check the tokenizer matches the model."
+        )
+
+
+def _as_prompts(prompt_ids: Any, vocab_size: int | None) -> list[np.ndarray]:
+    """A batch of 1-D int prompts from a 2-D array, a list of sequences or one sequence."""
+    if isinstance(prompt_ids, (np.ndarray, jax.Array)):
+        array = np.asarray(prompt_ids)
+        rows = [array] if array.ndim == 1 else list(array)
+        if array.ndim not in (1, 2):
+            raise ValueError(f"prompt_ids must be 1-D or 2-D; got shape {array.shape}.")
+    else:
+        rows = list(prompt_ids)
+        if rows and np.ndim(rows[0]) == 0:
+            rows = [rows]  # a single prompt given as a flat list of ids
+    if not rows:
+        raise ValueError("prompt_ids is an empty batch; pass at least one prompt.")
+    prompts = []
+    for i, row in enumerate(rows):
+        ids = np.asarray(row)
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(
+                f"prompt {i} is empty or not a flat sequence (shape {ids.shape}); every "
+                "prompt needs at least one token (e.g. a BOS id)."
+            )
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt {i} has dtype {ids.dtype}; token ids must be integers.")
+        _check_ids(f"prompt {i}", ids, vocab_size)
+        prompts.append(ids.astype(np.int32))
+    return prompts
+
+
+def pad_prompts(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> Prompt:
+    """Left-pads prompts to `length`: segment id 0 on padding, positions 0.. per row.
+
+    Left padding puts every row's last prompt token in the same column, so the first
+    generated token of every row lands in the same cache slot and one write index serves
+    the whole batch.
+    """
+    batch = len(prompts)
+    tokens = np.full((batch, length), pad_id, np.int32)
+    positions = np.zeros((batch, length), np.int32)
+    segment_ids = np.zeros((batch, length), np.int32)
+    for i, ids in enumerate(prompts):
+        n = len(ids)
+        tokens[i, length - n :] = ids
+        positions[i, length - n :] = np.arange(n)
+        segment_ids[i, length - n :] = 1
+    lengths = np.array([len(p) for p in prompts], np.int32)
+    return Prompt(tokens=tokens, positions=positions, segment_ids=segment_ids, lengths=lengths)
+
+
+def _right_pad(prompts: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
+    tokens = np.full((len(prompts), length), pad_id, np.int32)
+    segment_ids = np.zeros((len(prompts), length), np.int32)
+    for i, ids in enumerate(prompts):
+        tokens[i, : len(ids)] = ids
+        segment_ids[i, : len(ids)] = 1
+    return tokens, segment_ids
+
+
+def _token_list(name: str, value: Any, vocab_size: int | None) -> np.ndarray:
+    ids = np.asarray([] if value is None else value, dtype=np.int64).reshape(-1)
+    _check_ids(name, ids, vocab_size)
+    return ids.astype(np.int32)
+
+
+def _stop_array(stop_sequences: Sequence[Sequence[int]], vocab_size: int | None) -> np.ndarray:
+    """[S, W] int32: each stop sequence right-aligned, -1 to its left (W = longest)."""
+    seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in stop_sequences]
+    for i, s in enumerate(seqs):
+        if s.size == 0:
+            raise ValueError(f"stop_sequences[{i}] is empty; give each at least one token id.")
+        _check_ids(f"stop_sequences[{i}]", s, vocab_size)
+    width = max((len(s) for s in seqs), default=0)
+    out = np.full((len(seqs), width), -1, np.int32)
+    for i, s in enumerate(seqs):
+        out[i, width - len(s) :] = s
+    return out
+
+
+def _prepare(
+    model: Any,
+    prompt_ids: Any,
+    *,
+    max_new_tokens: int,
+    strategy: Greedy | Sample | Beam,
+    eos_id: int | Sequence[int] | None,
+    rng: jax.Array | int | None,
+    min_new_tokens: int,
+    stop_sequences: Sequence[Sequence[int]],
+    pad_id: int,
+    return_log_probs: bool,
+    max_length: int | None,
+) -> tuple[Decoder, Prompt, Controls, jax.Array | None, LoopSpec]:
+    """All host-side checks and padding shared by `generate` and `stream`."""
+    strategy = Greedy() if strategy is None else strategy
+    if not isinstance(strategy, (Greedy, Sample, Beam)):
+        raise ValueError(f"strategy must be Greedy(), Sample(...) or Beam(...); got {strategy!r}.")
+    if isinstance(strategy, Sample) and strategy.is_greedy:
+        strategy = Greedy()  # temperature 0: the same program as Greedy()
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}.")
+    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
+        raise ValueError(
+            f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}]; "
+            f"got {min_new_tokens!r}."
+        )
+    if not isinstance(pad_id, int) or pad_id < 0:
+        raise ValueError(f"pad_id must be an int >= 0; got {pad_id!r}.")
+    if isinstance(strategy, Sample):
+        if rng is None:
+            raise ValueError("Sample(...) needs a PRNG key: pass rng=jax.random.key(seed).")
+        rng = jax.random.key(rng) if isinstance(rng, int) else rng
+    else:
+        rng = None  # greedy and beam search are deterministic: one program with or without
+
+    decoder = as_decoder(model)
+    vocab_size = getattr(decoder, "vocab_size", None)
+    eos_ids = _token_list("eos_id", eos_id, vocab_size)
+    stops = _stop_array(stop_sequences, vocab_size)
+    prompts = _as_prompts(prompt_ids, vocab_size)
+    limit = max_length if max_length is not None else getattr(decoder, "max_length", None)
+    longest = max(len(p) for p in prompts)
+
+    if getattr(decoder, "is_encoder_decoder", False):
+        encoder_limit = getattr(decoder, "max_encoder_length", None)
+        if encoder_limit is not None and longest > encoder_limit:
+            raise ValueError(
+                f"an encoder input has {longest} tokens but the model takes at most "
+                f"{encoder_limit}; shorten or split the input."
+            )
+        if limit is not None and 1 + max_new_tokens > limit:
+            raise ValueError(
+                f"1 start token + max_new_tokens={max_new_tokens} exceeds the decoder's "
+                f"max_length={limit}; lower max_new_tokens to at most {limit - 1}."
+            )
+        encoder_tokens, encoder_segments = _right_pad(
+            prompts, bucket_length(longest, encoder_limit), pad_id
+        )
+        start = np.full((len(prompts), 1), decoder.decoder_start_id, np.int32)
+        prompt = Prompt(
+            tokens=start,
+            positions=np.zeros_like(start),
+            segment_ids=np.ones_like(start),
+            lengths=np.ones((len(prompts),), np.int32),
+            encoder_tokens=encoder_tokens,
+            encoder_segment_ids=encoder_segments,
+        )
+    else:
+        room = None if limit is None else limit - max_new_tokens
+        if room is not None and longest > room:
+            raise ValueError(
+                f"the longest prompt has {longest} tokens; with max_new_tokens="
+                f"{max_new_tokens} that needs {longest + max_new_tokens} cache slots but "
+                f"max_length is {limit}. Shorten the prompt to at most {max(room, 0)} tokens "
+                "or lower max_new_tokens."
+            )
+        prompt = pad_prompts(prompts, bucket_length(longest, room), pad_id)
+
+    spec = LoopSpec(
+        strategy=strategy,
+        max_new_tokens=max_new_tokens,
+        cache_length=prompt.tokens.shape[1] + max_new_tokens,
+        return_log_probs=bool(return_log_probs),
+    )
+    controls = Controls(
+        eos_ids=eos_ids,
+        stop_sequences=stops,
+        min_new_tokens=np.int32(min_new_tokens),
+        pad_id=np.int32(pad_id),
+    )
+    return decoder, prompt, controls, rng, spec
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _generate_jit(
+    decoder: Decoder,
+    prompt: Prompt,
+    controls: Controls,
+    rng: jax.Array | None,
+    spec: LoopSpec,
+) -> dict[str, Array | None]:
+    if isinstance(spec.strategy, Beam):
+        return beam_output_fields(spec, run_beam_search(decoder, prompt, controls, spec))
+    return output_fields(run_sampling(decoder, prompt, controls, rng, spec))
+
+
+def generate(
+    model: Any,
+    prompt_ids: Any,
+    *,
+    max_new_tokens: int,
+    strategy: Greedy | Sample | Beam | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    rng: jax.Array | int | None = None,
+    min_new_tokens: int = 0,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+    return_log_probs: bool = False,
+    max_length: int | None = None,
+) -> GenerateOutput:
+    """Generates up to `max_new_tokens` tokens after each prompt, as one compiled call.
+
+    Args:
+      model: a `Decoder` (see `llm_jax.sample.decoder`) or a model with an adapter in
+        `llm_jax.sample.adapters`.
+      prompt_ids: one prompt (a flat sequence of ids), a list of prompts of any lengths,
+        or a [B, T] int array. Encoder–decoder models: the encoder inputs.
+      max_new_tokens: N, the most tokens generated per prompt.
+      strategy: `Greedy()` (the default), `Sample(temperature, top_k, top_p)` or
+        `Beam(...)`.
+      eos_id: one id or several ids that end a row; None for no EOS.
+      rng: PRNG key (or int seed) for `Sample`; ignored by greedy and beam search.
+      min_new_tokens: EOS is forbidden until this many tokens were generated.
+      stop_sequences: token sequences; a row ends once its generated tokens end with one
+        (the sequence stays in the output, like EOS).
+      pad_id: fills the output after a row's end (and the prompt padding).
+      return_log_probs: also return per-token log-probs (see `GenerateOutput`).
+      max_length: longest prompt + generation the model supports; defaults to the
+        decoder's `max_length` attribute (None: no limit).
+
+    Returns:
+      A `GenerateOutput`; greedy / sample fields are [B, ...], beam fields [B, R, ...].
+
+    Raises:
+      ValueError: bad arguments, empty prompts, token ids < 0 or >= vocab_size, or
+        prompt bucket + max_new_tokens > max_length; raised before compiling.
+    """
+    decoder, prompt, controls, rng, spec = _prepare(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        strategy=strategy,
+        eos_id=eos_id,
+        rng=rng,
+        min_new_tokens=min_new_tokens,
+        stop_sequences=stop_sequences,
+        pad_id=pad_id,
+        return_log_probs=return_log_probs,
+        max_length=max_length,
+    )
+    fields = _generate_jit(decoder, prompt, controls, rng, spec)
+    return GenerateOutput(**fields)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def _stream_prefill(
+    decoder: Decoder,
+    prompt: Prompt,
+    controls: Controls,
+    rng: jax.Array | None,
+    spec: LoopSpec,
+) -> SamplingState:
+    return prefill(decoder, prompt, controls, rng, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+def _stream_step(
+    decoder: Decoder, controls: Controls, state: SamplingState, spec: LoopSpec
+) -> tuple[SamplingState, Array]:
+    state = decode_step(decoder, controls, spec, state)
+    return state, is_running(spec, state)
+
+
+def stream(
+    model: Any,
+    prompt_ids: Any,
+    *,
+    max_new_tokens: int,
+    strategy: Greedy | Sample | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    rng: jax.Array | int | None = None,
+    min_new_tokens: int = 0,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    pad_id: int = 0,
+    max_length: int | None = None,
+) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields each step's tokens as soon as they exist.
+
+    The prefill and the single decode step are jitted separately (the step donates its
+    state so the cache is updated in place); Python drives the loop, so a caller can print
+    tokens interactively. With the same arguments the yielded tokens equal
+    `generate(...).tokens` column by column (sampling draws the same random numbers).
+
+    Arguments are those of `generate` (beam search is not streamable: its best hypothesis
+    changes after the fact). The arguments are checked when `stream` is called, before
+    the first token is requested.
+
+    Returns:
+      An iterator of [B] int32 arrays: token t of every row, pad_id for rows that ended.
+    """
+    if isinstance(strategy, Beam):
+        raise ValueError(
+            "stream() supports Greedy() and Sample(...); use generate() for Beam(...)."
+        )
+    decoder, prompt, controls, rng, spec = _prepare(
+        model,
+        prompt_ids,
+        max_new_tokens=max_new_tokens,
+        strategy=strategy,
+        eos_id=eos_id,
+        rng=rng,
+        min_new_tokens=min_new_tokens,
+        stop_sequences=stop_sequences,
+        pad_id=pad_id,
+        return_log_probs=False,
+        max_length=max_length,
+    )
+
+    def tokens() -> Iterator[np.ndarray]:
+        state = _stream_prefill(decoder, prompt, controls, rng, spec)
+        running = is_running(spec, state)
+        yield np.asarray(state.tokens[:, 0])
+        while bool(running):
+            step = int(state.step)
+            state, running = _stream_step(decoder, controls, state, spec)
+            yield np.asarray(state.tokens[:, step])
+
+    return tokens()

@@ -1,0 +1,91 @@
+"""Optimizers and learning-rate schedules from config, with optax."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
+SCHEDULES = ("cosine", "linear", "inverse_sqrt", "constant")
+NO_DECAY = ("bias", "scale", "mlm_bias")  # biases and norm scales are not decayed
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """Optimizer, schedule and clipping. `learning_rate` is the peak after warmup."""
+
+    name: str = "adamw"
+    learning_rate: float = 3e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    end_learning_rate_ratio: float = 0.1  # cosine/linear decay to peak * ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    momentum: float = 0.9  # sgd
+    clip_grad_norm: float = 1.0  # 0 disables
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"optimizer.name={self.name!r} is not one of {list(OPTIMIZERS)}.")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"optimizer.schedule={self.schedule!r} is not one of {list(SCHEDULES)}."
+            )
+        if self.learning_rate <= 0:
+            raise ValueError(f"optimizer.learning_rate={self.learning_rate} must be > 0.")
+        if self.warmup_steps < 0 or self.clip_grad_norm < 0 or self.weight_decay < 0:
+            raise ValueError("optimizer.warmup_steps, clip_grad_norm, weight_decay must be >= 0.")
+
+
+def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to the peak, then the configured decay."""
+    peak, warmup = cfg.learning_rate, cfg.warmup_steps
+    end = peak * cfg.end_learning_rate_ratio
+    decay_steps = max(total_steps - warmup, 1)
+    if cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=cfg.end_learning_rate_ratio)
+    elif cfg.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    elif cfg.schedule == "inverse_sqrt":
+        # peak * sqrt(warmup / step) after warmup (Vaswani et al. 2017, T5).
+        def decay(step):
+            return peak * jax.lax.rsqrt((step + max(warmup, 1)) / max(warmup, 1))
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params) -> dict:
+    """True for parameters that get weight decay: kernels and embeddings, not biases or
+    norm scales."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: str(getattr(path[-1], "key", path[-1])) not in NO_DECAY, params
+    )
+
+
+def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
+    """The optax chain: optional global-norm clipping, then the optimizer with its schedule."""
+    lr = make_schedule(cfg, total_steps)
+    if cfg.name == "adamw":
+        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+                          mask=decay_mask)
+    elif cfg.name == "adafactor":
+        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
+                              weight_decay_mask=decay_mask)
+    elif cfg.name == "lion":
+        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                         mask=decay_mask)
+    else:
+        opt = optax.chain(
+            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.sgd(lr, momentum=cfg.momentum),
+        )
+    if cfg.clip_grad_norm:
+        return optax.chain(optax.clip_by_global_norm(cfg.clip_grad_norm), opt)
+    return opt
