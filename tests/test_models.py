@@ -88,8 +88,11 @@ def loss_and_grads(cfg, toks):
 def test_scan_equals_unrolled_and_remat_changes_nothing(family):
     cfg, toks = TINY[family], tokens()
     ref_value, ref_grads = loss_and_grads(cfg, toks)
-    variants = [cfg.replace(scan_layers=True), cfg.replace(remat_policy="full"),
-                cfg.replace(scan_layers=True, remat_policy="dots")]
+    variants = [
+        cfg.replace(scan_layers=True),
+        cfg.replace(remat_policy="full"),
+        cfg.replace(scan_layers=True, remat_policy="dots"),
+    ]
     for variant in variants:
         value, grads = loss_and_grads(variant, toks)
         np.testing.assert_allclose(value, ref_value, rtol=1e-6)
@@ -139,8 +142,9 @@ def test_gpt_cached_decode_with_left_padding_matches_unpadded_row():
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), row], axis=1)
     segments = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
     positions = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
-    logits, _ = model(padded, positions=positions, segment_ids=segments,
-                      cache=model.init_cache(1, 12))
+    logits, _ = model(
+        padded, positions=positions, segment_ids=segments, cache=model.init_cache(1, 12)
+    )
     np.testing.assert_allclose(logits[:, 3:], alone, rtol=1e-5, atol=1e-5)
 
 
@@ -156,11 +160,10 @@ def test_t5_cached_decode_equals_full_forward(family):
         logits, cache = model.decode(dec[:, t : t + 1], cache=cache)
         steps.append(logits)
     scale = float(jnp.max(jnp.abs(full)))
-    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5,
-                               atol=1e-6 * scale)
+    np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6 * scale)
 
 
-# Soft prompts and features -------------------------------------------------------------------------
+# Soft prompts and features ------------------------------------------------------------------
 
 
 def test_inputs_embeds_equal_token_path():
@@ -240,7 +243,7 @@ def test_config_dict_round_trip_and_unknown_keys():
     cfg = TINY["llama"]
     assert ModelConfig.from_dict(cfg.to_dict()) == cfg
     assert ModelConfig.from_dict({"preset": "llama-tiny", "num_layers": 3}).num_layers == 3
-    with pytest.raises(ValueError, match="unknown ModelConfig keys .'num_layer'.*valid keys"):
+    with pytest.raises(ValueError, match=r"unknown ModelConfig keys .'num_layer'.*valid keys"):
         ModelConfig.from_dict({"preset": "llama-tiny", "num_layer": 3})
     with pytest.raises(ValueError, match="unknown preset 'gpt5'; choose one of"):
         ModelConfig.preset("gpt5")

@@ -19,6 +19,7 @@ from llm_jax import ops
 from llm_jax.models.common import check_length, check_tokens, default_positions, is_traced
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+from llm_jax.parallel.rules import constrain
 
 
 class BERT(nnx.Module):
@@ -37,16 +38,19 @@ class BERT(nnx.Module):
         common = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
         def norm(dim):
-            return Norm(dim, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                        param_dtype=pdtype)
+            return Norm(
+                dim, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, param_dtype=pdtype
+            )
 
         def dense(equation, shape, axes, bias_shape, bias_axes):
-            return Einsum(equation, shape, axes, std=r, bias_shape=bias_shape,
-                          bias_axes=bias_axes, **common)
+            return Einsum(
+                equation, shape, axes, std=r, bias_shape=bias_shape, bias_axes=bias_axes, **common
+            )
 
         self.embed = Embed(cfg.vocab_size, e, std=r, **common)
-        self.pos_embed = param(rngs, (cfg.max_position_embeddings, e), ("positions", "embed"),
-                               std=r, dtype=pdtype)
+        self.pos_embed = param(
+            rngs, (cfg.max_position_embeddings, e), ("positions", "embed"), std=r, dtype=pdtype
+        )
         self.type_embed = (
             param(rngs, (cfg.type_vocab_size, e), ("types", "embed"), std=r, dtype=pdtype)
             if cfg.type_vocab_size
@@ -58,13 +62,14 @@ class BERT(nnx.Module):
         )
         self.layers = Stack(
             lambda r_: Block(cfg, cross_attention=False, rngs=r_),
-            cfg.num_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy,
-            shared=cfg.share_layers, rngs=rngs,
+            cfg.num_layers,
+            scan=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            shared=cfg.share_layers,
+            rngs=rngs,
         )
         self.pooler = (
-            dense("BD,DE->BE", (d, d), ("embed", "mlp"), (d,), ("mlp",))
-            if cfg.use_pooler
-            else None
+            dense("BD,DE->BE", (d, d), ("embed", "mlp"), (d,), ("mlp",)) if cfg.use_pooler else None
         )
         if cfg.use_mlm_head:
             self.mlm_transform = dense("BTD,DE->BTE", (d, e), ("mlp", "embed"), (e,), ("embed",))
@@ -78,8 +83,13 @@ class BERT(nnx.Module):
             else None
         )
         self.classifier = (
-            dense("BD,DC->BC", (d, cfg.num_labels), ("embed", "classes"), (cfg.num_labels,),
-                  ("classes",))
+            dense(
+                "BD,DC->BC",
+                (d, cfg.num_labels),
+                ("embed", "classes"),
+                (cfg.num_labels,),
+                ("classes",),
+            )
             if cfg.num_labels
             else None
         )
@@ -126,7 +136,7 @@ class BERT(nnx.Module):
             x = x + jnp.take(self.type_embed[...], token_type_ids, axis=0).astype(x.dtype)
         x = self.embed_norm(x)
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
-        x = ops.dropout(x, cfg.dropout_rate, rngs[0])
+        x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
         if self.embed_proj is not None:
             x = self.embed_proj(x)
         mask = None if segment_ids is None else ops.segment_mask(segment_ids)
@@ -145,7 +155,8 @@ class BERT(nnx.Module):
             raise ValueError("this BERT has no MLM head; build it with use_mlm_head=True.")
         h = ops.get_activation(self.cfg.activation)(self.mlm_transform(hidden))
         h = self.mlm_norm(h)
-        return self.embed.attend(h) + self.mlm_bias[...].astype(h.dtype)
+        logits = self.embed.attend(h) + self.mlm_bias[...].astype(h.dtype)
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def nsp_logits(self, pooled: Float[Array, "B D"]) -> Float[Array, "B 2"]:
         """Next-sentence (or sentence-order) logits; class 0 = B follows A."""
@@ -171,8 +182,6 @@ class BERT(nnx.Module):
         pooled = self.pool(self.encode(tokens, dropout_rng=rngs[0], **kwargs))
         return self.classifier(ops.dropout(pooled, self.cfg.dropout_rate, rngs[1]))
 
-    def __call__(
-        self, tokens: Int[Array, "B T"] | None = None, **kwargs
-    ) -> Float[Array, "B T V"]:
+    def __call__(self, tokens: Int[Array, "B T"] | None = None, **kwargs) -> Float[Array, "B T V"]:
         """Masked-LM logits [B, T, V]; keyword arguments as in `encode`."""
         return self.mlm_logits(self.encode(tokens, **kwargs))

@@ -17,7 +17,9 @@ from llm_jax.models.config import ModelConfig
 def _show(args: argparse.Namespace) -> int:
     cfg = ModelConfig.preset(args.preset)
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
-    print(param_table(model) if args.table else f"{args.preset}: {count_params(model):,} parameters")
+    print(
+        param_table(model) if args.table else f"{args.preset}: {count_params(model):,} parameters"
+    )
     return 0
 
 
@@ -51,10 +53,13 @@ def _forward(args: argparse.Namespace) -> int:
     loss = float(loss_fn(state, tokens))
     t2 = time.perf_counter()
     print(f"{args.preset}: {count_params(model):,} parameters")
-    print(f"next-byte loss of the untrained model on {args.text}: {loss:.4f} "
-          f"(uniform would be {np.log(cfg.vocab_size):.4f})")
-    print(f"compile+run {t1 - t0:.2f} s, run {t2 - t1:.3f} s, "
-          f"{tokens.size / (t2 - t1):,.0f} tokens/s")
+    print(
+        f"next-byte loss of the untrained model on {args.text}: {loss:.4f} "
+        f"(uniform would be {np.log(cfg.vocab_size):.4f})"
+    )
+    print(
+        f"compile+run {t1 - t0:.2f} s, run {t2 - t1:.3f} s, {tokens.size / (t2 - t1):,.0f} tokens/s"
+    )
     return 0
 
 
@@ -71,5 +76,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     fwd.add_argument("--batch", type=int, default=4)
     fwd.add_argument("--length", type=int, default=128)
     fwd.add_argument("--seed", type=int, default=0)
-    fwd.set_defaults(func=lambda a: _forward(a if a.text else argparse.Namespace(
-        **{**vars(a), "text": __file__})))
+    fwd.set_defaults(
+        func=lambda a: _forward(
+            a if a.text else argparse.Namespace(**{**vars(a), "text": __file__})
+        )
+    )

@@ -110,9 +110,7 @@ class ModelConfig:
             for name in names:
                 value = getattr(self, name)
                 if value is not None and (not isinstance(value, int) or value < 1):
-                    raise ValueError(
-                        f"ModelConfig.{name}={value!r} must be a positive integer."
-                    )
+                    raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer.")
 
         choice("family", FAMILIES)
         choice("position", POSITIONS)
@@ -285,33 +283,88 @@ _T5 = dict(
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-tiny": {**_GPT2, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
-                  "d_ff": 256, "max_position_embeddings": 128, "dropout_rate": 0.0,
-                  "attention_dropout_rate": 0.0},
+    "gpt2-tiny": {
+        **_GPT2,
+        "vocab_size": 512,
+        "d_model": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "d_ff": 256,
+        "max_position_embeddings": 128,
+        "dropout_rate": 0.0,
+        "attention_dropout_rate": 0.0,
+    },
     "gpt2-small": {**_GPT2, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_ff": 3072},
     "gpt2-medium": {**_GPT2, "d_model": 1024, "num_layers": 24, "num_heads": 16, "d_ff": 4096},
-    "llama-tiny": {**_LLAMA, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
-                   "num_kv_heads": 2, "d_ff": 192, "max_position_embeddings": 256,
-                   "norm_eps": 1e-5},
+    "llama-tiny": {
+        **_LLAMA,
+        "vocab_size": 512,
+        "d_model": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "d_ff": 192,
+        "max_position_embeddings": 256,
+        "norm_eps": 1e-5,
+    },
     # LLaMA-3.2-1B's shape (tied embeddings; rope scaling not modelled here).
-    "llama-1b": {**_LLAMA, "vocab_size": 128256, "d_model": 2048, "num_layers": 16,
-                 "num_heads": 32, "num_kv_heads": 8, "d_ff": 8192,
-                 "max_position_embeddings": 131072, "rope_theta": 500_000.0,
-                 "norm_eps": 1e-5, "tie_embeddings": True},
-    "bert-tiny": {**_BERT, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
-                  "d_ff": 256, "max_position_embeddings": 128, "dropout_rate": 0.0,
-                  "attention_dropout_rate": 0.0},
+    "llama-1b": {
+        **_LLAMA,
+        "vocab_size": 128256,
+        "d_model": 2048,
+        "num_layers": 16,
+        "num_heads": 32,
+        "num_kv_heads": 8,
+        "d_ff": 8192,
+        "max_position_embeddings": 131072,
+        "rope_theta": 500_000.0,
+        "norm_eps": 1e-5,
+        "tie_embeddings": True,
+    },
+    "bert-tiny": {
+        **_BERT,
+        "vocab_size": 512,
+        "d_model": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "d_ff": 256,
+        "max_position_embeddings": 128,
+        "dropout_rate": 0.0,
+        "attention_dropout_rate": 0.0,
+    },
     "bert-base": {**_BERT, "d_model": 768, "num_layers": 12, "num_heads": 12, "d_ff": 3072},
-    "t5-tiny": {**_T5, "vocab_size": 512, "d_model": 64, "num_layers": 2, "num_heads": 4,
-                "d_ff": 128, "relative_num_buckets": 16, "relative_max_distance": 64,
-                "dropout_rate": 0.0},
+    "t5-tiny": {
+        **_T5,
+        "vocab_size": 512,
+        "d_model": 64,
+        "num_layers": 2,
+        "num_heads": 4,
+        "d_ff": 128,
+        "relative_num_buckets": 16,
+        "relative_max_distance": 64,
+        "dropout_rate": 0.0,
+    },
     "t5-small": {**_T5, "d_model": 512, "num_layers": 6, "num_heads": 8, "d_ff": 2048},
     # The original Transformer base (Vaswani et al. 2017): shared 37k BPE vocabulary.
     "transformer-base": dict(
-        family="t5", vocab_size=37000, d_model=512, num_layers=6, num_heads=8, d_ff=2048,
-        position="sinusoidal", max_position_embeddings=1024, norm="layernorm", norm_eps=1e-6,
-        norm_position="post", final_norm=False, activation="relu", use_bias=True,
-        attention_scale=True, tie_embeddings=True, embed_scale=True, dropout_rate=0.1,
+        family="t5",
+        vocab_size=37000,
+        d_model=512,
+        num_layers=6,
+        num_heads=8,
+        d_ff=2048,
+        position="sinusoidal",
+        max_position_embeddings=1024,
+        norm="layernorm",
+        norm_eps=1e-6,
+        norm_position="post",
+        final_norm=False,
+        activation="relu",
+        use_bias=True,
+        attention_scale=True,
+        tie_embeddings=True,
+        embed_scale=True,
+        dropout_rate=0.1,
         initializer_range=0.02,
     ),
 }

@@ -25,6 +25,7 @@ from llm_jax.models.common import (
 )
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+from llm_jax.parallel.rules import constrain
 
 
 class GPT(nnx.Module):
@@ -36,30 +37,51 @@ class GPT(nnx.Module):
         self.cfg = cfg
         dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         r = cfg.initializer_range
-        self.embed = Embed(cfg.vocab_size, cfg.d_model, std=r, dtype=dtype, param_dtype=pdtype,
-                           rngs=rngs)
+        self.embed = Embed(
+            cfg.vocab_size, cfg.d_model, std=r, dtype=dtype, param_dtype=pdtype, rngs=rngs
+        )
         self.pos_embed = (
-            param(rngs, (cfg.max_position_embeddings, cfg.d_model), ("positions", "embed"),
-                  std=r / 2, dtype=pdtype)
+            param(
+                rngs,
+                (cfg.max_position_embeddings, cfg.d_model),
+                ("positions", "embed"),
+                std=r / 2,
+                dtype=pdtype,
+            )
             if cfg.position == "learned"
             else None
         )
         self.layers = Stack(
             lambda r_: Block(cfg, cross_attention=False, rngs=r_),
-            cfg.num_layers, scan=cfg.scan_layers, remat_policy=cfg.remat_policy, shared=False,
+            cfg.num_layers,
+            scan=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            shared=False,
             rngs=rngs,
         )
         self.final_norm = (
-            Norm(cfg.d_model, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                 param_dtype=pdtype)
+            Norm(
+                cfg.d_model,
+                kind=cfg.norm,
+                eps=cfg.norm_eps,
+                use_bias=cfg.use_bias,
+                param_dtype=pdtype,
+            )
             if cfg.final_norm
             else None
         )
         self.lm_head = (
             None
             if cfg.tie_embeddings
-            else Einsum("BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"),
-                        std=r, dtype=dtype, param_dtype=pdtype, rngs=rngs)
+            else Einsum(
+                "BTD,DV->BTV",
+                (cfg.d_model, cfg.vocab_size),
+                ("embed", "vocab"),
+                std=r,
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
         )
 
     def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
@@ -69,8 +91,9 @@ class GPT(nnx.Module):
             check_length(max_length, cfg.max_position_embeddings, name="the cache")
         dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
         return KVCache(
-            layers=empty_kv(cfg.num_layers, batch_size, max_length, cfg.kv_heads,
-                            cfg.head_size, dtype),
+            layers=empty_kv(
+                cfg.num_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, dtype
+            ),
             valid=jnp.zeros((batch_size, max_length), bool),
             index=jnp.zeros((), jnp.int32),
         )
@@ -115,7 +138,7 @@ class GPT(nnx.Module):
                 ops.check_positions(positions, cfg.max_position_embeddings)
             x = x + ops.learned_positions(self.pos_embed[...], positions).astype(x.dtype)
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
-        x = ops.dropout(x, cfg.dropout_rate, rngs[0])
+        x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
 
         if cache is None:
             mask = ops.combine_masks(
@@ -125,8 +148,14 @@ class GPT(nnx.Module):
             new_cache = None
         else:
             mask, valid = cache_step(cache, t, segment_ids)
-            x, layers = self.layers(x, mask=mask, positions=positions, cache=cache.layers,
-                                    cache_index=cache.index, dropout_rng=rngs[1])
+            x, layers = self.layers(
+                x,
+                mask=mask,
+                positions=positions,
+                cache=cache.layers,
+                cache_index=cache.index,
+                dropout_rng=rngs[1],
+            )
             new_cache = cache.replace(layers=layers, valid=valid, index=cache.index + t)
         if self.final_norm is not None:
             x = self.final_norm(x)
@@ -153,8 +182,12 @@ class GPT(nnx.Module):
         See `features` for the arguments.
         """
         hidden, new_cache = self.features(
-            tokens, positions=positions, segment_ids=segment_ids, inputs_embeds=inputs_embeds,
-            cache=cache, dropout_rng=dropout_rng,
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            inputs_embeds=inputs_embeds,
+            cache=cache,
+            dropout_rng=dropout_rng,
         )
-        logits = self.logits(hidden)
+        logits = constrain(self.logits(hidden), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, new_cache)

@@ -21,6 +21,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax import ops
 from llm_jax.models.config import ModelConfig
+from llm_jax.parallel.rules import constrain
 
 Axes = tuple[str | None, ...]
 
@@ -67,9 +68,7 @@ class Einsum(nnx.Module):
         self.equation = equation
         self.dtype = dtype
         self.kernel = param(rngs, shape, axes, std=std, dtype=param_dtype)
-        self.bias = (
-            param(None, bias_shape, bias_axes, dtype=param_dtype) if bias_shape else None
-        )
+        self.bias = param(None, bias_shape, bias_axes, dtype=param_dtype) if bias_shape else None
 
     def __call__(self, x: Array) -> Array:
         y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
@@ -101,7 +100,9 @@ class Embed(nnx.Module):
 
     def attend(self, x: Float[Array, "... E"]) -> Float[Array, "... V"]:
         """Logits against the table: x E^T (tied input/output embeddings)."""
-        return jnp.einsum("...E,VE->...V", x.astype(self.dtype), self.embedding[...].astype(self.dtype))
+        return jnp.einsum(
+            "...E,VE->...V", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
+        )
 
 
 class Norm(nnx.Module):
@@ -166,20 +167,45 @@ class Attention(nnx.Module):
         def bias(shape, axes):
             return dict(bias_shape=shape, bias_axes=axes) if use_bias else {}
 
-        self.q = Einsum("BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), std=q_std,
-                        **bias((n, h), ("heads", "kv")), **common)
-        self.k = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "kv"), std=kv_std,
-                        **bias((k, h), ("kv_heads", "kv")), **common)
-        self.v = Einsum("BSD,DKH->BSKH", (d, k, h), ("embed", "kv_heads", "kv"), std=kv_std,
-                        **bias((k, h), ("kv_heads", "kv")), **common)
-        self.o = Einsum("BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), std=o_std,
-                        **bias((d,), ("embed",)), **common)
+        self.q = Einsum(
+            "BTD,DNH->BTNH",
+            (d, n, h),
+            ("embed", "heads", "kv"),
+            std=q_std,
+            **bias((n, h), ("heads", "kv")),
+            **common,
+        )
+        self.k = Einsum(
+            "BSD,DKH->BSKH",
+            (d, k, h),
+            ("embed", "kv_heads", "kv"),
+            std=kv_std,
+            **bias((k, h), ("kv_heads", "kv")),
+            **common,
+        )
+        self.v = Einsum(
+            "BSD,DKH->BSKH",
+            (d, k, h),
+            ("embed", "kv_heads", "kv"),
+            std=kv_std,
+            **bias((k, h), ("kv_heads", "kv")),
+            **common,
+        )
+        self.o = Einsum(
+            "BTNH,NHD->BTD",
+            (n, h, d),
+            ("heads", "kv", "embed"),
+            std=o_std,
+            **bias((d,), ("embed",)),
+            **common,
+        )
 
     def project_kv(
         self, kv_input: Float[Array, "B S D"], positions: Int[Array, "B S"] | None = None
     ) -> tuple[Float[Array, "B S K H"], Float[Array, "B S K H"]]:
         """Keys and values of `kv_input` (rotated by RoPE when the layer uses it)."""
-        k, v = self.k(kv_input), self.v(kv_input)
+        axes = ("batch", "length", "kv_heads", "kv")
+        k, v = constrain(self.k(kv_input), axes), constrain(self.v(kv_input), axes)
         if self.rope_theta is not None:
             k = ops.apply_rope(k, positions, theta=self.rope_theta)
         return k, v
@@ -196,7 +222,7 @@ class Attention(nnx.Module):
         cache_index: Int[Array, ""] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
-        q = self.q(x)  # [B, T, N, H]
+        q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
         if self.rope_theta is not None:
             q = ops.apply_rope(q, positions, theta=self.rope_theta)
         if cache is not None and kv_input is None and cache_index is None:
@@ -211,9 +237,16 @@ class Attention(nnx.Module):
                 v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
                 cache = {"k": k, "v": v}
         out = ops.dot_product_attention(
-            q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias, scale=self.scale,
-            dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+            q,
+            k.astype(q.dtype),
+            v.astype(q.dtype),
+            mask=mask,
+            bias=bias,
+            scale=self.scale,
+            dropout_rate=self.dropout_rate,
+            dropout_rng=dropout_rng,
         )  # [B, T, N, H]
+        out = constrain(out, ("batch", "length", "heads", "kv"))
         return self.o(out), cache
 
 
@@ -238,23 +271,26 @@ class MLP(nnx.Module):
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         in_bias = dict(bias_shape=(d_ff,), bias_axes=("mlp",)) if use_bias else {}
         out_bias = dict(bias_shape=(d_model,), bias_axes=("embed",)) if use_bias else {}
-        self.wi = Einsum("BTD,DF->BTF", (d_model, d_ff), ("embed", "mlp"), std=in_std,
-                         **in_bias, **common)
+        self.wi = Einsum(
+            "BTD,DF->BTF", (d_model, d_ff), ("embed", "mlp"), std=in_std, **in_bias, **common
+        )
         self.wi_gate = (
-            Einsum("BTD,DF->BTF", (d_model, d_ff), ("embed", "mlp"), std=in_std, **in_bias,
-                   **common)
+            Einsum(
+                "BTD,DF->BTF", (d_model, d_ff), ("embed", "mlp"), std=in_std, **in_bias, **common
+            )
             if gated
             else None
         )
-        self.wo = Einsum("BTF,FD->BTD", (d_ff, d_model), ("mlp", "embed"), std=out_std,
-                         **out_bias, **common)
+        self.wo = Einsum(
+            "BTF,FD->BTD", (d_ff, d_model), ("mlp", "embed"), std=out_std, **out_bias, **common
+        )
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
         if self.wi_gate is None:
             h = ops.get_activation(self.activation)(self.wi(x))
         else:
             h = ops.glu(self.wi_gate(x), self.wi(x), self.activation)  # [B, T, F]
-        return self.wo(h)
+        return self.wo(constrain(h, ("batch", "length", "mlp")))
 
 
 class Block(nnx.Module):
@@ -281,16 +317,25 @@ class Block(nnx.Module):
             o_std = out_std = out
 
         def norm():
-            return Norm(d, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                        param_dtype=pdtype)
+            return Norm(
+                d, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, param_dtype=pdtype
+            )
 
         def attention(rope: bool):
             return Attention(
-                d, n, k, h, use_bias=cfg.use_bias,
+                d,
+                n,
+                k,
+                h,
+                use_bias=cfg.use_bias,
                 scale=None if cfg.attention_scale else 1.0,
                 rope_theta=cfg.rope_theta if rope else None,
                 dropout_rate=cfg.attention_dropout_rate,
-                q_std=q_std, kv_std=kv_std, o_std=o_std, dtype=dtype, param_dtype=pdtype,
+                q_std=q_std,
+                kv_std=kv_std,
+                o_std=o_std,
+                dtype=dtype,
+                param_dtype=pdtype,
                 rngs=rngs,
             )
 
@@ -299,8 +344,16 @@ class Block(nnx.Module):
         self.cross_attn = attention(False) if cross_attention else None
         self.cross_attn_norm = norm() if cross_attention else None
         self.mlp = MLP(
-            d, f, activation=cfg.activation, gated=cfg.gated_mlp, use_bias=cfg.use_bias,
-            in_std=in_std, out_std=out_std, dtype=dtype, param_dtype=pdtype, rngs=rngs,
+            d,
+            f,
+            activation=cfg.activation,
+            gated=cfg.gated_mlp,
+            use_bias=cfg.use_bias,
+            in_std=in_std,
+            out_std=out_std,
+            dtype=dtype,
+            param_dtype=pdtype,
+            rngs=rngs,
         )
         self.mlp_norm = norm()
 
@@ -327,10 +380,17 @@ class Block(nnx.Module):
         rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
         self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
         x, self_cache = self._residual(
-            x, self.self_attn_norm,
-            lambda y: self.self_attn(y, mask=mask, bias=bias, positions=positions,
-                                     cache=self_cache, cache_index=cache_index,
-                                     dropout_rng=rngs[0]),
+            x,
+            self.self_attn_norm,
+            lambda y: self.self_attn(
+                y,
+                mask=mask,
+                bias=bias,
+                positions=positions,
+                cache=self_cache,
+                cache_index=cache_index,
+                dropout_rng=rngs[0],
+            ),
             rngs[1],
         )
         new_cache = None if cache is None else dict(self_cache)
@@ -339,17 +399,21 @@ class Block(nnx.Module):
             if cache is not None and "cross_k" in cache:
                 cross_cache = {"k": cache["cross_k"], "v": cache["cross_v"]}
             x, _ = self._residual(
-                x, self.cross_attn_norm,
+                x,
+                self.cross_attn_norm,
                 lambda y: self.cross_attn(
-                    y, None if cross_cache is not None else encoder_out, mask=cross_mask,
-                    cache=cross_cache, dropout_rng=rngs[2],
+                    y,
+                    None if cross_cache is not None else encoder_out,
+                    mask=cross_mask,
+                    cache=cross_cache,
+                    dropout_rng=rngs[2],
                 ),
                 rngs[3],
             )
             if cache is not None and "cross_k" in cache:
                 new_cache.update(cross_k=cache["cross_k"], cross_v=cache["cross_v"])
         x, _ = self._residual(x, self.mlp_norm, lambda y: (self.mlp(y), None), rngs[4])
-        return x, new_cache
+        return constrain(x, ("batch", "length", "embed")), new_cache
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {

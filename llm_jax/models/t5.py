@@ -28,6 +28,7 @@ from llm_jax.models.common import (
 )
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+from llm_jax.parallel.rules import constrain
 
 
 class T5(nnx.Module):
@@ -47,30 +48,51 @@ class T5(nnx.Module):
         self.embed = Embed(cfg.vocab_size, d, std=r, dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
         def rel_table():
-            return param(rngs, (cfg.relative_num_buckets, cfg.num_heads), ("buckets", "heads"),
-                         std=r * d**-0.5, dtype=pdtype)
+            return param(
+                rngs,
+                (cfg.relative_num_buckets, cfg.num_heads),
+                ("buckets", "heads"),
+                std=r * d**-0.5,
+                dtype=pdtype,
+            )
 
         def norm():
-            return Norm(d, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias,
-                        param_dtype=pdtype)
+            return Norm(
+                d, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, param_dtype=pdtype
+            )
 
         self.encoder_rel_bias = rel_table() if relative else None
         self.decoder_rel_bias = rel_table() if relative else None
         self.encoder = Stack(
-            lambda r_: Block(cfg, cross_attention=False, rngs=r_), cfg.num_layers,
-            scan=cfg.scan_layers, remat_policy=cfg.remat_policy, shared=False, rngs=rngs,
+            lambda r_: Block(cfg, cross_attention=False, rngs=r_),
+            cfg.num_layers,
+            scan=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            shared=False,
+            rngs=rngs,
         )
         self.decoder = Stack(
-            lambda r_: Block(cfg, cross_attention=True, rngs=r_), cfg.decoder_layers,
-            scan=cfg.scan_layers, remat_policy=cfg.remat_policy, shared=False, rngs=rngs,
+            lambda r_: Block(cfg, cross_attention=True, rngs=r_),
+            cfg.decoder_layers,
+            scan=cfg.scan_layers,
+            remat_policy=cfg.remat_policy,
+            shared=False,
+            rngs=rngs,
         )
         self.encoder_norm = norm() if cfg.final_norm else None
         self.decoder_norm = norm() if cfg.final_norm else None
         self.lm_head = (
             None
             if cfg.tie_embeddings
-            else Einsum("BTD,DV->BTV", (d, cfg.vocab_size), ("embed", "vocab"), std=r,
-                        dtype=dtype, param_dtype=pdtype, rngs=rngs)
+            else Einsum(
+                "BTD,DV->BTV",
+                (d, cfg.vocab_size),
+                ("embed", "vocab"),
+                std=r,
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
         )
 
     def _embed(self, tokens, inputs_embeds, positions, offset=0):
@@ -91,7 +113,7 @@ class T5(nnx.Module):
             table = ops.sinusoidal_positions(cfg.max_position_embeddings, cfg.d_model)
             ops.check_positions(positions, cfg.max_position_embeddings)
             x = x + ops.learned_positions(table, positions).astype(x.dtype)
-        return x
+        return constrain(x, ("batch", "length", "embed"))
 
     def _rel_bias(self, table, q_len, k_len, *, bidirectional, q_offset=0):
         if table is None:
@@ -99,7 +121,10 @@ class T5(nnx.Module):
         q_pos = jnp.arange(q_len)[None] + q_offset  # [1, T]
         k_pos = jnp.arange(k_len)[None]  # [1, S]
         return ops.t5_relative_position_bias(
-            table[...], q_pos, k_pos, bidirectional=bidirectional,
+            table[...],
+            q_pos,
+            k_pos,
+            bidirectional=bidirectional,
             max_distance=self.cfg.relative_max_distance,
         )  # [1, N, T, S]
 
@@ -145,17 +170,21 @@ class T5(nnx.Module):
             return nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoder_out)
 
         cross_k, cross_v = jax.vmap(cross_kv)(state)  # [L, B, S, K, H] each
-        layers = empty_kv(cfg.decoder_layers, batch_size, max_length, cfg.kv_heads,
-                          cfg.head_size, dtype)
+        layers = empty_kv(
+            cfg.decoder_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, dtype
+        )
         layers.update(cross_k=cross_k.astype(dtype), cross_v=cross_v.astype(dtype))
         s = encoder_out.shape[1]
         enc_valid = (
-            jnp.ones((batch_size, s), bool) if encoder_segment_ids is None
+            jnp.ones((batch_size, s), bool)
+            if encoder_segment_ids is None
             else encoder_segment_ids != 0
         )
         return KVCache(
-            layers=layers, valid=jnp.zeros((batch_size, max_length), bool),
-            index=jnp.zeros((), jnp.int32), encoder_valid=enc_valid,
+            layers=layers,
+            valid=jnp.zeros((batch_size, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
+            encoder_valid=enc_valid,
         )
 
     def decode(
@@ -179,7 +208,7 @@ class T5(nnx.Module):
         cfg = self.cfg
         offset = 0 if cache is None else cache.index
         x = self._embed(tokens, inputs_embeds, positions, offset)
-        b, t = x.shape[:2]
+        t = x.shape[1]
         rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         x = ops.dropout(x, cfg.dropout_rate, rngs[0])
         if cache is None:
@@ -195,22 +224,39 @@ class T5(nnx.Module):
             else:
                 cross = ops.segment_mask(segment_ids, encoder_segment_ids)
             bias = self._rel_bias(self.decoder_rel_bias, t, t, bidirectional=False)
-            x, _ = self.decoder(x, mask=mask, bias=bias, encoder_out=encoder_out,
-                                cross_mask=cross, dropout_rng=rngs[1])
+            x, _ = self.decoder(
+                x,
+                mask=mask,
+                bias=bias,
+                encoder_out=encoder_out,
+                cross_mask=cross,
+                dropout_rng=rngs[1],
+            )
             new_cache = None
         else:
             mask, valid = cache_step(cache, t, segment_ids)
-            bias = self._rel_bias(self.decoder_rel_bias, t, cache.max_length,
-                                  bidirectional=False, q_offset=cache.index)
+            bias = self._rel_bias(
+                self.decoder_rel_bias,
+                t,
+                cache.max_length,
+                bidirectional=False,
+                q_offset=cache.index,
+            )
             cross = cache.encoder_valid[:, None, None, :]
-            x, layers = self.decoder(x, mask=mask, bias=bias, cross_mask=cross,
-                                     cache=cache.layers, cache_index=cache.index,
-                                     dropout_rng=rngs[1])
+            x, layers = self.decoder(
+                x,
+                mask=mask,
+                bias=bias,
+                cross_mask=cross,
+                cache=cache.layers,
+                cache_index=cache.index,
+                dropout_rng=rngs[1],
+            )
             new_cache = cache.replace(layers=layers, valid=valid, index=cache.index + t)
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
         x = ops.dropout(x, cfg.dropout_rate, rngs[2])
-        logits = self.logits(x)
+        logits = constrain(self.logits(x), ("batch", "length", "vocab"))
         return logits if cache is None else (logits, new_cache)
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
@@ -234,8 +280,17 @@ class T5(nnx.Module):
     ) -> Float[Array, "B T V"]:
         """Teacher-forced decoder logits [B, T, V] for a batch of (source, target) pairs."""
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
-        enc = self.encode(encoder_tokens, segment_ids=encoder_segment_ids,
-                          positions=encoder_positions, dropout_rng=rngs[0])
-        return self.decode(decoder_tokens, enc, encoder_segment_ids=encoder_segment_ids,
-                           segment_ids=decoder_segment_ids, positions=decoder_positions,
-                           dropout_rng=rngs[1])
+        enc = self.encode(
+            encoder_tokens,
+            segment_ids=encoder_segment_ids,
+            positions=encoder_positions,
+            dropout_rng=rngs[0],
+        )
+        return self.decode(
+            decoder_tokens,
+            enc,
+            encoder_segment_ids=encoder_segment_ids,
+            segment_ids=decoder_segment_ids,
+            positions=decoder_positions,
+            dropout_rng=rngs[1],
+        )

@@ -1,9 +1,9 @@
 """The math of the field as pure jnp functions: no parameters, no Flax."""
 
 from llm_jax.ops.activations import (
+    geglu,
     gelu,
     gelu_tanh,
-    geglu,
     get_activation,
     glu,
     relu,
@@ -11,8 +11,8 @@ from llm_jax.ops.activations import (
     swiglu,
 )
 from llm_jax.ops.attention import (
-    big_neg,
     bidirectional_mask,
+    big_neg,
     causal_mask,
     combine_masks,
     cross_mask,

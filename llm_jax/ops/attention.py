@@ -115,7 +115,10 @@ def causal_mask(
 def padding_mask(
     q_valid: Bool[Array, "B T"], kv_valid: Bool[Array, "B S"] | None = None
 ) -> Bool[Array, "B 1 T S"]:
-    """Attend only between real (non-padding) tokens: mask[b, 0, i, j] = q_valid[b, i] & kv_valid[b, j]."""
+    """Attend only between real (non-padding) tokens.
+
+    mask[b, 0, i, j] = q_valid[b, i] & kv_valid[b, j].
+    """
     kv_valid = q_valid if kv_valid is None else kv_valid
     return (q_valid[:, :, None] & kv_valid[:, None, :])[:, None]
 
@@ -147,9 +150,7 @@ def bidirectional_mask(
     return padding_mask(valid)
 
 
-def cross_mask(
-    q_valid: Bool[Array, "B T"], kv_valid: Bool[Array, "B S"]
-) -> Bool[Array, "B 1 T S"]:
+def cross_mask(q_valid: Bool[Array, "B T"], kv_valid: Bool[Array, "B S"]) -> Bool[Array, "B 1 T S"]:
     """Encoder–decoder cross-attention: real decoder tokens see real encoder tokens."""
     return padding_mask(q_valid, kv_valid)
 

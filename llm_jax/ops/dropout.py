@@ -7,9 +7,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
-def dropout(
-    x: Float[Array, "..."], rate: float, rng: jax.Array | None
-) -> Float[Array, "..."]:
+def dropout(x: Float[Array, "..."], rate: float, rng: jax.Array | None) -> Float[Array, "..."]:
     """Zero each element with probability `rate` and scale the rest by 1 / (1 - rate).
 
     The identity when `rng` is None or `rate` is 0: that is how models run in eval mode.

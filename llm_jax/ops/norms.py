@@ -12,8 +12,8 @@ from jaxtyping import Array, Float
 
 def layer_norm(
     x: Float[Array, "... D"],
-    scale: Float[Array, "D"] | None,
-    bias: Float[Array, "D"] | None = None,
+    scale: Float[Array, " D"] | None,
+    bias: Float[Array, " D"] | None = None,
     *,
     eps: float = 1e-5,
 ) -> Float[Array, "... D"]:
@@ -35,7 +35,7 @@ def layer_norm(
 
 def rms_norm(
     x: Float[Array, "... D"],
-    scale: Float[Array, "D"] | None,
+    scale: Float[Array, " D"] | None,
     *,
     eps: float = 1e-6,
     scale_offset: float = 0.0,
@@ -55,7 +55,7 @@ def rms_norm(
 
 
 def t5_layer_norm(
-    x: Float[Array, "... D"], scale: Float[Array, "D"], *, eps: float = 1e-6
+    x: Float[Array, "... D"], scale: Float[Array, " D"], *, eps: float = 1e-6
 ) -> Float[Array, "... D"]:
     """T5's variant: RMSNorm with eps 1e-6 and no offset (kept as a name for readers of T5)."""
     return rms_norm(x, scale, eps=eps)

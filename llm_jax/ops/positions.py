@@ -54,7 +54,7 @@ def learned_positions(
     return jnp.take(table, positions, axis=0)
 
 
-def rope_frequencies(head_dim: int, theta: float = 10_000.0) -> Float[Array, "H/2"]:
+def rope_frequencies(head_dim: int, theta: float = 10_000.0) -> Float[Array, " H2"]:
     """Inverse frequencies theta^(-2i/H) for i in [0, H/2) (Su et al. 2021)."""
     if head_dim % 2:
         raise ValueError(f"RoPE needs an even head dim; got {head_dim}.")
@@ -66,7 +66,7 @@ def apply_rope(
     positions: Int[Array, "B T"],
     *,
     theta: float = 10_000.0,
-    inv_freq: Float[Array, "H/2"] | None = None,
+    inv_freq: Float[Array, " H2"] | None = None,
 ) -> Float[Array, "B T N H"]:
     """Rotary position embedding, rotate-half convention (GPT-NeoX, LLaMA checkpoints).
 

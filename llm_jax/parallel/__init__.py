@@ -12,16 +12,20 @@ from llm_jax.parallel.mesh import (
     logical_to_sharding,
     make_mesh,
 )
+from llm_jax.parallel.rules import activation_sharding, constrain, logical_to_spec
 
 __all__ = [
     "MESH_AXES",
     "RULES",
     "MeshConfig",
+    "activation_sharding",
     "batch_sharding",
+    "constrain",
     "data_parallel_size",
     "describe",
     "initialize_distributed",
     "logical_axes",
     "logical_to_sharding",
+    "logical_to_spec",
     "make_mesh",
 ]

@@ -16,6 +16,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llm_jax.parallel.rules import logical_to_spec
+
 log = logging.getLogger(__name__)
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -91,27 +93,6 @@ def _axis_size(mesh: Mesh, axis) -> int:
     return math.prod(mesh.shape[n] for n in names)
 
 
-def logical_to_spec(
-    axes: tuple[str | None, ...], shape: tuple[int, ...], rules: dict[str, Any], mesh: Mesh
-) -> PartitionSpec:
-    """PartitionSpec for an array with logical `axes`; a dim that its mesh axes do not
-    divide, or a mesh axis already used by an earlier dim, stays replicated."""
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(axes, shape, strict=True):
-        mesh_axis = rules.get(name) if name is not None else None
-        names = () if mesh_axis is None else (
-            mesh_axis if isinstance(mesh_axis, tuple) else (mesh_axis,)
-        )
-        names = tuple(n for n in names if mesh.shape.get(n, 1) > 1)
-        if not names or used & set(names) or size % _axis_size(mesh, names):
-            spec.append(None)
-            continue
-        used |= set(names)
-        spec.append(names[0] if len(names) == 1 else names)
-    return PartitionSpec(*spec)
-
-
 def logical_axes(model: nnx.Module) -> dict:
     """The logical axis names of every parameter, as a pure dict shaped like the params."""
     state = nnx.state(model, nnx.Param)
@@ -130,8 +111,7 @@ def logical_to_sharding(abstract_params, axes_tree, mesh: Mesh, rules: str | dic
     def one(x, axes):
         return NamedSharding(mesh, logical_to_spec(tuple(axes), x.shape, rules, mesh))
 
-    return jax.tree.map(one, abstract_params, axes_tree,
-                        is_leaf=lambda x: isinstance(x, tuple))
+    return jax.tree.map(one, abstract_params, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
@@ -171,4 +151,7 @@ def initialize_distributed(
 
 
 def describe(mesh: Mesh) -> str:
-    return " x ".join(f"{n}={s}" for n, s in mesh.shape.items()) + f" ({np.prod(mesh.devices.shape)} devices)"
+    return (
+        " x ".join(f"{n}={s}" for n, s in mesh.shape.items())
+        + f" ({np.prod(mesh.devices.shape)} devices)"
+    )

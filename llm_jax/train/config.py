@@ -44,8 +44,14 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "grad_accum_steps", "log_every", "eval_batches",
-                     "checkpoint_every", "keep_checkpoints"):
+        for name in (
+            "steps",
+            "grad_accum_steps",
+            "log_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1.")
         if self.eval_every < 0:
@@ -144,7 +150,9 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         value = yaml.safe_load(raw) if raw else None
         parts = key.strip().split(".")
         if parts[0] not in TOP_LEVEL:
-            raise ValueError(f"override {key!r}: unknown section {parts[0]!r}; valid: {list(TOP_LEVEL)}.")
+            raise ValueError(
+                f"override {key!r}: unknown section {parts[0]!r}; valid: {list(TOP_LEVEL)}."
+            )
         node = d
         for p in parts[:-1]:
             child = node.get(p)

@@ -73,14 +73,15 @@ def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTran
     """The optax chain: optional global-norm clipping, then the optimizer with its schedule."""
     lr = make_schedule(cfg, total_steps)
     if cfg.name == "adamw":
-        opt = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
-                          mask=decay_mask)
+        opt = optax.adamw(
+            lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+        )
     elif cfg.name == "adafactor":
-        opt = optax.adafactor(lr, weight_decay_rate=cfg.weight_decay or None,
-                              weight_decay_mask=decay_mask)
+        opt = optax.adafactor(
+            lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask
+        )
     elif cfg.name == "lion":
-        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
-                         mask=decay_mask)
+        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
     else:
         opt = optax.chain(
             optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),

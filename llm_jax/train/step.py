@@ -54,20 +54,28 @@ class LossConfig:
 
 
 def _ce(logits, labels, weights, lc: LossConfig):
-    return ops.cross_entropy(logits, labels, weights, label_smoothing=lc.label_smoothing,
-                             z_loss=lc.z_loss)
+    return ops.cross_entropy(
+        logits, labels, weights, label_smoothing=lc.label_smoothing, z_loss=lc.z_loss
+    )
 
 
 def clm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    logits = model(batch["tokens"], positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"), dropout_rng=rng)
+    logits = model(
+        batch["tokens"],
+        positions=batch.get("positions"),
+        segment_ids=batch.get("segment_ids"),
+        dropout_rng=rng,
+    )
     return {"lm": _ce(logits, batch["targets"], batch["weights"], lc)}
 
 
 def mlm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
     mlm, nsp = model.pretraining_logits(
-        batch["tokens"], token_type_ids=batch.get("token_type_ids"),
-        segment_ids=batch.get("segment_ids"), positions=batch.get("positions"), dropout_rng=rng,
+        batch["tokens"],
+        token_type_ids=batch.get("token_type_ids"),
+        segment_ids=batch.get("segment_ids"),
+        positions=batch.get("positions"),
+        dropout_rng=rng,
     )
     losses = {"mlm": _ce(mlm, batch["targets"], batch["weights"], lc)}
     if nsp is not None and "nsp_labels" in batch:
@@ -77,19 +85,25 @@ def mlm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
 
 def seq2seq_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
     logits = model(
-        batch["encoder_tokens"], batch["decoder_tokens"],
+        batch["encoder_tokens"],
+        batch["decoder_tokens"],
         encoder_segment_ids=batch.get("encoder_segment_ids"),
         decoder_segment_ids=batch.get("decoder_segment_ids"),
         encoder_positions=batch.get("encoder_positions"),
-        decoder_positions=batch.get("decoder_positions"), dropout_rng=rng,
+        decoder_positions=batch.get("decoder_positions"),
+        dropout_rng=rng,
     )
     return {"lm": _ce(logits, batch["decoder_targets"], batch["decoder_weights"], lc)}
 
 
 def classification_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    logits = model.classify(batch["tokens"], token_type_ids=batch.get("token_type_ids"),
-                            segment_ids=batch.get("segment_ids"),
-                            positions=batch.get("positions"), dropout_rng=rng)
+    logits = model.classify(
+        batch["tokens"],
+        token_type_ids=batch.get("token_type_ids"),
+        segment_ids=batch.get("segment_ids"),
+        positions=batch.get("positions"),
+        dropout_rng=rng,
+    )
     return {"cls": _ce(logits, batch["labels"], None, lc)}
 
 
@@ -135,6 +149,7 @@ def objective_for(name: str) -> Objective:
 
 def _split_micro(batch: Batch, accum: int) -> Batch:
     """[B, ...] -> [A, B/A, ...]; rows are strided so each micro-batch spans all devices."""
+
     def split(x):
         if x.shape[0] % accum:
             raise ValueError(
@@ -194,10 +209,12 @@ def make_train_step(
                 (loss, losses), grads = grad_fn(state.params, *xs)
                 return jax.tree.map(jnp.add, acc, (loss, losses, grads)), None
 
-            zero = jax.eval_shape(grad_fn, state.params, jax.tree.map(lambda x: x[0], micro),
-                                  rngs[0])
-            zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                                (zero[0][0], zero[0][1], zero[1]))
+            zero = jax.eval_shape(
+                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rngs[0]
+            )
+            zero = jax.tree.map(
+                lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1])
+            )
             (loss, losses, grads), _ = jax.lax.scan(body, zero, (micro, rngs))
         loss, grads = psum(loss), psum(grads)
         losses = psum(losses)
@@ -208,14 +225,16 @@ def make_train_step(
         if skip_nonfinite:
             params, opt_state = jax.tree.map(
                 lambda new, old: jnp.where(finite, new, old),
-                (params, opt_state), (state.params, state.opt_state),
+                (params, opt_state),
+                (state.params, state.opt_state),
             )
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32)}
         metrics.update({f"{k}_loss": s / jnp.maximum(c, 1.0) for k, (s, c) in losses.items()})
         if learning_rate_fn is not None:
             metrics["learning_rate"] = learning_rate_fn(state.step)
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                                  rng=jax.random.key_data(rng))
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng)
+        )
         return new_state, metrics
 
     return train_step
@@ -240,6 +259,8 @@ def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: 
     graphdef, params = nnx.split(model)
     params = nnx.to_pure_dict(params)
     return graphdef, TrainState(
-        step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
     )

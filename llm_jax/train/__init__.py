@@ -1,0 +1,1 @@
+"""Training: configs, optimizer, train step, loop, metrics."""
