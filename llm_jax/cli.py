@@ -10,9 +10,11 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from llm_jax.data.cli import add_parser as add_data
     from llm_jax.models.cli import add_parser as add_models
 
     add_models(sub)
+    add_data(sub)
     return parser
 
 

@@ -50,7 +50,7 @@ class DataConfig:
     tokenizer_path: str | None = None  # saved tokenizer dir; trained here if it is missing.
     tokenizer_type: str = "unigram"  # "unigram" | "bpe" (SentencePiece) | "char".
     vocab_size: int | None = 8000  # total V, sentinels included; char: an upper bound.
-    character_coverage: float = 0.9995
+    character_coverage: float | None = None  # None: 0.9995 (SentencePiece), 1.0 (char).
     byte_fallback: bool = True  # unseen characters become UTF-8 byte tokens, never <unk>.
     num_sentinels: int = 100  # T5's <extra_id_0..N-1>, the last ids of the vocabulary.
     tokenizer_max_sentences: int = 1_000_000  # lines sampled to train the tokenizer.
@@ -139,9 +139,22 @@ class DataConfig:
         at_least("tokenizer_max_sentences", 1)
         at_least("num_workers", 0)
         at_least("prefetch", 1)
-        for name in ("source_column", "target_column", "label_column"):
+        for name in (
+            "source_column",
+            "target_column",
+            "label_column",
+            "shuffle_seed",
+            "split_seed",
+        ):
             at_least(name, 0)
-        fraction("character_coverage", low_open=True)
+        for col in self.text_columns:
+            if isinstance(col, bool) or not isinstance(col, int) or col < 0:
+                raise ValueError(
+                    f"DataConfig.text_columns={self.text_columns} must hold 0-based column "
+                    "indices (integers >= 0)."
+                )
+        if self.character_coverage is not None:
+            fraction("character_coverage", low_open=True)
         fraction("validation_fraction", high_open=True)
         fraction("mlm_probability", low_open=True, high_open=True)
         fraction("mask_token_fraction")

@@ -281,9 +281,7 @@ def encode_ragged(tokenizer: Tokenizer, texts: Sequence[str]) -> Ragged:
     ids = tokenizer.encode_batch(list(texts))
     lengths = np.fromiter((len(x) for x in ids), np.int64, count=len(ids))
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    tokens = np.fromiter(
-        (t for x in ids for t in x), np.int32, count=int(offsets[-1])
-    )
+    tokens = np.fromiter((t for x in ids for t in x), np.int32, count=int(offsets[-1]))
     return Ragged(tokens, offsets)
 
 

@@ -156,8 +156,8 @@ def noise_counts(
     non-noise tokens, which only binds for densities far above T5's).
     """
     length = max(length, 2)
-    num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
-    num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
+    num_noise = min(max(round(length * noise_density), 1), length - 1)
+    num_spans = max(round(num_noise / mean_noise_span_length), 1)
     return num_noise, min(num_spans, num_noise, length - num_noise)
 
 

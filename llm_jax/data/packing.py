@@ -163,9 +163,13 @@ def pack(sizes: Sequence[np.ndarray], capacities: Sequence[int], enabled: bool =
     num = len(sizes[0])
     for side, (sz, cap) in enumerate(zip(sizes, capacities, strict=True)):
         if num and int(sz.max()) > cap:
-            raise ValueError(f"a piece of {int(sz.max())} tokens exceeds row length {cap} (side {side}).")
+            raise ValueError(
+                f"a piece of {int(sz.max())} tokens exceeds row length {cap} (side {side})."
+            )
     if not enabled:
-        return Packing(np.arange(num + 1, dtype=np.int64), tuple(np.zeros(num, np.int64) for _ in sizes))
+        return Packing(
+            np.arange(num + 1, dtype=np.int64), tuple(np.zeros(num, np.int64) for _ in sizes)
+        )
     lists = [sz.tolist() for sz in sizes]
     offsets = [np.empty(num, np.int64) for _ in sizes]
     row_ptr = [0]

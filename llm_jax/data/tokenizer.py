@@ -139,7 +139,9 @@ class Tokenizer(abc.ABC):
         cached = getattr(self, "_s2p", None)
         if cached is None:
             cached = {i: SPECIAL_PIECES[n] for n, i in self.special_ids.items()}
-            cached.update({self.sentinel_id(k): sentinel_piece(k) for k in range(self.num_sentinels)})
+            cached.update(
+                {self.sentinel_id(k): sentinel_piece(k) for k in range(self.num_sentinels)}
+            )
             self._s2p = cached
         return cached
 
@@ -216,7 +218,10 @@ class Tokenizer(abc.ABC):
             "num_sentinels": self.num_sentinels,
             # Redundant with vocab_size and num_sentinels; spelled out for human readers.
             "sentinels": (
-                {"extra_id_0": self.sentinel_id(0), "lowest": self.sentinel_id(self.num_sentinels - 1)}
+                {
+                    "extra_id_0": self.sentinel_id(0),
+                    "lowest": self.sentinel_id(self.num_sentinels - 1),
+                }
                 if self.num_sentinels
                 else {}
             ),
@@ -335,9 +340,7 @@ class CharTokenizer(Tokenizer):
             return []
         cps = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), np.uint32).astype(np.int64)
         pos = np.searchsorted(self._sorted_cps, cps).clip(0, max(len(self._sorted_cps) - 1, 0))
-        found = (
-            self._sorted_cps[pos] == cps if len(self._sorted_cps) else np.zeros(len(cps), bool)
-        )
+        found = self._sorted_cps[pos] == cps if len(self._sorted_cps) else np.zeros(len(cps), bool)
         ids = np.where(found, self._sorted_ids[pos] if len(self._sorted_ids) else 0, -1)
         if found.all():
             return ids.tolist()
@@ -449,14 +452,20 @@ def train_tokenizer(
     lines = _sample(_training_lines(inputs, texts, file_pattern), max_sentences, seed)
     if model_type == "char":
         tok: Tokenizer = _train_char(
-            lines, vocab_size, 1.0 if character_coverage is None else character_coverage,
-            byte_fallback, num_sentinels,
+            lines,
+            vocab_size,
+            1.0 if character_coverage is None else character_coverage,
+            byte_fallback,
+            num_sentinels,
         )
     else:
         tok = _train_sentencepiece(
-            lines, model_type, vocab_size,
+            lines,
+            model_type,
+            vocab_size,
             0.9995 if character_coverage is None else character_coverage,
-            byte_fallback, num_sentinels,
+            byte_fallback,
+            num_sentinels,
         )
     if out_dir is not None:
         tok.save(out_dir)
@@ -567,7 +576,9 @@ def load_tokenizer(path: str | os.PathLike, num_sentinels: int | None = None) ->
             )
         meta = json.loads(meta_file.read_text(encoding="utf-8"))
         if meta.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"{meta_file}: unsupported format_version {meta.get('format_version')}.")
+            raise ValueError(
+                f"{meta_file}: unsupported format_version {meta.get('format_version')}."
+            )
         if meta["model_type"] == "char":
             tok: Tokenizer = CharTokenizer(
                 list(meta["chars"]),

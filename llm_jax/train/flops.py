@@ -248,7 +248,10 @@ PEAK_FLOPS: dict[str, dict[str, float]] = {
     # NVL 835.5 / 417.5 / 1670.5. H200 (SXM) has H100 SXM's compute, H200 NVL H100 NVL's.
     "NVIDIA H100 80GB HBM3": _H100_SXM,
     "NVIDIA H100 PCIe": {
-        "bfloat16": 756e12, "float16": 756e12, "float32": 378e12, "float8": 1513e12,
+        "bfloat16": 756e12,
+        "float16": 756e12,
+        "float32": 378e12,
+        "float8": 1513e12,
     },
     "NVIDIA H100 NVL": _H100_NVL,
     "NVIDIA H200": _H100_SXM,
