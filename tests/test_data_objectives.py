@@ -186,7 +186,7 @@ def test_span_corruption_reconstructs_the_original(length, seed, density, mean):
     tokens = rng.integers(10, 900, size=length).astype(np.int32)
     noise = obj.random_spans_noise_mask(length, density, mean, rng)
     assert not noise[0] and noise[-1]  # starts with kept tokens, ends with a noise span
-    sentinels = 999 - np.arange(100)
+    sentinels = 5000 - np.arange(700)  # enough for every span at these lengths
     inputs, targets = obj.span_corrupt(tokens, noise, sentinels)
     want_in, want_tgt = obj.span_corruption_lengths(length, density, mean)
     assert (len(inputs) + 1, len(targets) + 1) == (want_in, want_tgt)
@@ -216,6 +216,12 @@ def test_span_corruption_density_and_mean_span():
     assert abs(noise_total / spans_total - 3.0) < 0.1
     # Span lengths are random (T5's uniform segmentation), not all equal to the mean.
     assert np.std(span_lengths) > 1 and min(span_lengths) == 1
+
+
+def test_span_corruption_needs_a_sentinel_per_span(shakespeare, tok, cache):
+    cfg = _cfg(shakespeare, cache, objective="span_corruption", seq_len=2048)
+    with pytest.raises(ValueError, match=r"makes \d+ noise spans but the tokenizer has 100"):
+        load_source(cfg, tok)
 
 
 def test_span_corruption_pipeline_rows_reconstruct(shakespeare, tok, cache):

@@ -102,9 +102,8 @@ def _set_params(model: nnx.Module, fn) -> None:
     nnx.update(model, state)
 
 
-@functools.cache
 def _build(variant: str):
-    """(cfg, model, float64 parameter dict) with redrawn parameters, built once per variant."""
+    """(cfg, model, float64 parameter dict) of a variant, with redrawn parameters."""
     cfg = CONFIGS[variant]
     model = MODEL_CLASSES[cfg.family](cfg, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(sorted(CONFIGS).index(variant))
@@ -113,6 +112,12 @@ def _build(variant: str):
         lambda _, x: np.asarray(x, np.float64), nnx.to_pure_dict(nnx.state(model, nnx.Param))
     )
     return cfg, model, params
+
+
+@pytest.fixture(scope="module")
+def built():
+    """`built(variant)`: `_build`, once per variant for the whole module."""
+    return functools.cache(_build)
 
 
 # ---------------------------------------------------------------------------- batches
@@ -167,6 +172,7 @@ def _optional(x):
 
 
 def _check(variant: str, what: str, got, want) -> None:
+    """assert_allclose(got, want) at RTOL / ATOL, printing and recording the errors."""
     got = np.asarray(got, np.float64)
     want = np.asarray(want, np.float64)
     assert got.shape == want.shape, (what, got.shape, want.shape)
@@ -207,8 +213,8 @@ def _gpt_reference(variant, cfg, params, tokens):
 
 @pytest.mark.parametrize("case", sorted(SEGMENTS))
 @pytest.mark.parametrize("variant", ["gpt2", "llama", "llama_mqa"])
-def test_gpt_matches_reference(variant, case):
-    cfg, model, params = _build(variant)
+def test_gpt_matches_reference(variant, case, built):
+    cfg, model, params = built(variant)
     seg = SEGMENTS[case]
     length = 10
     tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (B, length))
@@ -229,8 +235,8 @@ def test_gpt_matches_reference(variant, case):
 
 @pytest.mark.parametrize("case", sorted(SEGMENTS))
 @pytest.mark.parametrize("variant", ["bert", "albert"])
-def test_bert_matches_reference(variant, case):
-    cfg, model, params = _build(variant)
+def test_bert_matches_reference(variant, case, built):
+    cfg, model, params = built(variant)
     seg = SEGMENTS[case]
     length = 10
     rng = np.random.default_rng(2)
@@ -284,8 +290,8 @@ def _t5_reference(variant, cfg, params, enc_tokens, dec_tokens):
 
 @pytest.mark.parametrize("case", sorted(T5_SEGMENTS))
 @pytest.mark.parametrize("variant", ["t5_v1_0", "t5_v1_1", "transformer"])
-def test_t5_matches_reference(variant, case):
-    cfg, model, params = _build(variant)
+def test_t5_matches_reference(variant, case, built):
+    cfg, model, params = built(variant)
     enc_seg, dec_seg = T5_SEGMENTS[case]
     enc_len, dec_len = 16, 12
     rng = np.random.default_rng(3)
@@ -317,7 +323,7 @@ def test_t5_matches_reference(variant, case):
 
 
 @pytest.mark.parametrize("variant", sorted(CONFIGS))
-def test_comparisons_are_well_conditioned(variant):
+def test_comparisons_are_well_conditioned(variant, built):
     """Rounding the parameters to float32 must cost well under the tolerance.
 
     Each parameter is moved by a relative 2^-24 (half a float32 ulp): the logits' change is
@@ -325,7 +331,7 @@ def test_comparisons_are_well_conditioned(variant):
     a mismatch there could be rounding rather than a bug (and `_redraw` should be revisited,
     never the tolerance).
     """
-    cfg, model, _ = _build(variant)
+    cfg, model, _ = built(variant)
     rng = np.random.default_rng(4)
     enc = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 16)), jnp.int32)
     dec = jnp.asarray(rng.integers(0, cfg.vocab_size, (B, 12)), jnp.int32)

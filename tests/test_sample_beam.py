@@ -46,10 +46,9 @@ def beam_reference(logits_fn, prompt, beam: Beam, n, eos=(), min_new=0, stops=()
             log_p = log_softmax_np(logits_fn(prompt + tokens))
             if t < min_new:
                 log_p[list(eos)] = -np.inf
-            for v in range(len(log_p)):
-                cands.append(
-                    (score + log_p[v], j * len(log_p) + v, tokens + [v], token_lps + [log_p[v]])
-                )
+            for v, token_lp in enumerate(log_p):
+                flat_index = j * len(log_p) + v  # top_k's order among equal scores
+                cands.append((score + token_lp, flat_index, [*tokens, v], [*token_lps, token_lp]))
         cands.sort(key=lambda c: (-c[0], c[1]))
         next_live, stopped = [], []
         full = beam.early_stopping is True and len(finished) == k

@@ -415,20 +415,27 @@ class CheckpointManager:
         if self._closed:
             raise RuntimeError("save() on a closed CheckpointManager; open a new one")
         try:
-            step = operator.index(step)  # ints, numpy and jax integer scalars
+            index = operator.index(step)  # ints, numpy and jax integer scalars
         except TypeError:
-            step = -1
-        if step < 0:
+            index = -1
+        if index < 0:
             raise ValueError(f"step must be an integer >= 0, got {step!r}")
+        step = index
+        # Inputs are checked on every call (cheap), so a bad one fails at the first step
+        # rather than at the first save; the tokenizer files are read only when saving.
         items = {_STATE: ocp.args.StandardSave(state)}
         if (data := _json_copy(data_state, "data_state")) is not None:
             items[_DATA] = ocp.args.JsonSave(data)
         if (cfg := _json_copy(config, "config")) is not None:
             items[_CONFIG] = ocp.args.JsonSave(cfg)
-        if tokenizer_dir is not None:
-            items[_TOKENIZER] = TokenizerDirSave(_read_tokenizer_files(tokenizer_dir))
+        if tokenizer_dir is not None and not epath.Path(tokenizer_dir).is_dir():
+            raise FileNotFoundError(
+                f"tokenizer_dir {os.fspath(tokenizer_dir)!r} is not a directory"
+            )
         if not force and not (step % self._interval == 0 or self._mngr.reached_preemption(step)):
             return False
+        if tokenizer_dir is not None:
+            items[_TOKENIZER] = TokenizerDirSave(_read_tokenizer_files(tokenizer_dir))
 
         self.wait_until_finished()
         blocking = [s for s in sorted(self._mngr.all_steps()) if s >= step]

@@ -624,6 +624,13 @@ def load_source(config: DataConfig, tokenizer: Tokenizer, split: str = "train") 
             T, config.target_seq_len, config.noise_density, config.mean_noise_span_length
         )
         S = config.target_seq_len or derived_S
+        _, spans = obj.noise_counts(raw, config.noise_density, config.mean_noise_span_length)
+        if spans > tokenizer.num_sentinels:
+            raise ValueError(
+                f"span corruption of {raw}-token chunks (seq_len={T}) makes {spans} noise spans "
+                f"but the tokenizer has {tokenizer.num_sentinels} sentinels; lower seq_len, "
+                "raise mean_noise_span_length, or use a tokenizer with more sentinels."
+            )
         pieces = packing.wrapped_chunks(docs.offsets, raw, min_tokens=2)
         pieces = _select(pieces, keep(len(pieces), "document chunks"))
         lengths = np.asarray(

@@ -99,15 +99,14 @@ class RunConfig:
     distributed: DistributedConfig
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
-        """The ModelConfig, with `vocab_size` from the tokenizer when the config has none."""
+        """The ModelConfig. Unless the config sets `model.vocab_size` itself, the
+        tokenizer's `vocab_size` is used (a preset's own vocabulary size is replaced)."""
         d = dict(self.model)
-        has_vocab = "vocab_size" in d or (
-            "preset" in d and "vocab_size" in _preset_fields(d["preset"])
-        )
-        if vocab_size is not None and "vocab_size" not in d:
-            d["vocab_size"] = vocab_size
-        elif not has_vocab:
-            d["vocab_size"] = 1  # placeholder to validate the other fields early
+        if "vocab_size" not in d:
+            if vocab_size is not None:
+                d["vocab_size"] = vocab_size
+            elif "preset" not in d:
+                d["vocab_size"] = 1  # placeholder to validate the other fields early
         return ModelConfig.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
@@ -115,12 +114,6 @@ class RunConfig:
         for key in SECTIONS:
             out[key] = dataclasses.asdict(getattr(self, key))
         return out
-
-
-def _preset_fields(name: str) -> dict[str, Any]:
-    from llm_jax.models.config import PRESETS
-
-    return PRESETS.get(name, {})
 
 
 def _section(cls, name: str, d: Any):
