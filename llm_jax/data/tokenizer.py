@@ -546,7 +546,7 @@ def _train_sentencepiece(
     except RuntimeError as e:
         raise ValueError(
             f"SentencePiece could not train a {model_type} vocabulary of {pieces} pieces "
-            f"(vocab_size={vocab_size} minus {num_sentinels} sentinels): {e}. Change "
+            f"(vocab_size={vocab_size} minus {num_sentinels} sentinels): {str(e).rstrip('.')}. Change "
             "vocab_size (or give more text)."
         ) from e
     return SentencePieceTokenizer(
