@@ -224,7 +224,9 @@ def test_t5_relative_position_bias(bidirectional):
     table = rng.standard_normal((32, 3)).astype(np.float32)
     q_pos = np.arange(5)[None]
     k_pos = np.arange(7)[None]
-    bias = ops.t5_relative_position_bias(table, q_pos, k_pos, bidirectional=bidirectional)
+    bias = ops.t5_relative_position_bias(
+        table, jnp.asarray(q_pos), jnp.asarray(k_pos), bidirectional=bidirectional
+    )
     assert bias.shape == (1, 3, 5, 7)
     ref = t5_relative_position_bias_ref(table, q_pos, k_pos, bidirectional)
     np.testing.assert_array_equal(np.asarray(bias), ref.astype(np.float32))
@@ -232,7 +234,7 @@ def test_t5_relative_position_bias(bidirectional):
     q_pos = np.array([[3], [200]])
     k_pos = np.array([np.arange(6), np.arange(150, 156)])
     bias = ops.t5_relative_position_bias(
-        table, q_pos, k_pos, bidirectional=bidirectional, max_distance=64
+        table, jnp.asarray(q_pos), jnp.asarray(k_pos), bidirectional=bidirectional, max_distance=64
     )
     assert bias.shape == (2, 3, 1, 6)
     ref = t5_relative_position_bias_ref(table, q_pos, k_pos, bidirectional, max_distance=64)

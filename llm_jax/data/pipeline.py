@@ -47,26 +47,22 @@ _STATE_VERSION = 1
 
 
 def build_tokenizer(config: DataConfig) -> Tokenizer:
-    """The run's tokenizer: loaded from `config.tokenizer_path` if it exists there, else
-    trained on `config.paths` with the config's tokenizer settings (and saved to
-    `tokenizer_path` when one is given, so the next run and the checkpoint reuse it)."""
+    """The run's tokenizer: loaded from `config.tokenizer_path` if one is saved there (its
+    own settings then win over the config's), else trained on `config.paths` with the
+    config's tokenizer settings and saved to `tokenizer_path` when given, so the next run
+    and the checkpoint reuse it. For multi-host runs, train it once beforehand
+    (`llm-jax tokenizer train`) and point every host at it."""
     path = config.tokenizer_path
     if path and (Path(path).is_file() or (Path(path) / "tokenizer.json").is_file()):
         return load_tokenizer(path, num_sentinels=config.num_sentinels)
-    if config.format != "text":
-        texts = _training_texts_of_table(config)
-        return train_tokenizer(
-            texts=texts,
-            model_type=config.tokenizer_type,
-            vocab_size=config.vocab_size,
-            character_coverage=config.character_coverage,
-            byte_fallback=config.byte_fallback,
-            num_sentinels=config.num_sentinels,
-            max_sentences=config.tokenizer_max_sentences,
-            out_dir=path,
-        )
+    if config.format == "text":
+        corpus: dict[str, Any] = {
+            "inputs": corpus_lib.list_files(config.paths, config.file_pattern)
+        }
+    else:
+        corpus = {"texts": _training_texts_of_table(config)}
     return train_tokenizer(
-        corpus_lib.list_files(config.paths, config.file_pattern),
+        **corpus,
         model_type=config.tokenizer_type,
         vocab_size=config.vocab_size,
         character_coverage=config.character_coverage,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import abc
 import collections
+import functools
 import hashlib
 import io
 import json
@@ -134,16 +135,11 @@ class Tokenizer(abc.ABC):
         i = self._check_id(i)
         return self._special_to_piece.get(i) or self._ordinary_piece(i)
 
-    @property
+    @functools.cached_property
     def _special_to_piece(self) -> dict[int, str]:
-        cached = getattr(self, "_s2p", None)
-        if cached is None:
-            cached = {i: SPECIAL_PIECES[n] for n, i in self.special_ids.items()}
-            cached.update(
-                {self.sentinel_id(k): sentinel_piece(k) for k in range(self.num_sentinels)}
-            )
-            self._s2p = cached
-        return cached
+        out = {i: SPECIAL_PIECES[n] for n, i in self.special_ids.items()}
+        out.update({self.sentinel_id(k): sentinel_piece(k) for k in range(self.num_sentinels)})
+        return out
 
     def sentinel_id(self, i: int) -> int:
         """Id of T5's `<extra_id_i>`: the last ids of the vocabulary, extra_id_0 highest."""
@@ -230,16 +226,13 @@ class Tokenizer(abc.ABC):
         (out / _META).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
         return out
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
         """Hash of everything that determines the ids (keys the token cache)."""
-        cached = getattr(self, "_fp", None)
-        if cached is None:
-            h = hashlib.sha256()
-            h.update(json.dumps([self.model_type, self.special_ids, self.num_sentinels]).encode())
-            h.update(self._model_bytes())
-            cached = self._fp = h.hexdigest()
-        return cached
+        h = hashlib.sha256()
+        h.update(json.dumps([self.model_type, self.special_ids, self.num_sentinels]).encode())
+        h.update(self._model_bytes())
+        return h.hexdigest()
 
     @abc.abstractmethod
     def _model_bytes(self) -> bytes: ...
@@ -544,9 +537,10 @@ def _train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
+        reason = str(e).rstrip(".")
         raise ValueError(
             f"SentencePiece could not train a {model_type} vocabulary of {pieces} pieces "
-            f"(vocab_size={vocab_size} minus {num_sentinels} sentinels): {str(e).rstrip('.')}. Change "
+            f"(vocab_size={vocab_size} minus {num_sentinels} sentinels): {reason}. Change "
             "vocab_size (or give more text)."
         ) from e
     return SentencePieceTokenizer(

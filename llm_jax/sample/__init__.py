@@ -6,12 +6,20 @@
 
 The engine (`loop`, `beam`) is model-independent: it drives a `Decoder`, i.e. anything with
 `init_cache(batch_size, max_length)` and `tokens_to_logits(tokens, positions, segment_ids,
-cache) -> (logits, cache)`; see `llm_jax.sample.decoder` for the contract.
+cache) -> (logits, cache)`; see `llm_jax.sample.decoder` for the contract. `generate`
+accepts the project's GPT and T5 models directly through `llm_jax.sample.adapters`
+(imported on first use, so the engine itself imports no model).
 """
 
 from llm_jax.sample.beam import BeamState, gather_beams
 from llm_jax.sample.decoder import Decoder, FunctionDecoder, cache_batch_axes
-from llm_jax.sample.generate import GenerateOutput, bucket_length, generate, stream
+from llm_jax.sample.generate import (
+    GenerateOutput,
+    as_decoder,
+    bucket_length,
+    generate,
+    stream,
+)
 from llm_jax.sample.loop import SamplingState
 from llm_jax.sample.sampling import filter_logits
 from llm_jax.sample.strategies import Beam, Greedy, Sample
@@ -25,6 +33,7 @@ __all__ = [
     "Greedy",
     "Sample",
     "SamplingState",
+    "as_decoder",
     "bucket_length",
     "cache_batch_axes",
     "filter_logits",

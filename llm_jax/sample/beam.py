@@ -115,8 +115,8 @@ def beam_emit(
     top_tokens = jax.lax.dynamic_update_slice(
         gather_beams(state.live_tokens, top_beam), top_token[:, :, None], (0, 0, t)
     )  # [B, C, N]
-    token_lp = gather_beams(log_probs, top_beam)  # [B, C, V]
-    token_lp = jnp.take_along_axis(token_lp, top_token[:, :, None], axis=-1)  # [B, C, 1]
+    token_lp = jnp.take_along_axis(log_probs.reshape(b, k * vocab), top_index, axis=1)
+    token_lp = token_lp[:, :, None]  # [B, C, 1] log p of each candidate's new token
     top_log_probs = jax.lax.dynamic_update_slice(
         gather_beams(state.live_log_probs, top_beam), token_lp, (0, 0, t)
     )  # [B, C, N]

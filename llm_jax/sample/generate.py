@@ -114,9 +114,9 @@ def _as_prompts(prompt_ids: Any, vocab_size: int | None) -> list[np.ndarray]:
     """A batch of 1-D int prompts from a 2-D array, a list of sequences or one sequence."""
     if isinstance(prompt_ids, (np.ndarray, jax.Array)):
         array = np.asarray(prompt_ids)
-        rows = [array] if array.ndim == 1 else list(array)
         if array.ndim not in (1, 2):
             raise ValueError(f"prompt_ids must be 1-D or 2-D; got shape {array.shape}.")
+        rows = [array] if array.ndim == 1 else list(array)
     else:
         rows = list(prompt_ids)
         if rows and np.ndim(rows[0]) == 0:
@@ -192,7 +192,7 @@ def _prepare(
     prompt_ids: Any,
     *,
     max_new_tokens: int,
-    strategy: Greedy | Sample | Beam,
+    strategy: Greedy | Sample | Beam | None,
     eos_id: int | Sequence[int] | None,
     rng: jax.Array | int | None,
     min_new_tokens: int,
@@ -314,7 +314,8 @@ def generate(
       model: a `Decoder` (see `llm_jax.sample.decoder`) or a model with an adapter in
         `llm_jax.sample.adapters`.
       prompt_ids: one prompt (a flat sequence of ids), a list of prompts of any lengths,
-        or a [B, T] int array. Encoder–decoder models: the encoder inputs.
+        or a [B, T] int array (every row T real tokens). Encoder–decoder models: the
+        encoder inputs (the decoder starts from the decoder's `decoder_start_id`).
       max_new_tokens: N, the most tokens generated per prompt.
       strategy: `Greedy()` (the default), `Sample(temperature, top_k, top_p)` or
         `Beam(...)`.

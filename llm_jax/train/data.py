@@ -45,8 +45,7 @@ class PreparedData:
         if not self.config.has_validation:
             return []
         if self._eval is None:
-            self._eval = make_iterator(self.config, self.tokenizer, split="validation",
-                                       mesh=mesh)
+            self._eval = make_iterator(self.config, self.tokenizer, split="validation", mesh=mesh)
             self._eval_start = self._eval.get_state()
         self._eval.set_state(self._eval_start)
         batches = []
@@ -61,8 +60,9 @@ def prepare(config: DataConfig, workdir: str | os.PathLike) -> PreparedData:
     """Resolve the corpus and the tokenizer (trained once into `workdir/tokenizer` unless
     `data.tokenizer_path` names one), reading and validating the data before compiling."""
     if not config.paths:
-        print("data.paths not set: training on the Python standard library's sources",
-              file=sys.stderr)
+        print(
+            "data.paths not set: training on the Python standard library's sources", file=sys.stderr
+        )
         config = config.replace(paths=stdlib_corpus())
     tokenizer_dir = Path(config.tokenizer_path or Path(workdir) / "tokenizer")
     config = config.replace(tokenizer_path=str(tokenizer_dir))

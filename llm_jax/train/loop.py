@@ -21,7 +21,7 @@ from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
 from llm_jax.train.config import RunConfig
-from llm_jax.train.flops import model_flops_per_token, mfu, peak_flops_per_device
+from llm_jax.train.flops import mfu, model_flops_per_token, peak_flops_per_device
 from llm_jax.train.metrics import MetricsWriter, Progress
 from llm_jax.train.step import LossConfig
 from llm_jax.train.trainer import Trainer
@@ -105,10 +105,15 @@ def train(cfg: RunConfig) -> RunResult:
         )
     mesh = make_mesh(cfg.mesh)
     trainer = Trainer(
-        model_config, cfg.optimizer, mesh, total_steps=tc.steps, objective=cfg.data.objective,
+        model_config,
+        cfg.optimizer,
+        mesh,
+        total_steps=tc.steps,
+        objective=cfg.data.objective,
         rules=cfg.mesh.rules,
         loss_config=LossConfig(label_smoothing=tc.label_smoothing, z_loss=tc.z_loss),
-        grad_accum_steps=tc.grad_accum_steps, skip_nonfinite=tc.on_nonfinite == "skip",
+        grad_accum_steps=tc.grad_accum_steps,
+        skip_nonfinite=tc.on_nonfinite == "skip",
         seed=tc.seed,
     )
     trainer.check_batch_size(cfg.data.batch_size)
@@ -116,8 +121,10 @@ def train(cfg: RunConfig) -> RunResult:
     resolved["model"] = model_config.to_dict()
 
     ckpt = CheckpointManager(
-        workdir / "checkpoints", save_interval_steps=tc.checkpoint_every,
-        max_to_keep=tc.keep_checkpoints, async_save=tc.async_checkpoint,
+        workdir / "checkpoints",
+        save_interval_steps=tc.checkpoint_every,
+        max_to_keep=tc.keep_checkpoints,
+        async_save=tc.async_checkpoint,
     )
     train_iter = data.train_iterator(mesh)
     with activation_sharding(mesh, trainer.rules):
@@ -179,11 +186,18 @@ def train(cfg: RunConfig) -> RunResult:
                     if ev:
                         eval_losses[step] = ev["loss"]
                         writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-                        progress.write(f"step {step}: eval " + ", ".join(
-                            f"{k}={v:.4f}" for k, v in ev.items()))
+                        progress.write(
+                            f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
+                        )
                 if ckpt.should_save(step) or step == tc.steps or stop.signal is not None:
-                    ckpt.save(step, state, data_state=train_iter.get_state(), config=resolved,
-                              tokenizer_dir=str(data.tokenizer_dir), force=True)
+                    ckpt.save(
+                        step,
+                        state,
+                        data_state=train_iter.get_state(),
+                        config=resolved,
+                        tokenizer_dir=str(data.tokenizer_dir),
+                        force=True,
+                    )
                 if stop.signal is not None:
                     progress.write(f"received signal {stop.signal}: saved step {step}, exiting")
                     break
@@ -194,13 +208,19 @@ def train(cfg: RunConfig) -> RunResult:
         ckpt.close()
         writer.close()
     result = RunResult(
-        workdir=workdir, final_step=step, losses=losses, eval_losses=eval_losses,
-        checkpoint_dir=workdir / "checkpoints", metrics_path=writer.jsonl_path,
+        workdir=workdir,
+        final_step=step,
+        losses=losses,
+        eval_losses=eval_losses,
+        checkpoint_dir=workdir / "checkpoints",
+        metrics_path=writer.jsonl_path,
         loss_curve=writer.loss_curve_path,
     )
     if is_main:
-        print(f"checkpoints: {result.checkpoint_dir}\nmetrics: {result.metrics_path} "
-              f"(TensorBoard: {workdir / 'tensorboard'})\nloss curve: {result.loss_curve}")
+        print(
+            f"checkpoints: {result.checkpoint_dir}\nmetrics: {result.metrics_path} "
+            f"(TensorBoard: {workdir / 'tensorboard'})\nloss curve: {result.loss_curve}"
+        )
     return result
 
 
@@ -217,8 +237,12 @@ def _flops_and_tokens(model_config, batch, objective: str) -> tuple[float, int]:
 
 
 def _memory_line(mem) -> str:
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "temp_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     parts = []
     for f in fields:
         v = getattr(mem, f, None)

@@ -59,6 +59,13 @@ def _ce(logits, labels, weights, lc: LossConfig):
     )
 
 
+def _row_weights(batch: Batch) -> jax.Array:
+    """[B] 1 for real rows, 0 for the empty rows that pad a last validation batch."""
+    if "segment_ids" not in batch:
+        return jnp.ones(batch["tokens"].shape[:1], jnp.float32)
+    return (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)
+
+
 def clm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
     logits = model(
         batch["tokens"],
@@ -79,7 +86,7 @@ def mlm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
     )
     losses = {"mlm": _ce(mlm, batch["targets"], batch["weights"], lc)}
     if nsp is not None and "nsp_labels" in batch:
-        losses["nsp"] = ops.cross_entropy(nsp, batch["nsp_labels"])
+        losses["nsp"] = ops.cross_entropy(nsp, batch["nsp_labels"], _row_weights(batch))
     return losses
 
 
@@ -104,7 +111,7 @@ def classification_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
         positions=batch.get("positions"),
         dropout_rng=rng,
     )
-    return {"cls": _ce(logits, batch["labels"], None, lc)}
+    return {"cls": _ce(logits, batch["labels"], _row_weights(batch), lc)}
 
 
 def _weight_count(key: str, name: str):
@@ -114,7 +121,7 @@ def _weight_count(key: str, name: str):
 def _mlm_counts(batch: Batch) -> dict[str, jax.Array]:
     counts = {"mlm": jnp.sum(batch["weights"].astype(jnp.float32))}
     if "nsp_labels" in batch:
-        counts["nsp"] = jnp.asarray(batch["nsp_labels"].shape[0], jnp.float32)
+        counts["nsp"] = jnp.sum(_row_weights(batch))
     return counts
 
 
@@ -133,7 +140,7 @@ OBJECTIVES: dict[str, Objective] = {
     "seq2seq": Objective(seq2seq_losses, _weight_count("decoder_weights", "lm")),
     "classification": Objective(
         classification_losses,
-        lambda batch: {"cls": jnp.asarray(batch["labels"].shape[0], jnp.float32)},
+        lambda batch: {"cls": jnp.sum(_row_weights(batch))},
     ),
 }
 
@@ -218,7 +225,7 @@ def make_train_step(
             (loss, losses, grads), _ = jax.lax.scan(body, zero, (micro, rngs))
         loss, grads = psum(loss), psum(grads)
         losses = psum(losses)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

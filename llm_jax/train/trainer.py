@@ -80,11 +80,13 @@ class Trainer:
         axes = logical_axes(abstract)
         param_sharding = logical_to_sharding(abstract_state.params, axes, mesh, self.rules)
         replicated = NamedSharding(mesh, PartitionSpec())
-        # Optimizer moments mirror the parameters they belong to; counters are replicated.
+        # Optimizer moments mirror the parameters they belong to; counters and factored
+        # statistics (Adafactor's row/column moments) are replicated.
         opt_sharding = optax.tree_map_params(
             self.tx,
-            lambda _, s: s,
+            lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
             abstract_state.opt_state,
+            abstract_state.params,
             param_sharding,
             transform_non_params=lambda _: replicated,
         )
@@ -97,7 +99,7 @@ class Trainer:
             self.state_sharding,
         )
         self._step_kwargs = dict(
-            loss_config=loss_config,
+            loss_config=loss_config or LossConfig(),
             grad_accum_steps=grad_accum_steps,
             skip_nonfinite=skip_nonfinite,
             learning_rate_fn=self.schedule,
@@ -179,3 +181,10 @@ class Trainer:
             self.graphdef, self.tx, self.objective, axis_name="batch", **self._step_kwargs
         )
         return jax.pmap(fn, axis_name="batch", donate_argnums=0)
+
+    @staticmethod
+    def replicate(tree, devices=None):
+        """Copy a pytree onto every local device for `pmap_step` (leading device axis)."""
+        devices = jax.local_devices() if devices is None else devices
+        n = len(devices)
+        return jax.tree.map(lambda x: jnp.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)
