@@ -227,9 +227,9 @@ def test_bad_optimizer_config_names_the_choices():
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
     trainer = Trainer(LLAMA, OPT, make_mesh(MeshConfig(rules="dp")), total_steps=1, objective="clm")
-    with pytest.raises(ValueError, match="not divisible by the 8 data-parallel shards.*16"):
+    with pytest.raises(ValueError, match=r"not divisible by the 8 data-parallel shards.*16"):
         trainer.check_batch_size(12)
-    with pytest.raises(ValueError, match="mesh .* needs 6 devices but 8"):
+    with pytest.raises(ValueError, match=r"mesh .* needs 6 devices but 8"):
         make_mesh(MeshConfig(data=2, fsdp=3))
 
 

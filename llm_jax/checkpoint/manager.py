@@ -305,7 +305,11 @@ class CheckpointManager:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
             raise ValueError(f"max_to_keep must be an int >= 1 or None, got {max_to_keep!r}")
-        self._directory = epath.Path(directory)
+        directory = epath.Path(directory)
+        # orbax/tensorstore need absolute local paths; remote (gs://...) paths already are.
+        self._directory = directory if directory.is_absolute() else epath.Path(
+            os.path.abspath(directory)
+        )
         self._interval = save_interval_steps
         self._async = async_save
         self._allow_unverified = allow_unverified

@@ -40,7 +40,6 @@ class TrainConfig:
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
     on_nonfinite: str = "stop"  # stop the run, or skip the update and go on
-    pmap: bool = False  # the legacy data-parallel pmap step instead of jit over the mesh
     progress: bool = True
 
     def __post_init__(self) -> None:

@@ -90,7 +90,7 @@ def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
 def train(cfg: RunConfig) -> RunResult:
     """Run (or resume) the training job described by `cfg`. See the module docstring."""
     initialize_distributed(**dataclasses.asdict(cfg.distributed))
-    workdir = Path(cfg.workdir)
+    workdir = Path(cfg.workdir).absolute()
     tc = cfg.train
     is_main = jax.process_index() == 0
 
