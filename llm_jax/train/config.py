@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,21 @@ from llm_jax.parallel.mesh import MeshConfig
 from llm_jax.train.optimizer import OptimizerConfig
 
 NONFINITE = ("stop", "skip")
+
+
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that also reads 1e-3 and 3E5 as floats (YAML 1.1 needs a dot)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -126,6 +142,13 @@ def _section(cls, name: str, d: Any):
     unknown = sorted(set(d) - set(valid))
     if unknown:
         raise ValueError(f"unknown keys {unknown} in section {name!r}; valid keys are {valid}.")
+    hints = {f.name: f.type for f in dataclasses.fields(cls)}
+    for key, value in d.items():
+        expected = str(hints[key])
+        numeric = "int" in expected or "float" in expected
+        if numeric and value is not None and (isinstance(value, bool) or not isinstance(
+                value, int | float)):
+            raise ValueError(f"{name}.{key}={value!r} must be a number ({expected}).")
     try:
         return cls(**d)
     except TypeError as e:
@@ -139,7 +162,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value.")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw else None
+        value = _yaml(raw) if raw else None
         parts = key.strip().split(".")
         if parts[0] not in TOP_LEVEL:
             raise ValueError(
@@ -178,7 +201,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist; see the configs/ folder.")
-    d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    d = _yaml(path.read_text(encoding="utf-8")) or {}
     if not isinstance(d, dict):
         raise ValueError(f"{path}: the top level must be a mapping of sections.")
     return config_from_dict(apply_overrides(d, overrides or []), source=str(path))
