@@ -146,8 +146,11 @@ def _section(cls, name: str, d: Any):
     for key, value in d.items():
         expected = str(hints[key])
         numeric = "int" in expected or "float" in expected
-        if numeric and value is not None and (isinstance(value, bool) or not isinstance(
-                value, int | float)):
+        if (
+            numeric
+            and value is not None
+            and (isinstance(value, bool) or not isinstance(value, int | float))
+        ):
             raise ValueError(f"{name}.{key}={value!r} must be a number ({expected}).")
     try:
         return cls(**d)
