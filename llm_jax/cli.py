@@ -12,11 +12,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from llm_jax.data.cli import add_parser as add_data
     from llm_jax.models.cli import add_parser as add_models
+    from llm_jax.sample.cli import add_parser as add_sample
     from llm_jax.train.cli import add_parser as add_train
 
     add_train(sub)
     add_models(sub)
     add_data(sub)
+    add_sample(sub)
     return parser
 
 

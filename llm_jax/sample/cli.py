@@ -1,0 +1,199 @@
+"""`llm-jax sample`: generate text from a training checkpoint.
+
+    llm-jax sample --checkpoint runs/tiny --prompt "def main(" --max-new-tokens 64
+    llm-jax sample --checkpoint runs/tiny --prompt "import " --strategy sample \
+        --temperature 0.8 --top-p 0.95 --seed 1
+    llm-jax sample --checkpoint runs/tiny --prompt "class " --strategy beam --num-beams 4
+
+Greedy and sampled text is streamed to stdout as it is generated (the prompt first, for a
+decoder-only model); beam search prints every finished beam, best first, with its score.
+What was loaded goes to stderr, so stdout holds only text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+STRATEGIES = ("greedy", "sample", "beam")
+SAMPLE_FLAGS = ("temperature", "top_k", "top_p")
+BEAM_FLAGS = ("num_beams", "length_penalty")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _strategy_name(args: argparse.Namespace) -> str:
+    """--strategy, or the one implied by the flags given; conflicting flags are an error."""
+    sampling = [_flag(n) for n in SAMPLE_FLAGS if getattr(args, n) is not None]
+    beam = [_flag(n) for n in BEAM_FLAGS if getattr(args, n) is not None]
+    name = args.strategy or ("beam" if beam else "sample" if sampling else "greedy")
+    if sampling and name != "sample":
+        raise ValueError(f"{', '.join(sampling)} apply to --strategy sample, not {name}.")
+    if beam and name != "beam":
+        raise ValueError(f"{', '.join(beam)} apply to --strategy beam, not {name}.")
+    return name
+
+
+def _strategy(name: str, args: argparse.Namespace):
+    from llm_jax.sample import Beam, Greedy, Sample
+
+    if name == "sample":
+        return Sample(
+            temperature=1.0 if args.temperature is None else args.temperature,
+            top_k=0 if args.top_k is None else args.top_k,
+            top_p=1.0 if args.top_p is None else args.top_p,
+        )
+    if name == "beam":
+        beams = 4 if args.num_beams is None else args.num_beams
+        return Beam(
+            num_beams=beams,
+            length_penalty=1.0 if args.length_penalty is None else args.length_penalty,
+            num_return_sequences=beams,
+        )
+    return Greedy()
+
+
+class TextStream:
+    """Turns generated ids into text increments as they arrive.
+
+    The whole continuation is re-decoded at every token, so pieces that only make sense
+    together (byte-fallback UTF-8 sequences, SentencePiece's leading spaces) come out
+    right; a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes.
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.printed = ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(int(token))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        if not text.startswith(self.printed):
+            return ""  # an earlier piece changed meaning; wait until it settles
+        new, self.printed = text[len(self.printed) :], text
+        return new
+
+    def flush(self) -> str:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        new = text[len(self.printed) :] if text.startswith(self.printed) else ""
+        self.printed = text
+        return new
+
+
+def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_decoder: bool):
+    """The prompt's token ids as the model saw text in training (BOS / EOS as configured)."""
+    data = run_config.get("data", {})
+    ids = list(tokenizer.encode(prompt))
+    bos, eos = tokenizer.special_ids.get("bos"), tokenizer.special_ids.get("eos")
+    if encoder_decoder:
+        if data.get("add_eos", True) and eos is not None:
+            ids = ids + [eos]  # encoder inputs end with EOS
+    elif data.get("add_bos", True) and bos is not None:
+        ids = [bos] + ids  # documents start with BOS
+    if not ids:
+        raise ValueError(
+            "--prompt encodes to no tokens and the tokenizer has no BOS token to start from; "
+            "give a non-empty prompt."
+        )
+    return ids
+
+
+def _check_length(n: int, max_new_tokens: int, max_positions: int | None) -> None:
+    if max_positions is None:
+        return
+    if n >= max_positions:
+        raise ValueError(
+            f"the prompt is {n} tokens but the model has {max_positions} positions; shorten "
+            f"--prompt to fewer than {max_positions} tokens."
+        )
+    if n + max_new_tokens > max_positions:
+        raise ValueError(
+            f"the prompt is {n} tokens and --max-new-tokens is {max_new_tokens}, but the model "
+            f"has {max_positions} positions; lower --max-new-tokens to {max_positions - n} or "
+            "shorten --prompt."
+        )
+
+
+def _sample(args: argparse.Namespace) -> int:
+    name = _strategy_name(args)
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1; got {args.max_new_tokens}.")
+    strategy = _strategy(name, args)
+
+    import jax
+
+    import llm_jax.sample as sample
+    from llm_jax.models import count_params
+    from llm_jax.sample.checkpoint import load_checkpoint
+
+    loaded = load_checkpoint(args.checkpoint, step=args.step)
+    model, tokenizer = loaded.model, loaded.tokenizer
+    decoder = sample.as_decoder(model)
+    encoder_decoder = getattr(decoder, "is_encoder_decoder", False)
+    ids = prompt_ids(tokenizer, args.prompt, loaded.run_config, encoder_decoder)
+    limit = getattr(decoder, "max_length", None)
+    if encoder_decoder:
+        _check_length(len(ids), 0, getattr(decoder, "max_encoder_length", None))
+        _check_length(1, args.max_new_tokens, limit)
+    else:
+        _check_length(len(ids), args.max_new_tokens, limit)
+    print(
+        f"loaded step {loaded.step} from {loaded.checkpoint_dir} ({model.cfg.family}, "
+        f"{count_params(model):,} parameters)",
+        file=sys.stderr,
+    )
+    eos = tokenizer.special_ids.get("eos")
+    common = dict(max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=0)
+    prefix = "" if encoder_decoder else args.prompt
+    out = sys.stdout
+
+    if name == "beam":
+        result = sample.generate(decoder, [ids], strategy=strategy, **common)
+        scores = jax.device_get(result.scores)[0]
+        for rank, (beam_ids, score) in enumerate(zip(result.to_lists()[0], scores, strict=True)):
+            text = tokenizer.decode(beam_ids, skip_special_tokens=True)
+            out.write(f"--- beam {rank + 1} (score {float(score):.4f}) ---\n{prefix}{text}\n")
+        out.flush()
+        return 0
+
+    rng = jax.random.key(args.seed) if name == "sample" else None
+    text = TextStream(tokenizer)
+    out.write(prefix)
+    out.flush()
+    for tokens in sample.stream(decoder, [ids], strategy=strategy, rng=rng, **common):
+        out.write(text.push(int(tokens[0])))
+        out.flush()
+    out.write(text.flush() + "\n")
+    out.flush()
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate text from a trained checkpoint",
+        description="Generate text from an `llm-jax train` checkpoint: greedy or sampled text "
+        "streams to stdout; beam search prints every finished beam. The strategy defaults to "
+        "the one the flags imply (greedy without any).",
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        required=True,
+        help="a training workdir (or its checkpoints/ folder, or one step folder)",
+    )
+    p.add_argument("--prompt", required=True, help="the text to continue (T5: the input)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None, help="sample (default 1.0)")
+    p.add_argument("--top-k", type=int, default=None, help="sample; 0 = off (default)")
+    p.add_argument("--top-p", type=float, default=None, help="sample; 1.0 = off (default)")
+    p.add_argument("--seed", type=int, default=0, help="sample: PRNG seed")
+    p.add_argument("--num-beams", type=int, default=None, help="beam (default 4)")
+    p.add_argument("--length-penalty", type=float, default=None, help="beam (default 1.0)")
+    p.set_defaults(func=_sample)

@@ -1,0 +1,158 @@
+"""`llm-jax sample` end to end: a tiny character-level run is trained in-process, then the
+CLI decodes from its checkpoint. Greedy, sampled and beam text must equal `generate` run
+directly on the restored model; bad arguments fail with a one-line error before decoding.
+"""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+import llm_jax.sample as sample
+from llm_jax.cli import main
+from llm_jax.sample.checkpoint import load_checkpoint
+from llm_jax.train.config import config_from_dict
+from llm_jax.train.loop import train
+
+PROMPT = "ROMEO:"
+N = 24
+CONFIG = {
+    "name": "sample_cli_test",
+    "model": {
+        "preset": "gpt2-tiny",
+        "d_model": 32,
+        "num_layers": 1,
+        "num_heads": 2,
+        "d_ff": 64,
+        "max_position_embeddings": 64,
+    },
+    "data": {
+        "tokenizer_type": "char",
+        "vocab_size": None,
+        "num_sentinels": 0,
+        "byte_fallback": False,
+        "doc_split": "line",
+        "seq_len": 32,
+        "batch_size": 8,
+        "use_cache": False,
+    },
+    "train": {
+        "steps": 6,
+        "log_every": 3,
+        "eval_every": 0,
+        "checkpoint_every": 3,
+        "progress": False,
+    },
+    "optimizer": {"learning_rate": 1.0e-2, "warmup_steps": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, shared_data):
+    root = tmp_path_factory.mktemp("sample_cli")
+    corpus = root / "corpus.txt"
+    corpus.write_text((shared_data / "tinyshakespeare.txt").read_text()[:3000])
+    cfg = {**CONFIG, "workdir": str(root / "run")}
+    cfg["data"] = {**CONFIG["data"], "paths": [str(corpus)]}
+    train(config_from_dict(cfg))
+    return root / "run"
+
+
+@pytest.fixture(scope="module")
+def loaded(workdir):
+    return load_checkpoint(workdir)
+
+
+def run_cli(capsys, *args):
+    code = main(["sample", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def prompt_ids(loaded):
+    return [loaded.tokenizer.special_ids["bos"], *loaded.tokenizer.encode(PROMPT)]
+
+
+def direct(loaded, **kwargs):
+    """`generate` called directly on the restored model, as the CLI's settings imply."""
+    out = sample.generate(
+        loaded.model,
+        [prompt_ids(loaded)],
+        max_new_tokens=N,
+        eos_id=loaded.tokenizer.special_ids["eos"],
+        **kwargs,
+    )
+    return out
+
+
+def text(loaded, ids):
+    return loaded.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_loads_latest_step_with_tokenizer(loaded, workdir):
+    assert loaded.step == 6
+    assert loaded.checkpoint_dir == workdir / "checkpoints"
+    assert loaded.tokenizer.model_type == "char"
+    assert loaded.model.cfg.num_layers == 1
+
+
+def test_greedy_streams_what_generate_returns(capsys, workdir, loaded):
+    code, out, err = run_cli(
+        capsys, "--checkpoint", str(workdir), "--prompt", PROMPT, "--max-new-tokens", str(N)
+    )
+    assert code == 0, err
+    expected = direct(loaded).to_lists()[0]
+    assert len(expected) > 0
+    assert out == PROMPT + text(loaded, expected) + "\n"
+    assert "loaded step 6" in err
+
+
+def test_sample_is_seeded_and_equals_generate(capsys, workdir, loaded):
+    args = ["--checkpoint", str(workdir), "--prompt", PROMPT, "--max-new-tokens", str(N)]
+    args += ["--temperature", "0.9", "--top-k", "20", "--top-p", "0.95", "--seed", "3"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    strategy = sample.Sample(temperature=0.9, top_k=20, top_p=0.95)
+    expected = direct(loaded, strategy=strategy, rng=jax.random.key(3)).to_lists()[0]
+    assert out == PROMPT + text(loaded, expected) + "\n"
+    assert run_cli(capsys, *args)[1] == out  # same seed, same text
+
+
+def test_beam_prints_every_finished_beam(capsys, workdir, loaded):
+    code, out, err = run_cli(
+        capsys,
+        *("--checkpoint", str(workdir / "checkpoints" / "3"), "--prompt", PROMPT),
+        *("--strategy", "beam", "--num-beams", "3", "--max-new-tokens", str(N)),
+    )
+    assert code == 0, err
+    assert "loaded step 3" in err
+    at_3 = load_checkpoint(workdir, step=3)
+    result = direct(at_3, strategy=sample.Beam(num_beams=3, num_return_sequences=3))
+    expected = "".join(
+        f"--- beam {r + 1} (score {float(s):.4f}) ---\n{PROMPT}{text(at_3, ids)}\n"
+        for r, (ids, s) in enumerate(zip(result.to_lists()[0], result.scores[0], strict=True))
+    )
+    assert out == expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--checkpoint", "{root}/missing"], "does not exist"),
+        (["--checkpoint", "{root}"], "no checkpoint in"),
+        (["--checkpoint", "{run}", "--step", "5"], "no checkpoint step 5"),
+        (["--checkpoint", "{run}", "--prompt", "e" * 64], "has 64 positions"),
+        (["--checkpoint", "{run}", "--max-new-tokens", "60"], "lower --max-new-tokens to"),
+        (["--checkpoint", "{run}", "--strategy", "greedy", "--top-p", "0.9"], "--top-p apply"),
+        (["--checkpoint", "{run}", "--temperature", "-1"], "temperature must be >= 0"),
+    ],
+)
+def test_errors_are_one_line_and_name_the_fix(capsys, workdir, args, message):
+    args = [a.format(root=workdir.parent, run=workdir) for a in args]
+    if "--prompt" not in args:
+        args += ["--prompt", PROMPT]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2
+    assert out == ""
+    assert message in err and err.startswith("llm-jax sample: error:")
+    assert err.count("\n") == 1
