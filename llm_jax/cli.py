@@ -10,6 +10,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from llm_jax.convert.cli import add_parser as add_convert
     from llm_jax.data.cli import add_parser as add_data
     from llm_jax.models.cli import add_parser as add_models
     from llm_jax.sample.cli import add_parser as add_sample
@@ -18,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_models(sub)
     add_data(sub)
+    add_convert(sub)
     add_sample(sub)
     return parser
 

@@ -13,6 +13,11 @@ compiled loop the adapter merges them back and calls the model:
 
 The model's `KVCache` (k/v [L, B, S, K, H], valid [B, S], scalar index, encoder_valid
 [B, Se]) has its batch axis inferred by `cache_batch_axes` for beam search.
+
+Both adapters pin the cache they return to its logical axes (`CACHE_AXES`) with
+`constrain`: the identity on one device; inside `activation_sharding` (generate's `mesh=`)
+it keeps the while-loop carry split over batch and KV heads like the attention
+activations, including after beam search's row gather.
 """
 
 from __future__ import annotations
@@ -22,10 +27,17 @@ from typing import Any
 import jax.numpy as jnp
 from flax import nnx, struct
 
-from llm_jax.models.common import KVCache
+from llm_jax.models.common import CACHE_AXES, KVCache
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.gpt import GPT
 from llm_jax.models.t5 import T5
+from llm_jax.parallel.rules import constrain
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """The cache with every tensor constrained to its logical axes (see `CACHE_AXES`)."""
+    layers = {name: constrain(x, CACHE_AXES[name]) for name, x in cache.layers.items()}
+    return cache.replace(layers=layers, valid=constrain(cache.valid, CACHE_AXES["valid"]))
 
 
 @struct.dataclass
@@ -51,12 +63,13 @@ class GPTDecoder:
         return self.cfg.max_position_embeddings if self.cfg.position == "learned" else None
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return nnx.merge(self.graphdef, self.state).init_cache(batch_size, max_length)
+        model = nnx.merge(self.graphdef, self.state)
+        return constrain_cache(model.init_cache(batch_size, max_length))
 
     def tokens_to_logits(self, tokens, positions, segment_ids, cache):
         model = nnx.merge(self.graphdef, self.state)
         logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-        return logits.astype(jnp.float32), cache
+        return logits.astype(jnp.float32), constrain_cache(cache)
 
 
 @struct.dataclass
@@ -91,14 +104,15 @@ class T5Decoder:
     def init_cache(self, batch_size, max_length, encoder_tokens, encoder_segment_ids):
         model = nnx.merge(self.graphdef, self.state)
         encoder_out = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
-        return model.init_cache(batch_size, max_length, encoder_out, encoder_segment_ids)
+        cache = model.init_cache(batch_size, max_length, encoder_out, encoder_segment_ids)
+        return constrain_cache(cache)
 
     def tokens_to_logits(self, tokens, positions, segment_ids, cache):
         model = nnx.merge(self.graphdef, self.state)
         logits, cache = model.decode(
             tokens, positions=positions, segment_ids=segment_ids, cache=cache
         )
-        return logits.astype(jnp.float32), cache
+        return logits.astype(jnp.float32), constrain_cache(cache)
 
 
 def as_decoder(model: Any) -> GPTDecoder | T5Decoder:

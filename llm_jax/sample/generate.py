@@ -10,10 +10,19 @@ fits `max_length`). Only the bucket, the batch size, max_new_tokens, the strateg
 number/length of EOS ids and stop sequences shape the compiled program, so new prompt
 lengths within a bucket reuse it. Encoder inputs (encoder–decoder models) are right-padded
 to the same buckets.
+
+Sharded decoding: pass `mesh` and `rules` (and parameters placed on that mesh, e.g. with
+`llm_jax.parallel.logical_to_sharding`) and the program is traced inside
+`activation_sharding(mesh, rules)`, so the model's activation constraints and the adapters'
+KV-cache constraints (`llm_jax.models.common.CACHE_AXES`) shard it. The mesh and rules are
+static arguments of the compiled program, so the same call with and without them never
+shares a trace.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import functools
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -21,6 +30,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import struct
+from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax.sample.beam import beam_output_fields, run_beam_search
@@ -39,6 +49,41 @@ from llm_jax.sample.loop import (
 from llm_jax.sample.strategies import Beam, Greedy, Sample
 
 MIN_BUCKET = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshRules:
+    """A mesh and its logical-axis rules as one hashable, static argument."""
+
+    mesh: Mesh
+    rules: tuple[tuple[str, Any], ...]
+
+    @classmethod
+    def make(cls, mesh: Mesh | None, rules: str | dict[str, Any] | None) -> MeshRules | None:
+        """None without a mesh; rules are a `llm_jax.parallel.RULES` name or a dict."""
+        if mesh is None:
+            if rules is not None:
+                raise ValueError("rules= needs mesh=: pass the mesh the parameters live on.")
+            return None
+        from llm_jax.parallel.mesh import RULES
+
+        if rules is None or (isinstance(rules, str) and rules not in RULES):
+            raise ValueError(
+                f"mesh= needs rules= naming one of {sorted(RULES)} or a logical-axis dict; "
+                f"got {rules!r}."
+            )
+        table = RULES[rules] if isinstance(rules, str) else rules
+        items = ((k, tuple(v) if isinstance(v, list) else v) for k, v in table.items())
+        return cls(mesh, tuple(sorted(items)))
+
+    def context(self) -> contextlib.AbstractContextManager:
+        from llm_jax.parallel.rules import activation_sharding
+
+        return activation_sharding(self.mesh, dict(self.rules))
+
+
+def _sharding_context(sharding: MeshRules | None) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if sharding is None else sharding.context()
 
 
 @struct.dataclass
@@ -281,17 +326,19 @@ def _prepare(
     return decoder, prompt, controls, rng, spec
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(jax.jit, static_argnames=("spec", "sharding"))
 def _generate_jit(
     decoder: Decoder,
     prompt: Prompt,
     controls: Controls,
     rng: jax.Array | None,
     spec: LoopSpec,
+    sharding: MeshRules | None = None,
 ) -> dict[str, Array | None]:
-    if isinstance(spec.strategy, Beam):
-        return beam_output_fields(spec, run_beam_search(decoder, prompt, controls, spec))
-    return output_fields(run_sampling(decoder, prompt, controls, rng, spec))
+    with _sharding_context(sharding):
+        if isinstance(spec.strategy, Beam):
+            return beam_output_fields(spec, run_beam_search(decoder, prompt, controls, spec))
+        return output_fields(run_sampling(decoder, prompt, controls, rng, spec))
 
 
 def generate(
@@ -307,6 +354,8 @@ def generate(
     pad_id: int = 0,
     return_log_probs: bool = False,
     max_length: int | None = None,
+    mesh: Mesh | None = None,
+    rules: str | dict[str, Any] | None = None,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt, as one compiled call.
 
@@ -328,6 +377,10 @@ def generate(
       return_log_probs: also return per-token log-probs (see `GenerateOutput`).
       max_length: longest prompt + generation the model supports; defaults to the
         decoder's `max_length` attribute (None: no limit).
+      mesh: decode sharded on this mesh (the parameters should already live on it);
+        None runs wherever the parameters are.
+      rules: with `mesh`: a `llm_jax.parallel.RULES` name ("dp", "fsdp", "fsdp_tp") or a
+        logical-axis rules dict, applied to activations and the KV cache.
 
     Returns:
       A `GenerateOutput`; greedy / sample fields are [B, ...], beam fields [B, R, ...].
@@ -349,27 +402,35 @@ def generate(
         return_log_probs=return_log_probs,
         max_length=max_length,
     )
-    fields = _generate_jit(decoder, prompt, controls, rng, spec)
+    sharding = MeshRules.make(mesh, rules)
+    fields = _generate_jit(decoder, prompt, controls, rng, spec, sharding)
     return GenerateOutput(**fields)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",))
+@functools.partial(jax.jit, static_argnames=("spec", "sharding"))
 def _stream_prefill(
     decoder: Decoder,
     prompt: Prompt,
     controls: Controls,
     rng: jax.Array | None,
     spec: LoopSpec,
+    sharding: MeshRules | None = None,
 ) -> SamplingState:
-    return prefill(decoder, prompt, controls, rng, spec)
+    with _sharding_context(sharding):
+        return prefill(decoder, prompt, controls, rng, spec)
 
 
-@functools.partial(jax.jit, static_argnames=("spec",), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("spec", "sharding"), donate_argnames=("state",))
 def _stream_step(
-    decoder: Decoder, controls: Controls, state: SamplingState, spec: LoopSpec
+    decoder: Decoder,
+    controls: Controls,
+    state: SamplingState,
+    spec: LoopSpec,
+    sharding: MeshRules | None = None,
 ) -> tuple[SamplingState, Array]:
-    state = decode_step(decoder, controls, spec, state)
-    return state, is_running(spec, state)
+    with _sharding_context(sharding):
+        state = decode_step(decoder, controls, spec, state)
+        return state, is_running(spec, state)
 
 
 def stream(
@@ -384,6 +445,8 @@ def stream(
     stop_sequences: Sequence[Sequence[int]] = (),
     pad_id: int = 0,
     max_length: int | None = None,
+    mesh: Mesh | None = None,
+    rules: str | dict[str, Any] | None = None,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's tokens as soon as they exist.
 
@@ -416,14 +479,15 @@ def stream(
         return_log_probs=False,
         max_length=max_length,
     )
+    sharding = MeshRules.make(mesh, rules)
 
     def tokens() -> Iterator[np.ndarray]:
-        state = _stream_prefill(decoder, prompt, controls, rng, spec)
+        state = _stream_prefill(decoder, prompt, controls, rng, spec, sharding)
         running = is_running(spec, state)
         yield np.asarray(state.tokens[:, 0])
         while bool(running):
             step = int(state.step)
-            state, running = _stream_step(decoder, controls, state, spec)
+            state, running = _stream_step(decoder, controls, state, spec, sharding)
             yield np.asarray(state.tokens[:, step])
 
     return tokens()
