@@ -23,7 +23,7 @@ from safetensors.numpy import load_file, save_file
 import llm_jax.convert as convert
 from llm_jax.checkpoint import CheckpointManager
 from llm_jax.convert.hf_config import config_from_hf, config_to_hf
-from llm_jax.convert.hf_weights import HFCheckpointError, _flatten
+from llm_jax.convert.hf_weights import HFCheckpointError, flatten_tree
 from llm_jax.models.config import ModelConfig
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -61,7 +61,7 @@ def _rewrite(directory: Path, fn) -> None:
 
 
 def _params_equal(a, b) -> None:
-    fa, fb = _flatten(a), _flatten(b)
+    fa, fb = flatten_tree(a), flatten_tree(b)
     assert sorted(fa) == sorted(fb)
     for k in fa:
         np.testing.assert_array_equal(np.asarray(fa[k]), np.asarray(fb[k]), err_msg=k)
@@ -109,7 +109,7 @@ def test_loaded_configs():
     assert v11.gated_mlp and v11.activation == "gelu_tanh"
 
 
-# --- export and round trips -------------------------------------------------------------------
+# --- export and round trips -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -138,7 +138,7 @@ def test_config_to_hf_keeps_the_original_fields():
         cfg = convert.load_hf_params(HF / name)[0]
         exported = config_to_hf(cfg)
         for key, value in exported.items():
-            if key in original and not (key in skip and name.startswith("t5") or "token" in key):
+            if key in original and not ((key in skip and name.startswith("t5")) or "token" in key):
                 assert original[key] == value or (
                     isinstance(value, float) and np.isclose(original[key], value)
                 ), (name, key, original[key], value)
@@ -166,7 +166,7 @@ def _random_params(cfg: ModelConfig):
     return jax.tree.map(np.asarray, convert.params_of(model))
 
 
-# --- the key variants transformers accepts -----------------------------------------------------
+# --- the key variants transformers accepts --------------------------------------------------------
 
 
 def test_gpt2_keys_without_prefix_and_with_buffers(models, tmp_path):
@@ -211,8 +211,14 @@ def test_bert_heads_follow_the_tensors(tmp_path):
     assert cfg.use_mlm_head and cfg.use_nsp and cfg.use_pooler
     config["architectures"] = ["BertModel"]
     (d / "config.json").write_text(json.dumps(config))
-    _rewrite(d, lambda w: {k: v for k, v in w.items() if k.startswith("bert.encoder")
-                           or k.startswith("bert.embeddings")})  # fmt: skip
+    _rewrite(
+        d,
+        lambda w: {
+            k: v
+            for k, v in w.items()
+            if k.startswith("bert.encoder") or k.startswith("bert.embeddings")
+        },
+    )
     cfg = convert.load_hf_params(d)[0]
     assert not (cfg.use_mlm_head or cfg.use_nsp or cfg.use_pooler or cfg.num_labels)
     assert convert.save_hf(convert.load_hf(d), tmp_path / "out").is_dir()
@@ -224,7 +230,10 @@ def test_sharded_checkpoint(models, tmp_path):
     d = _copy_fixture("llama", tmp_path)
     weights = load_file(str(d / "model.safetensors"))
     keys = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": keys[:7], "model-00002-of-00002.safetensors": keys[7:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[:7],
+        "model-00002-of-00002.safetensors": keys[7:],
+    }
     for shard, names in shards.items():
         save_file({k: weights[k] for k in names}, str(d / shard), metadata={"format": "pt"})
     (d / "model.safetensors").unlink()
@@ -238,15 +247,15 @@ def test_bfloat16_and_float16_weights_load(tmp_path):
 
     d = _copy_fixture("t5", tmp_path)
     _rewrite(d, lambda w: {k: v.astype(ml_dtypes.bfloat16) for k, v in w.items()})
-    cfg, params = convert.load_hf_params(d)
+    _, params = convert.load_hf_params(d)
     leaves = jax.tree.leaves(params)
     assert all(x.dtype == np.float32 for x in leaves)
     original = convert.load_hf_params(HF / "t5")[1]
-    a, b = _flatten(params)["embed/embedding"], _flatten(original)["embed/embedding"]
+    a, b = flatten_tree(params)["embed/embedding"], flatten_tree(original)["embed/embedding"]
     np.testing.assert_allclose(a, b, rtol=1e-2)
 
 
-# --- errors that name the problem ---------------------------------------------------------------
+# --- errors that name the problem -----------------------------------------------------------------
 
 
 def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path):
@@ -279,18 +288,18 @@ def test_t5_untied_head_in_a_4x_tied_config_is_an_error(tmp_path):
     config = json.loads((d / "config.json").read_text())
     del config["scale_decoder_outputs"]  # 4.x reading: tie_word_embeddings=true means tied
     (d / "config.json").write_text(json.dumps(config))
-    with pytest.raises(convert.UnsupportedConfigError, match="lm_head.weight"):
+    with pytest.raises(convert.UnsupportedConfigError, match=r"lm_head\.weight"):
         convert.load_hf(d)
 
 
 def test_no_safetensors_and_pickle_only_folders(tmp_path):
     (tmp_path / "config.json").write_text((HF / "gpt2" / "config.json").read_text())
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"model\.safetensors"):
         convert.load_hf(tmp_path)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
     with pytest.raises(FileNotFoundError, match="pickle"):
         convert.load_hf(tmp_path)
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         convert.load_hf(tmp_path / "nowhere")
 
 
@@ -308,11 +317,25 @@ def _config(name: str, **changes) -> dict:
         ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
         ("gpt2", {"reorder_and_upcast_attn": True}, "reorder_and_upcast_attn"),
         ("gpt2", {"activation_function": "quick_gelu"}, "activation_function"),
-        ("llama", {"rope_parameters": {"rope_type": "llama3", "factor": 8.0,
-                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                   "original_max_position_embeddings": 8192, "rope_theta": 5e5}}, "llama3"),
-        ("llama", {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
-         "rope_scaling"),
+        (
+            "llama",
+            {
+                "rope_parameters": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                    "rope_theta": 5e5,
+                }
+            },
+            "llama3",
+        ),
+        (
+            "llama",
+            {"rope_parameters": None, "rope_scaling": {"type": "linear", "factor": 2.0}},
+            "rope_scaling",
+        ),
         ("llama", {"attention_bias": True}, "attention_bias"),
         ("llama", {"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
         ("bert", {"position_embedding_type": "relative_key"}, "position_embedding_type"),
@@ -321,7 +344,7 @@ def _config(name: str, **changes) -> dict:
         ("t5", {"feed_forward_proj": "gated-gelu-x"}, "feed_forward_proj"),
         ("t5", {"feed_forward_proj": "mish"}, "feed_forward_proj"),
     ],
-)  # fmt: skip
+)
 def test_config_fields_we_cannot_honour_are_errors(name, changes, match):
     with pytest.raises(convert.UnsupportedConfigError, match=match):
         config_from_hf(_config(name, **changes))
@@ -369,13 +392,17 @@ def test_exporting_what_transformers_cannot_express_is_an_error(changes, match):
         config_to_hf(cfg)
 
 
-# --- tokenizers ------------------------------------------------------------------------------------
+# --- tokenizers -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "name, kind", [("gpt2", "HFTokenizer"), ("llama", "SentencePieceTokenizer"),
-                   ("t5", "SentencePieceTokenizer")]
-)  # fmt: skip
+    "name, kind",
+    [
+        ("gpt2", "HFTokenizer"),
+        ("llama", "SentencePieceTokenizer"),
+        ("t5", "SentencePieceTokenizer"),
+    ],
+)
 def test_tokenizers_match_transformers(name, kind, tmp_path):
     tok = convert.load_hf_tokenizer(HF / name)
     assert type(tok).__name__ == kind
@@ -389,6 +416,22 @@ def test_tokenizers_match_transformers(name, kind, tmp_path):
     again = convert.load_hf_tokenizer(tok.save(tmp_path / "ours"))
     assert type(again) is type(tok) and again.special_ids == tok.special_ids
     assert again.encode(info["tokenizer"][0]["text"]) == info["tokenizer"][0]["ids"]
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5"])
+def test_text_in_text_out_from_a_hf_folder(models, name):
+    """What `llm-jax sample --hf DIR --prompt ...` does: tokenizer + model + generate."""
+    import llm_jax as lj
+
+    tok = convert.load_hf_tokenizer(HF / name)
+    spec = convert.hf_spec(HF / name)
+    ids = tok.encode("First Citizen:")
+    out = lj.sample.generate(
+        models[name], [ids], max_new_tokens=10, strategy=lj.sample.Greedy(), eos_id=spec.eos_id
+    )
+    generated = out.to_lists()[0]
+    assert 0 < len(generated) <= 10
+    assert isinstance(tok.decode(generated, skip_special_tokens=True), str)
 
 
 def test_tokenizer_special_ids_and_t5_sentinels():
@@ -411,12 +454,14 @@ def test_save_hf_with_tokenizer(models, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (1, 2, 3)
     assert convert.load_hf_tokenizer(out).encode("hello") == tok.encode("hello")
-    t5 = convert.save_hf(models["t5"], tmp_path / "t5", tokenizer=convert.load_hf_tokenizer(HF / "t5"))
+    t5 = convert.save_hf(
+        models["t5"], tmp_path / "t5", tokenizer=convert.load_hf_tokenizer(HF / "t5")
+    )
     assert (t5 / "spiece.model").read_bytes() == (HF / "t5" / "spiece.model").read_bytes()
     assert json.loads((t5 / "tokenizer_config.json").read_text())["extra_ids"] == 28
 
 
-# --- our checkpoints ---------------------------------------------------------------------------------
+# --- our checkpoints ------------------------------------------------------------------------------
 
 
 def test_checkpoint_round_trip_with_tokenizer(models, tmp_path):
@@ -453,6 +498,9 @@ def test_load_checkpoint_reads_training_checkpoints(tmp_path):
     _params_equal(convert.params_of(loaded.model), params)
     model = convert.load_checkpoint(tmp_path / "run" / "checkpoints" / "7", dropout_rate=0.0)
     _params_equal(convert.params_of(model), params)
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        convert.load_checkpoint(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no verified checkpoint"):
         convert.load_checkpoint(tmp_path / "empty")
 

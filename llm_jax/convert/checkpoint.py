@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from llm_jax.checkpoint import CheckpointManager, verify_step_dir
@@ -121,14 +122,21 @@ def _model_config(config: dict[str, Any], where: Path) -> ModelConfig:
 
 
 def _check_saved_shapes(saved: Any, wanted: Any, step_dir: Path) -> None:
-    saved_flat = {jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))
-                  for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}  # fmt: skip
-    wanted_flat = {jax.tree_util.keystr(p): tuple(x.shape)
-                   for p, x in jax.tree_util.tree_flatten_with_path(wanted)[0]}  # fmt: skip
+    saved_flat = {
+        jax.tree_util.keystr(p): tuple(getattr(x, "shape", ()))
+        for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]
+    }
+    wanted_flat = {
+        jax.tree_util.keystr(p): tuple(x.shape)
+        for p, x in jax.tree_util.tree_flatten_with_path(wanted)[0]
+    }
     missing = sorted(set(wanted_flat) - set(saved_flat))
     extra = sorted(set(saved_flat) - set(wanted_flat))
-    wrong = [f"{k}: saved {saved_flat[k]}, model {v}" for k, v in wanted_flat.items()
-             if k in saved_flat and saved_flat[k] != v]  # fmt: skip
+    wrong = [
+        f"{k}: saved {saved_flat[k]}, model {v}"
+        for k, v in wanted_flat.items()
+        if k in saved_flat and saved_flat[k] != v
+    ]
     if missing or extra or wrong:
         raise ValueError(
             f"the parameters in {step_dir} do not fit the model of its config: missing "
@@ -160,8 +168,8 @@ def restore_model(path: str | os.PathLike, **config_overrides: Any) -> LoadedChe
         cfg = cfg.replace(**config_overrides)
     abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     target = {"params": params_of(abstract)}
-    checkpointer = ocp.PyTreeCheckpointer()
-    tree = checkpointer.metadata(step_dir / "state").item_metadata.tree
+    handler = ocp.PyTreeCheckpointHandler()
+    tree = handler.metadata(epath.Path(step_dir / "state")).tree
     if "params" not in tree:
         raise ValueError(
             f"{step_dir}/state has no 'params' (it has {sorted(tree)}); not a model checkpoint."
@@ -172,8 +180,8 @@ def restore_model(path: str | os.PathLike, **config_overrides: Any) -> LoadedChe
         lambda x: ocp.ArrayRestoreArgs(sharding=device, global_shape=x.shape, dtype=x.dtype),
         target,
     )
-    restored = checkpointer.restore(
-        step_dir / "state",
+    restored = handler.restore(
+        epath.Path(step_dir / "state"),
         args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
     )
     model = model_from_params(cfg, restored["params"])

@@ -28,7 +28,13 @@ from llm_jax.convert.hf_config import (
     hf_architecture,
     spec_of,
 )
-from llm_jax.convert.hf_weights import _flatten, normalize_keys, params_from_hf, params_to_hf
+from llm_jax.convert.hf_weights import (
+    flatten_tree,
+    model_type_of,
+    normalize_keys,
+    params_from_hf,
+    params_to_hf,
+)
 from llm_jax.convert.safetensors_io import WEIGHTS_NAME, read_hf_weights, write_safetensors
 from llm_jax.convert.tokenizer import save_hf_tokenizer
 from llm_jax.data.tokenizer import Tokenizer
@@ -61,7 +67,7 @@ def hf_spec(path: str | os.PathLike) -> HFSpec:
 def abstract_params(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Our parameter paths ('/'-joined) -> shapes, without allocating anything."""
     model = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
-    return {k: tuple(v.shape) for k, v in _flatten(params_of(model)).items()}
+    return {k: tuple(v.shape) for k, v in flatten_tree(params_of(model)).items()}
 
 
 def params_of(model: nnx.Module) -> dict[str, Any]:
@@ -77,11 +83,12 @@ def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> nnx.Module:
     """
     abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    want = {k: tuple(v.shape) for k, v in _flatten(nnx.to_pure_dict(state)).items()}
-    have = {k: tuple(np.shape(v)) for k, v in _flatten(params).items()}
+    want = {k: tuple(v.shape) for k, v in flatten_tree(nnx.to_pure_dict(state)).items()}
+    have = {k: tuple(np.shape(v)) for k, v in flatten_tree(params).items()}
     missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    wrong = [f"{k}: {have[k]} != {want[k]}" for k in sorted(set(want) & set(have))
-             if have[k] != want[k]]  # fmt: skip
+    wrong = [
+        f"{k}: {have[k]} != {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]
+    ]
     if missing or extra or wrong:
         raise ValueError(
             f"parameters do not fit the {cfg.family} model of this config: missing "
@@ -167,7 +174,7 @@ def save_hf(
     if spec is None and tok is not None:
         spec = HFSpec(
             arch,
-            cfg.family,
+            model_type_of(cfg),
             bos_id=tok.bos_id,
             eos_ids=() if tok.eos_id is None else (tok.eos_id,),
             pad_id=tok.pad_id if tok.pad_id is not None else (0 if cfg.family == "t5" else None),

@@ -142,9 +142,7 @@ def spec_of(hf: Mapping[str, Any]) -> HFSpec:
 
 
 def _same(weights: Mapping[str, np.ndarray], a: str, b: str) -> bool:
-    return np.array_equal(
-        np.asarray(weights[a], np.float32), np.asarray(weights[b], np.float32)
-    )
+    return np.array_equal(np.asarray(weights[a], np.float32), np.asarray(weights[b], np.float32))
 
 
 # --- import ---------------------------------------------------------------------------------
@@ -234,7 +232,9 @@ def rope_theta_of(hf: Mapping[str, Any]) -> float:
         )
     factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
-        raise _refuse("partial_rotary_factor", factor, "RoPE on part of the head is not implemented.")
+        raise _refuse(
+            "partial_rotary_factor", factor, "RoPE on part of the head is not implemented."
+        )
     return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
 
 
@@ -500,17 +500,20 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
         raise UnsupportedConfigError(
             "ALBERT-style factorized embeddings / shared layers cannot be written as BERT."
         )
-    if cfg.embed_scale:
-        raise UnsupportedConfigError("embed_scale=True has no transformers equivalent here.")
     if cfg.activation not in _HF_ACTIVATION:
         raise UnsupportedConfigError(f"activation {cfg.activation!r} has no transformers name.")
     act = _HF_ACTIVATION[cfg.activation]
     common: dict[str, Any] = {"architectures": [arch], "vocab_size": cfg.vocab_size}
     if cfg.family == "gpt" and cfg.position == "learned":
         _require(
-            cfg, arch, norm="layernorm", norm_position="pre", final_norm=True, gated_mlp=False,
+            cfg,
+            arch,
+            norm="layernorm",
+            norm_position="pre",
+            final_norm=True,
+            gated_mlp=False,
             use_bias=True,
-        )  # fmt: skip
+        )
         _plain_heads(cfg, arch)
         out = {
             **common,
@@ -534,9 +537,15 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
         }
     elif cfg.family == "gpt":
         _require(
-            cfg, arch, position="rope", norm="rmsnorm", norm_position="pre", final_norm=True,
-            gated_mlp=True, attention_scale=True,
-        )  # fmt: skip
+            cfg,
+            arch,
+            position="rope",
+            norm="rmsnorm",
+            norm_position="pre",
+            final_norm=True,
+            gated_mlp=True,
+            attention_scale=True,
+        )
         out = {
             **common,
             "model_type": "llama",
@@ -561,9 +570,16 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
         }
     elif cfg.family == "bert":
         _require(
-            cfg, arch, position="learned", norm="layernorm", norm_position="post",
-            final_norm=False, gated_mlp=False, use_bias=True, attention_scale=True,
-        )  # fmt: skip
+            cfg,
+            arch,
+            position="learned",
+            norm="layernorm",
+            norm_position="post",
+            final_norm=False,
+            gated_mlp=False,
+            use_bias=True,
+            attention_scale=True,
+        )
         _plain_heads(cfg, arch)
         if cfg.type_vocab_size < 1:
             raise UnsupportedConfigError(f"{arch} needs type_vocab_size >= 1.")
@@ -590,9 +606,15 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
             out["label2id"] = {v: int(k) for k, v in labels.items()}
     else:
         _require(
-            cfg, arch, position="relative", norm="rmsnorm", norm_position="pre",
-            final_norm=True, use_bias=False, attention_scale=False,
-        )  # fmt: skip
+            cfg,
+            arch,
+            position="relative",
+            norm="rmsnorm",
+            norm_position="pre",
+            final_norm=True,
+            use_bias=False,
+            attention_scale=False,
+        )
         if cfg.kv_heads != cfg.num_heads:
             raise UnsupportedConfigError(f"{arch} has no grouped-query attention (num_kv_heads).")
         if cfg.gated_mlp:
@@ -626,6 +648,8 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
             "dropout_rate": cfg.dropout_rate,
             "initializer_factor": cfg.initializer_range,
         }
+    if cfg.embed_scale:
+        raise UnsupportedConfigError(f"embed_scale=True has no {arch} equivalent.")
     if cfg.family == "t5":
         defaults = HFSpec(arch, "t5", eos_ids=(1,), pad_id=0, decoder_start_id=0)
     else:

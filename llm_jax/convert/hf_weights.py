@@ -97,7 +97,7 @@ class Link:
 
 def _norm(hf: str, ours: str, bias: bool) -> list[Link]:
     links = [Link(f"{hf}.weight", f"{ours}/scale")]
-    return links + [Link(f"{hf}.bias", f"{ours}/bias")] if bias else links
+    return [*links, Link(f"{hf}.bias", f"{ours}/bias")] if bias else links
 
 
 def _dense(hf: str, ours: str, kind: str, bias: bool, in_dims: int = 1, flat_bias=False):
@@ -120,10 +120,14 @@ def _gpt2_links(cfg: ModelConfig) -> list[Link]:
         *_norm("ln_f", "final_norm", True),
     ]
     for j, name in enumerate("qkv"):
-        links.append(Link("h.{i}.attn.c_attn.weight", f"{blk}/self_attn/{name}/kernel",
-                          "conv1d", part=(j, 3)))  # fmt: skip
-        links.append(Link("h.{i}.attn.c_attn.bias", f"{blk}/self_attn/{name}/bias", "flat",
-                          part=(j, 3)))  # fmt: skip
+        links.append(
+            Link(
+                "h.{i}.attn.c_attn.weight", f"{blk}/self_attn/{name}/kernel", "conv1d", part=(j, 3)
+            )
+        )
+        links.append(
+            Link("h.{i}.attn.c_attn.bias", f"{blk}/self_attn/{name}/bias", "flat", part=(j, 3))
+        )
     if not cfg.tie_embeddings:
         links.append(Link("lm_head.weight", "lm_head/kernel", "linear"))
     return links
@@ -142,8 +146,13 @@ def _llama_links(cfg: ModelConfig) -> list[Link]:
         *_norm("norm", "final_norm", False),
     ]
     for name in "qkv":
-        links += _dense(f"layers.{{i}}.self_attn.{name}_proj", f"{blk}/self_attn/{name}",
-                        "linear", b, flat_bias=True)  # fmt: skip
+        links += _dense(
+            f"layers.{{i}}.self_attn.{name}_proj",
+            f"{blk}/self_attn/{name}",
+            "linear",
+            b,
+            flat_bias=True,
+        )
     if not cfg.tie_embeddings:
         links.append(Link("lm_head.weight", "lm_head/kernel", "linear"))
     return links
@@ -162,8 +171,13 @@ def _bert_links(cfg: ModelConfig) -> list[Link]:
         *_norm(f"{pre}.output.LayerNorm", f"{blk}/mlp_norm", True),
     ]
     for hf_name, name in (("query", "q"), ("key", "k"), ("value", "v")):
-        links += _dense(f"{pre}.attention.self.{hf_name}", f"{blk}/self_attn/{name}", "linear",
-                        True, flat_bias=True)  # fmt: skip
+        links += _dense(
+            f"{pre}.attention.self.{hf_name}",
+            f"{blk}/self_attn/{name}",
+            "linear",
+            True,
+            flat_bias=True,
+        )
     if cfg.type_vocab_size:
         links.append(Link("embeddings.token_type_embeddings.weight", "type_embed"))
     if cfg.use_pooler:
@@ -256,9 +270,11 @@ def _bert_aliases(cfg):
 
 
 def _t5_aliases(cfg):
-    out = [("encoder.embed_tokens.weight", "shared.weight"),
-           ("decoder.embed_tokens.weight", "shared.weight")]  # fmt: skip
-    return out + [("lm_head.weight", "shared.weight")] if cfg.tie_embeddings else out
+    out = [
+        ("encoder.embed_tokens.weight", "shared.weight"),
+        ("decoder.embed_tokens.weight", "shared.weight"),
+    ]
+    return [*out, ("lm_head.weight", "shared.weight")] if cfg.tie_embeddings else out
 
 
 FAMILIES = {
@@ -333,18 +349,20 @@ def normalize_keys(
     return out, origin
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten_tree(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested parameter dict as {'a/b/c': leaf}."""
     out: dict[str, Any] = {}
     for k, v in tree.items():
         path = f"{prefix}{k}"
         if isinstance(v, Mapping):
-            out.update(_flatten(v, path + "/"))
+            out.update(flatten_tree(v, path + "/"))
         else:
             out[path] = v
     return out
 
 
-def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+def unflatten_tree(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The inverse of `flatten_tree`."""
     out: dict[str, Any] = {}
     for path, v in flat.items():
         node = out
@@ -445,7 +463,7 @@ def params_from_hf(
     unfilled = sorted(set(shapes) - set(flat))
     if unfilled:  # a table bug: never hand back a partly random model
         raise AssertionError(f"parameters not covered by the conversion table: {unfilled}")
-    return _unflatten(flat)
+    return unflatten_tree(flat)
 
 
 # --- export ---------------------------------------------------------------------------------
@@ -459,7 +477,7 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.nd
     """
     model_type = model_type_of(cfg)
     family = FAMILIES[model_type]
-    flat = {k: np.asarray(v, np.float32) for k, v in _flatten(params).items()}
+    flat = {k: np.asarray(v, np.float32) for k, v in flatten_tree(params).items()}
     out: dict[str, np.ndarray] = {}
     parts: dict[str, dict[int, np.ndarray]] = {}
     for link in family.links(cfg):

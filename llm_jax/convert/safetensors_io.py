@@ -57,9 +57,11 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     for shard in shards:
         file = root / shard
         if not file.is_file():
-            raise FileNotFoundError(f"{INDEX_NAME} in {str(root)!r} names {shard}, which is missing.")
+            raise FileNotFoundError(
+                f"{INDEX_NAME} in {str(root)!r} names {shard}, which is missing."
+            )
         with safe_open(str(file), framework="numpy") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+            for key in f.keys():
                 if key in out:
                     raise ValueError(f"tensor {key!r} appears in two shards of {str(root)!r}.")
                 out[key] = f.get_tensor(key)

@@ -34,6 +34,7 @@ from llm_jax.sample.decoder import (
     Decoder,
     cache_batch_axes,
     init_cache,
+    loop_form,
     repeat_batch,
     take_batch,
 )
@@ -196,6 +197,7 @@ def run_beam_search(
     beam: Beam = spec.strategy  # type: ignore[assignment]
     k, n = beam.num_beams, spec.max_new_tokens
     b = prompt.tokens.shape[0]
+    decoder = loop_form(decoder)
     encoder_length = None if prompt.encoder_tokens is None else prompt.encoder_tokens.shape[1]
     axes = cache_batch_axes(decoder, spec.cache_length, encoder_length)
 

@@ -22,7 +22,9 @@ decoder with the start token alone.
 
 Optional attributes the engine reads when present: `max_length` (the longest sequence the
 model or its cache can hold, checked before compiling), `vocab_size` (token ids are checked
-against it), `cache_batch_axes` (see `cache_batch_axes`).
+against it), `cache_batch_axes` (see `cache_batch_axes`), and `for_loop()`: an equivalent
+decoder whose parameters are laid out for many calls from one compiled loop (see
+`llm_jax.sample.adapters`); the engine calls it once, before the prefill, outside the loop.
 
 The decoder is passed to `jax.jit` as an argument, so its parameters are traced, not baked
 into the program as constants, and two calls with equal static parts share one compile.
@@ -88,6 +90,12 @@ class FunctionDecoder:
 
     def tokens_to_logits(self, tokens, positions, segment_ids, cache):
         return self.tokens_to_logits_fn(tokens, positions, segment_ids, cache)
+
+
+def loop_form(decoder: Decoder) -> Decoder:
+    """`decoder.for_loop()` when the decoder has one, else the decoder itself."""
+    for_loop = getattr(decoder, "for_loop", None)
+    return decoder if for_loop is None else for_loop()
 
 
 def init_cache(

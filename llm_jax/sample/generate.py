@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax.sample.beam import beam_output_fields, run_beam_search
-from llm_jax.sample.decoder import Decoder
+from llm_jax.sample.decoder import Decoder, loop_form
 from llm_jax.sample.loop import (
     Controls,
     LoopSpec,
@@ -407,6 +407,12 @@ def generate(
     return GenerateOutput(**fields)
 
 
+@functools.partial(jax.jit, static_argnames=("sharding",))
+def _stream_loop_form(decoder: Decoder, sharding: MeshRules | None = None) -> Decoder:
+    with _sharding_context(sharding):
+        return loop_form(decoder)
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "sharding"))
 def _stream_prefill(
     decoder: Decoder,
@@ -482,12 +488,13 @@ def stream(
     sharding = MeshRules.make(mesh, rules)
 
     def tokens() -> Iterator[np.ndarray]:
-        state = _stream_prefill(decoder, prompt, controls, rng, spec, sharding)
+        loop_decoder = _stream_loop_form(decoder, sharding)  # once, not per step
+        state = _stream_prefill(loop_decoder, prompt, controls, rng, spec, sharding)
         running = is_running(spec, state)
         yield np.asarray(state.tokens[:, 0])
         while bool(running):
             step = int(state.step)
-            state, running = _stream_step(decoder, controls, state, spec, sharding)
+            state, running = _stream_step(loop_decoder, controls, state, spec, sharding)
             yield np.asarray(state.tokens[:, step])
 
     return tokens()

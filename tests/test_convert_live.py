@@ -1,0 +1,193 @@
+"""The checks of tests/test_convert.py, live against PyTorch transformers (the `hf` extra).
+
+Fresh random models (another seed than the committed fixtures) are built with
+tests/fixtures/make_hf_fixtures.py; ours must give the same logits and the same greedy and
+4-beam generations; our export must load in transformers' `from_pretrained` and run to the
+same logits, and transformers' `save_pretrained` of it must load back into identical
+parameters. Skipped when torch or transformers is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import llm_jax.convert as convert  # noqa: E402
+from llm_jax.convert.hf_weights import flatten_tree  # noqa: E402
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ALL = ("gpt2", "llama", "llama_tied", "bert", "bert_cls", "t5", "t5_v11")
+GENERATIVE = ("gpt2", "llama", "llama_tied", "t5", "t5_v11")
+SEED = 1
+
+
+def _module(name: str):
+    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+checks = _module("hf_checks")
+make = _module("make_hf_fixtures")
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, shared_data):
+    """Fresh fixtures (seed 1) written by transformers into a temporary folder."""
+    out = tmp_path_factory.mktemp("hf_live")
+    text = (shared_data / "tinyshakespeare.txt").read_text()[: make.TEXT_BYTES]
+    return {name: make.build_fixture(name, out, seed=SEED, text=text) for name in ALL}
+
+
+@pytest.fixture(scope="module")
+def ours(live):
+    return {name: convert.load_hf(path) for name, path in live.items()}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_live_outputs_match(live, ours, name):
+    info, expected = checks.read_expected(live[name])
+    errors = checks.max_errors(checks.our_outputs(ours[name], name, info), expected, info)
+    print(f"{name} (live, transformers {transformers.__version__}): max error {errors}")
+    assert max(errors.values()) < checks.LOGIT_TOL, errors
+
+
+@pytest.mark.parametrize("name", GENERATIVE)
+def test_live_generate_matches(live, ours, name):
+    info, _ = checks.read_expected(live[name])
+    worst = checks.compare_generations(
+        checks.our_generations(ours[name], info["generate"]), info["generate"]
+    )
+    print(f"{name} (live): greedy and 4-beam tokens identical; max beam-score diff {worst:.2e}")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_export_runs_in_transformers_and_round_trips(live, ours, name, tmp_path):
+    """save_hf -> from_pretrained: same outputs and generations; save_pretrained -> load_hf:
+    identical parameters."""
+    model = ours[name]
+    exported = convert.save_hf(model, tmp_path / "exported")
+    arch = convert.read_hf_config(exported)["architectures"][0]
+    hf_model = getattr(transformers, arch).from_pretrained(exported).eval()
+    info, hf_outputs = make.reference_outputs(hf_model, name, seed=SEED)
+    errors = checks.max_errors(checks.our_outputs(model, name, info), hf_outputs, info)
+    print(f"{name}: transformers on our export, max error {errors}")
+    assert max(errors.values()) < checks.LOGIT_TOL, errors
+    if "generate" in info:
+        checks.compare_generations(
+            checks.our_generations(model, info["generate"]), info["generate"]
+        )
+    hf_model.save_pretrained(tmp_path / "resaved")
+    cfg, params = convert.load_hf_params(tmp_path / "resaved")
+    assert cfg == model.cfg
+    mine = flatten_tree(convert.params_of(model))
+    theirs = flatten_tree(params)
+    assert sorted(mine) == sorted(theirs)
+    for key in mine:
+        np.testing.assert_array_equal(np.asarray(mine[key]), theirs[key], err_msg=key)
+
+
+@pytest.mark.parametrize("name", ("gpt2", "llama", "t5"))
+def test_exported_tokenizers_load_in_transformers(live, ours, name, tmp_path):
+    tok = convert.load_hf_tokenizer(live[name])
+    out = convert.save_hf(ours[name], tmp_path / name, tokenizer=tok)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    for text in make.TOKENIZER_STRINGS:
+        assert hf_tok(text, add_special_tokens=False).input_ids == tok.encode(text), text
+    assert hf_tok.eos_token_id == tok.eos_id
+
+
+VARIANTS = {
+    "llama_biases_wide_heads": lambda tf: tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=16,
+            attention_bias=True,
+            mlp_bias=True,
+            initializer_range=0.3,
+        )
+    ),
+    "gpt2_relu_unscaled": lambda tf: tf.GPT2LMHeadModel(
+        tf.GPT2Config(
+            vocab_size=96,
+            n_embd=32,
+            n_layer=2,
+            n_head=2,
+            n_inner=48,
+            n_positions=32,
+            activation_function="relu",
+            scale_attn_weights=False,
+            tie_word_embeddings=False,
+            initializer_range=0.3,
+        )
+    ),
+    "bert_model_gelu_new": lambda tf: tf.BertModel(
+        tf.BertConfig(
+            vocab_size=96,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=48,
+            hidden_act="gelu_new",
+            type_vocab_size=3,
+            initializer_range=0.3,
+        )
+    ),
+    "t5_gated_silu_asymmetric": lambda tf: tf.T5ForConditionalGeneration(
+        tf.T5Config(
+            vocab_size=96,
+            d_model=32,
+            d_kv=16,
+            d_ff=48,
+            num_layers=2,
+            num_decoder_layers=1,
+            num_heads=4,
+            feed_forward_proj="gated-silu",
+        )
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants_match_transformers(variant, tmp_path):
+    """Less common config fields: GQA with one kv head, head_dim != d_model / heads, biases,
+    ReLU / unscaled attention / untied GPT-2, a bare BertModel, gated SiLU and unequal
+    encoder/decoder depths in T5."""
+    torch.manual_seed(0)
+    hf_model = VARIANTS[variant](transformers).eval()
+    hf_model.save_pretrained(tmp_path)
+    model = convert.load_hf(tmp_path)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 7))
+    with torch.no_grad():
+        if variant.startswith("t5"):
+            dec = ids[:, :4]
+            want = hf_model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec))
+            got = model(ids, dec)
+            want = want.logits
+        elif variant.startswith("bert"):
+            types = np.minimum(np.arange(7) // 3, 2)[None].repeat(2, 0)
+            want = hf_model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types))
+            got = model.encode(ids, token_type_ids=types)
+            want = want.last_hidden_state
+        else:
+            want, got = hf_model(input_ids=torch.tensor(ids)).logits, model(ids)
+    error = float(np.abs(np.asarray(got) - want.numpy()).max())
+    print(f"{variant}: max error {error:.2e}")
+    assert error < checks.LOGIT_TOL
+    convert.save_hf(model, tmp_path / "exported")
+    arch = convert.read_hf_config(tmp_path / "exported")["architectures"][0]
+    assert arch == type(hf_model).__name__
