@@ -22,7 +22,10 @@ form holds each stacked leaf as a tuple of its L slices, cut once before the loo
 re-stacks them inside each call with `jnp.stack`; XLA folds the model's static slice of
 that concatenation back to the slice itself, so every step reads the weights in place.
 Layers run unrolled in the loop form (a scan would slice dynamically and copy again).
-The price is one copy of the stacked weights per `generate` call (or per `stream`).
+The price is one copy of the stacked weights per `generate` call (or per `stream`). The
+KV cache gets the same treatment: in the loop form its [L, ...] tensors are carried as
+per-layer tuples, so each step's write is an in-place update of one layer's buffer instead
+of a rebuild of the whole [L, B, S, K, H] cache.
 
 Both adapters pin the cache they return to its logical axes (`CACHE_AXES`) with
 `constrain`: the identity on one device; inside `activation_sharding` (generate's `mesh=`)
@@ -45,10 +48,6 @@ from llm_jax.models.t5 import T5
 from llm_jax.parallel.rules import constrain
 
 
-def constrain_cache(cache: KVCache) -> KVCache:
-    """The cache with every tensor constrained to its logical axes (see `CACHE_AXES`)."""
-    layers = {name: constrain(x, CACHE_AXES[name]) for name, x in cache.layers.items()}
-    return cache.replace(layers=layers, valid=constrain(cache.valid, CACHE_AXES["valid"]))
 
 
 def _is_slices(x: Any) -> bool:
@@ -81,6 +80,33 @@ def _unrolled_graphdef(graphdef: nnx.GraphDef, cfg: ModelConfig, cls: type) -> n
         return graphdef
     unrolled = cfg.replace(scan_layers=False, remat_policy="none")
     return nnx.split(nnx.eval_shape(lambda: cls(unrolled, rngs=nnx.Rngs(0))))[0]
+
+
+def constrain_cache(cache: KVCache) -> KVCache:
+    """The cache with every tensor constrained to its logical axes (see `CACHE_AXES`).
+
+    Loop-form caches hold per-layer tuples; each slice drops the leading `layers` axis.
+    """
+
+    def one(name: str, x: Any) -> Any:
+        if _is_slices(x):
+            return tuple(constrain(a, CACHE_AXES[name][1:]) for a in x)
+        return constrain(x, CACHE_AXES[name])
+
+    layers = {name: one(name, x) for name, x in cache.layers.items()}
+    return cache.replace(layers=layers, valid=constrain(cache.valid, CACHE_AXES["valid"]))
+
+
+def _split_cache(cache: KVCache) -> KVCache:
+    """Loop form: every [L, ...] cache tensor as a tuple of its L per-layer slices."""
+    layers = {name: tuple(x[i] for i in range(x.shape[0])) for name, x in cache.layers.items()}
+    return cache.replace(layers=layers)
+
+
+def _join_cache(cache: KVCache) -> KVCache:
+    """The model's cache again from the loop form (folded away by XLA like the weights)."""
+    layers = {name: jnp.stack(x) if _is_slices(x) else x for name, x in cache.layers.items()}
+    return cache.replace(layers=layers)
 
 
 @struct.dataclass
@@ -122,12 +148,17 @@ class GPTDecoder:
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
         model = _merge(self.graphdef, self.state, self.stacks)
-        return constrain_cache(model.init_cache(batch_size, max_length))
+        return self._out_cache(model.init_cache(batch_size, max_length))
 
     def tokens_to_logits(self, tokens, positions, segment_ids, cache):
         model = _merge(self.graphdef, self.state, self.stacks)
-        logits, cache = model(tokens, positions=positions, segment_ids=segment_ids, cache=cache)
-        return logits.astype(jnp.float32), constrain_cache(cache)
+        logits, cache = model(
+            tokens, positions=positions, segment_ids=segment_ids, cache=_join_cache(cache)
+        )
+        return logits.astype(jnp.float32), self._out_cache(cache)
+
+    def _out_cache(self, cache: KVCache) -> KVCache:
+        return constrain_cache(_split_cache(cache) if self.stacks else cache)
 
 
 @struct.dataclass
@@ -178,14 +209,17 @@ class T5Decoder:
         model = _merge(self.graphdef, self.state, self.stacks)
         encoder_out = model.encode(encoder_tokens, segment_ids=encoder_segment_ids)
         cache = model.init_cache(batch_size, max_length, encoder_out, encoder_segment_ids)
-        return constrain_cache(cache)
+        return self._out_cache(cache)
 
     def tokens_to_logits(self, tokens, positions, segment_ids, cache):
         model = _merge(self.graphdef, self.state, self.stacks)
         logits, cache = model.decode(
-            tokens, positions=positions, segment_ids=segment_ids, cache=cache
+            tokens, positions=positions, segment_ids=segment_ids, cache=_join_cache(cache)
         )
-        return logits.astype(jnp.float32), constrain_cache(cache)
+        return logits.astype(jnp.float32), self._out_cache(cache)
+
+    def _out_cache(self, cache: KVCache) -> KVCache:
+        return constrain_cache(_split_cache(cache) if self.stacks else cache)
 
 
 def as_decoder(model: Any) -> GPTDecoder | T5Decoder:
