@@ -59,6 +59,8 @@ def _split_stacks(state: nnx.State, stacks: tuple[str, ...]) -> dict[str, Any]:
     params = dict(nnx.to_pure_dict(state))
     for name in stacks:
         blocks = jax.tree.map(lambda a: tuple(a[i] for i in range(a.shape[0])), params[name]["blocks"])
+        o = blocks["self_attn"]["o"]
+        o["kernel"] = tuple(jnp.transpose(a, (1, 0, 2)) for a in o["kernel"])
         params[name] = {**params[name], "blocks": blocks}
     return params
 
@@ -69,7 +71,9 @@ def _merge(graphdef: nnx.GraphDef, state: Any, stacks: tuple[str, ...]) -> nnx.M
         return nnx.merge(graphdef, state)
     params = dict(state)
     for name in stacks:
-        blocks = jax.tree.map(jnp.stack, params[name]["blocks"], is_leaf=_is_slices)
+        b = params[name]["blocks"]
+        b = {**b, "self_attn": {**b["self_attn"], "o": {**b["self_attn"]["o"], "kernel": tuple(jnp.transpose(a, (1, 0, 2)) for a in b["self_attn"]["o"]["kernel"])}}}
+        blocks = jax.tree.map(jnp.stack, b, is_leaf=_is_slices)
         params[name] = {**params[name], "blocks": blocks}
     return nnx.merge(graphdef, params)
 
