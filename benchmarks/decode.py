@@ -209,7 +209,10 @@ def first_token_seconds(ours, hf, prompt) -> tuple[float, float]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         hf.generate(
-            ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=2,
+            do_sample=False,
             streamer=streamer,
         )
     return ours_s, streamer.at - t0
@@ -284,8 +287,10 @@ def main() -> int:
         f"floor {floor_ms:.1f} ms/token at batch 1"
     )
     ttft = first_token_seconds(ours_model, hf_model, np.zeros((1, PROMPT_LEN), np.int32) + 464)
-    print(f"first token, cold (stream, greedy, batch 1): llm_jax {ttft[0]:.2f} s (compile "
-          f"included), HF {ttft[1]:.2f} s")
+    print(
+        f"first token, cold (stream, greedy, batch 1): llm_jax {ttft[0]:.2f} s (compile "
+        f"included), HF {ttft[1]:.2f} s"
+    )
 
     rows = [run_case(CASE_TABLE[name], ours_model, hf_model, args.repeats, args.seed)
             for name in args.cases]  # fmt: skip

@@ -5,15 +5,19 @@ directly on the restored model; bad arguments fail with a one-line error before 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import pytest
 
+import llm_jax as lj
 import llm_jax.sample as sample
 from llm_jax.cli import main
 from llm_jax.sample.checkpoint import load_checkpoint
 from llm_jax.train.config import config_from_dict
 from llm_jax.train.loop import train
 
+HF_GPT2 = Path(__file__).parent / "fixtures" / "hf" / "gpt2"
 PROMPT = "ROMEO:"
 N = 24
 CONFIG = {
@@ -91,7 +95,7 @@ def text(loaded, ids):
 
 def test_loads_latest_step_with_tokenizer(loaded, workdir):
     assert loaded.step == 6
-    assert loaded.checkpoint_dir == workdir / "checkpoints"
+    assert loaded.source == workdir / "checkpoints" / "6"
     assert loaded.tokenizer.model_type == "char"
     assert loaded.model.cfg.num_layers == 1
 
@@ -135,6 +139,21 @@ def test_beam_prints_every_finished_beam(capsys, workdir, loaded):
     assert out == expected
 
 
+def test_hf_folder_greedy_equals_generate(capsys):
+    code, out, err = run_cli(
+        capsys, "--hf", str(HF_GPT2), "--prompt", "Hello world", "--max-new-tokens", str(N)
+    )
+    assert code == 0, err
+    assert "Hugging Face model" in err
+    model, tokenizer = lj.convert.load_hf(HF_GPT2), lj.convert.load_hf_tokenizer(HF_GPT2)
+    ids = tokenizer.encode("Hello world", add_special_tokens=True)
+    result = sample.generate(
+        model, [ids], max_new_tokens=N, eos_id=tokenizer.special_ids.get("eos")
+    )
+    expected = tokenizer.decode(result.to_lists()[0], skip_special_tokens=True)
+    assert out == "Hello world" + expected + "\n"
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -145,6 +164,8 @@ def test_beam_prints_every_finished_beam(capsys, workdir, loaded):
         (["--checkpoint", "{run}", "--max-new-tokens", "60"], "lower --max-new-tokens to"),
         (["--checkpoint", "{run}", "--strategy", "greedy", "--top-p", "0.9"], "--top-p apply"),
         (["--checkpoint", "{run}", "--temperature", "-1"], "temperature must be >= 0"),
+        (["--hf", "{root}/missing"], "is not a folder"),
+        (["--hf", str(HF_GPT2), "--step", "3"], "--step applies to --checkpoint"),
     ],
 )
 def test_errors_are_one_line_and_name_the_fix(capsys, workdir, args, message):

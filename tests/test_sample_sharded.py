@@ -47,7 +47,12 @@ def both(name, **kwargs):
     single, sharded = models(name)
     one = sample.generate(single, PROMPTS, max_new_tokens=N, return_log_probs=True, **kwargs)
     many = sample.generate(
-        sharded, PROMPTS, max_new_tokens=N, return_log_probs=True, mesh=mesh(), rules=RULES,
+        sharded,
+        PROMPTS,
+        max_new_tokens=N,
+        return_log_probs=True,
+        mesh=mesh(),
+        rules=RULES,
         **kwargs,
     )
     return one, many

@@ -45,6 +45,25 @@ def param(
     return nnx.Param(init, out_sharding=axes, eager_sharding=False)
 
 
+def kernel_einsum(equation: str, x: Array, kernel: Array) -> Array:
+    """`jnp.einsum(equation, x, kernel)` for an 'in,kernel->out' equation without batch axes,
+    contracting several axes in the kernel's order.
+
+    `jnp.einsum` contracts in alphabetical order of the letters, so 'BTNH,NHD->BTD' becomes
+    a dot over (H, N), and XLA:CPU then transposes the whole [N, H, D] kernel (and x) on
+    every call; in the kernel's own order both are contracted in place.
+    """
+    ins, out = equation.split("->")
+    lhs, rhs = ins.split(",")
+    contract = [c for c in rhs if c in lhs and c not in out]
+    if len(contract) < 2 or any(c in lhs and c in out for c in rhs):
+        return jnp.einsum(equation, x, kernel)
+    dims = ([lhs.index(c) for c in contract], [rhs.index(c) for c in contract])
+    y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
+    got = [c for c in lhs if c not in contract] + [c for c in rhs if c not in contract]
+    return y if got == list(out) else jnp.transpose(y, [got.index(c) for c in out])
+
+
 class Einsum(nnx.Module):
     """A linear map written as an einsum, e.g. 'BTD,DNH->BTNH', with an optional bias.
 
@@ -71,7 +90,7 @@ class Einsum(nnx.Module):
         self.bias = param(None, bias_shape, bias_axes, dtype=param_dtype) if bias_shape else None
 
     def __call__(self, x: Array) -> Array:
-        y = jnp.einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        y = kernel_einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y

@@ -48,19 +48,19 @@ from llm_jax.models.t5 import T5
 from llm_jax.parallel.rules import constrain
 
 
-
-
 def _is_slices(x: Any) -> bool:
     return isinstance(x, tuple)
+
+
+def _layer_slices(x: jax.Array) -> tuple[jax.Array, ...]:
+    return tuple(x[i] for i in range(x.shape[0]))
 
 
 def _split_stacks(state: nnx.State, stacks: tuple[str, ...]) -> dict[str, Any]:
     """A pure parameter dict whose `<stack>/blocks` leaves [L, ...] become L-tuples."""
     params = dict(nnx.to_pure_dict(state))
     for name in stacks:
-        blocks = jax.tree.map(lambda a: tuple(a[i] for i in range(a.shape[0])), params[name]["blocks"])
-        o = blocks["self_attn"]["o"]
-        o["kernel"] = tuple(jnp.transpose(a, (1, 0, 2)) for a in o["kernel"])
+        blocks = jax.tree.map(_layer_slices, params[name]["blocks"])
         params[name] = {**params[name], "blocks": blocks}
     return params
 
@@ -71,9 +71,7 @@ def _merge(graphdef: nnx.GraphDef, state: Any, stacks: tuple[str, ...]) -> nnx.M
         return nnx.merge(graphdef, state)
     params = dict(state)
     for name in stacks:
-        b = params[name]["blocks"]
-        b = {**b, "self_attn": {**b["self_attn"], "o": {**b["self_attn"]["o"], "kernel": tuple(jnp.transpose(a, (1, 0, 2)) for a in b["self_attn"]["o"]["kernel"])}}}
-        blocks = jax.tree.map(jnp.stack, b, is_leaf=_is_slices)
+        blocks = jax.tree.map(jnp.stack, params[name]["blocks"], is_leaf=_is_slices)
         params[name] = {**params[name], "blocks": blocks}
     return nnx.merge(graphdef, params)
 
@@ -103,7 +101,7 @@ def constrain_cache(cache: KVCache) -> KVCache:
 
 def _split_cache(cache: KVCache) -> KVCache:
     """Loop form: every [L, ...] cache tensor as a tuple of its L per-layer slices."""
-    layers = {name: tuple(x[i] for i in range(x.shape[0])) for name, x in cache.layers.items()}
+    layers = {name: _layer_slices(x) for name, x in cache.layers.items()}
     return cache.replace(layers=layers)
 
 

@@ -1,4 +1,4 @@
-"""Loading a trained model for decoding from an `llm-jax train` workdir.
+"""Finding and loading a model to decode from: our checkpoints and Hugging Face folders.
 
 A training workdir looks like
 
@@ -8,45 +8,46 @@ A training workdir looks like
     <workdir>/checkpoints/<step>/         one `CheckpointManager` step: state/ (a
                                           `TrainState`), config/, tokenizer/, manifest
 
-`load_checkpoint` accepts the workdir, its `checkpoints/` folder or one step folder. The
-restore target is the abstract `TrainState` of the run's own model and optimizer (built by
-`Trainer` on a one-device mesh without compiling anything), because the checkpoint manager
-restores whole, verified trees; only the parameters are kept.
+and `llm-jax convert --from-hf DIR --to CKPT` writes `CKPT/0/` with the same items (state
+`{"params": ...}`). `load_checkpoint` accepts a workdir, its `checkpoints/` folder, a
+converted checkpoint folder or one step folder, picks the step (the latest that verifies,
+or the one asked for) and restores only the parameters through `lj.convert.restore_model`
+(an orbax partial restore: the optimizer state is never read).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-import jax
 from flax import nnx
 
-from llm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from llm_jax.data.tokenizer import Tokenizer
 
 RUN_CONFIG = "config.json"
 CHECKPOINTS = "checkpoints"
+TOKENIZER = "tokenizer"
 
 
 @dataclasses.dataclass(frozen=True)
 class LoadedCheckpoint:
-    """A model restored from a training checkpoint, ready for `generate`.
+    """A model ready for `generate`, with its tokenizer.
 
     Attributes:
-      model: the GPT or T5 model with the checkpoint's parameters.
-      tokenizer: the tokenizer saved with the step (or the workdir's).
-      step: the training step restored.
-      run_config: the resolved run config (sections model, data, train, optimizer, ...).
-      checkpoint_dir: the `checkpoints/` folder the step came from.
+      model: the GPT or T5 model.
+      tokenizer: the tokenizer saved with the step (or the workdir's, or the HF folder's).
+      step: the checkpoint step restored; None for a Hugging Face folder.
+      run_config: the saved config: a training run's resolved config (sections model,
+        data, train, ...), `{"model": ...}` for a converted checkpoint, {} for HF.
+      source: the step folder or Hugging Face folder the model came from.
     """
 
     model: nnx.Module
     tokenizer: Tokenizer
-    step: int
+    step: int | None
     run_config: dict[str, Any]
-    checkpoint_dir: Path
+    source: Path
 
 
 def _is_step_dir(path: Path) -> bool:
@@ -58,7 +59,7 @@ def _has_steps(path: Path) -> bool:
 
 
 def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
-    """The `checkpoints/` folder behind `path` and the step it names (a step folder), if any.
+    """The folder of numbered steps behind `path`, and the step it names (a step folder).
 
     Raises:
       FileNotFoundError: `path` does not exist or holds no checkpoint step.
@@ -78,31 +79,47 @@ def resolve_checkpoint_dir(path: str | Path) -> tuple[Path, int | None]:
     if not _has_steps(path):
         raise FileNotFoundError(
             f"no checkpoint in {path}: expected step folders like {path}/100/state written by "
-            "`llm-jax train`; train first (checkpoints are saved every train.checkpoint_every "
-            "steps and at the end)."
+            "`llm-jax train` (or `llm-jax convert --to`); train first (checkpoints are saved "
+            "every train.checkpoint_every steps and at the end)."
         )
     return path, None
 
 
-def _read_run_config(checkpoint_dir: Path, step: int) -> dict[str, Any]:
-    """The run config saved with `step` (falling back to the workdir's config.json)."""
-    candidates = [checkpoint_dir / str(step) / "config" / "metadata", checkpoint_dir.parent / RUN_CONFIG]
-    for candidate in candidates:
-        if candidate.is_file():
-            config = json.loads(candidate.read_text(encoding="utf-8"))
-            if isinstance(config, dict) and isinstance(config.get("model"), dict):
-                return config
-    raise FileNotFoundError(
-        f"no run config for checkpoint step {step} in {checkpoint_dir}: looked for "
-        f"{', '.join(str(c) for c in candidates)}; the workdir must come from `llm-jax train`."
-    )
+def _pick_step(checkpoint_dir: Path, step: int | None) -> int:
+    from llm_jax.checkpoint import CheckpointManager
+
+    with CheckpointManager(checkpoint_dir) as manager:
+        steps = manager.all_steps()
+        if step is None:
+            step = manager.latest_step()
+            if step is None:
+                raise FileNotFoundError(
+                    f"no complete checkpoint in {checkpoint_dir} (steps found: {steps}); "
+                    "wait for the run to save one or train again."
+                )
+        elif step not in steps:
+            raise ValueError(
+                f"no checkpoint step {step} in {checkpoint_dir}; it has steps {steps} "
+                "(leave --step out for the latest)."
+            )
+    return step
+
+
+def _check_generates(model: nnx.Module, where: Path) -> None:
+    family = model.cfg.family
+    if family not in ("gpt", "t5"):
+        raise ValueError(
+            f"{where} holds a {family} model, an encoder that does not generate text; "
+            "sample from a gpt or t5 model."
+        )
 
 
 def load_checkpoint(path: str | Path, step: int | None = None) -> LoadedCheckpoint:
-    """Restores the model parameters and tokenizer of a training checkpoint.
+    """Restores the parameters and tokenizer of one of our checkpoints.
 
     Args:
-      path: a training workdir, its `checkpoints/` folder, or one step folder in it.
+      path: a training workdir, its `checkpoints/` folder, a converted checkpoint folder,
+        or one step folder.
       step: the step to restore; None takes the step folder named by `path`, else the
         latest step that passes verification.
 
@@ -110,61 +127,51 @@ def load_checkpoint(path: str | Path, step: int | None = None) -> LoadedCheckpoi
       A `LoadedCheckpoint` whose model lives on the first device.
 
     Raises:
-      FileNotFoundError: no such folder, no checkpoint, no run config or no tokenizer.
+      FileNotFoundError: no such folder, no checkpoint or no tokenizer.
       ValueError: the step does not exist or fails verification, or the model is an
         encoder (BERT) that cannot generate.
     """
-    # Imported here: training pulls in optax and the data pipeline, which `generate` alone
-    # does not need.
-    from llm_jax.checkpoint import CheckpointManager
-    from llm_jax.models.config import ModelConfig
-    from llm_jax.parallel.mesh import MeshConfig, make_mesh
-    from llm_jax.train.optimizer import OptimizerConfig
-    from llm_jax.train.trainer import Trainer
+    from llm_jax.convert import load_hf_tokenizer, restore_model
 
     checkpoint_dir, named_step = resolve_checkpoint_dir(path)
-    step = named_step if step is None else step
-    with CheckpointManager(checkpoint_dir) as manager:
-        if step is None:
-            step = manager.latest_step()
-            if step is None:
-                raise FileNotFoundError(
-                    f"no complete checkpoint in {checkpoint_dir} (steps found: "
-                    f"{manager.all_steps()}); wait for the run to save one or train again."
-                )
-        elif step not in manager.all_steps():
-            raise ValueError(
-                f"no checkpoint step {step} in {checkpoint_dir}; it has steps "
-                f"{manager.all_steps()} (leave --step out for the latest)."
-            )
-        run_config = _read_run_config(checkpoint_dir, step)
-        model_config = ModelConfig.from_dict(run_config["model"])
-        if model_config.family not in ("gpt", "t5"):
-            raise ValueError(
-                f"checkpoint {checkpoint_dir} holds a {model_config.family} model, an encoder "
-                "that does not generate text; sample from a gpt or t5 run."
-            )
-        trainer = Trainer(
-            model_config,
-            OptimizerConfig(**run_config.get("optimizer", {})),
-            make_mesh(MeshConfig(), jax.devices()[:1]),
-            total_steps=int(run_config.get("train", {}).get("steps", 1)),
-            objective=run_config.get("data", {}).get("objective", "clm"),
-        )
-        restored = manager.restore(trainer.abstract_state, step=step)
-        tokenizer_dir = restored.tokenizer_dir
-    if tokenizer_dir is None or not Path(tokenizer_dir).is_dir():
-        tokenizer_dir = checkpoint_dir.parent / "tokenizer"
-    if not Path(tokenizer_dir).is_dir():
+    step = _pick_step(checkpoint_dir, named_step if step is None else step)
+    step_dir = checkpoint_dir / str(step)
+    restored = restore_model(step_dir)
+    _check_generates(restored.model, step_dir)
+    candidates = [restored.tokenizer_dir, checkpoint_dir.parent / TOKENIZER]
+    tokenizer_dir = next((d for d in candidates if d is not None and Path(d).is_dir()), None)
+    if tokenizer_dir is None:
         raise FileNotFoundError(
             f"checkpoint step {step} in {checkpoint_dir} has no tokenizer and neither does "
-            f"{checkpoint_dir.parent}; copy the run's tokenizer folder to {tokenizer_dir}."
+            f"{checkpoint_dir.parent}; copy the run's tokenizer folder to "
+            f"{checkpoint_dir.parent / TOKENIZER}."
         )
-    model = nnx.merge(trainer.graphdef, restored.state.params)
     return LoadedCheckpoint(
-        model=model,
-        tokenizer=load_tokenizer(tokenizer_dir),
-        step=restored.step,
-        run_config=run_config,
-        checkpoint_dir=checkpoint_dir,
+        model=restored.model,
+        tokenizer=load_hf_tokenizer(tokenizer_dir),
+        step=step,
+        run_config=restored.config,
+        source=step_dir,
+    )
+
+
+def load_hf_folder(path: str | Path) -> LoadedCheckpoint:
+    """A Hugging Face model folder (config.json + safetensors + tokenizer files).
+
+    Raises:
+      FileNotFoundError: no such folder, or no weights / tokenizer in it.
+      ValueError: an unsupported architecture, or an encoder that cannot generate.
+    """
+    from llm_jax.convert import load_hf, load_hf_tokenizer
+
+    source = Path(path).expanduser().absolute()
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"{source} is not a folder; pass a Hugging Face model folder (config.json, "
+            "model.safetensors and the tokenizer files), e.g. one saved by save_pretrained."
+        )
+    model = load_hf(source)
+    _check_generates(model, source)
+    return LoadedCheckpoint(
+        model=model, tokenizer=load_hf_tokenizer(source), step=None, run_config={}, source=source
     )

@@ -4,6 +4,7 @@
     llm-jax sample --checkpoint runs/tiny --prompt "import " --strategy sample \
         --temperature 0.8 --top-p 0.95 --seed 1
     llm-jax sample --checkpoint runs/tiny --prompt "class " --strategy beam --num-beams 4
+    llm-jax sample --hf path/to/gpt2 --prompt "Hello, I'm a language model,"
 
 Greedy and sampled text is streamed to stdout as it is generated (the prompt first, for a
 decoder-only model); beam search prints every finished beam, best first, with its score.
@@ -85,15 +86,25 @@ class TextStream:
 
 
 def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_decoder: bool):
-    """The prompt's token ids as the model saw text in training (BOS / EOS as configured)."""
-    data = run_config.get("data", {})
-    ids = list(tokenizer.encode(prompt))
+    """The prompt's token ids, framed as the model saw text in training.
+
+    A training run's data config says it: BOS first (decoder-only, `data.add_bos`), EOS
+    last (encoder inputs, `data.add_eos`). Without one (Hugging Face and converted models)
+    the tokenizer's own framing is used when it has one (`add_special_tokens=True`, e.g.
+    LLaMA's BOS, T5's EOS, none for GPT-2), else the same BOS / EOS rule.
+    """
+    data = run_config.get("data")
     bos, eos = tokenizer.special_ids.get("bos"), tokenizer.special_ids.get("eos")
-    if encoder_decoder:
-        if data.get("add_eos", True) and eos is not None:
-            ids = ids + [eos]  # encoder inputs end with EOS
-    elif data.get("add_bos", True) and bos is not None:
-        ids = [bos] + ids  # documents start with BOS
+    if data is None and hasattr(tokenizer, "save_hf"):  # a Hugging Face tokenizer
+        ids = list(tokenizer.encode(prompt, add_special_tokens=True))
+    else:
+        data = data or {}
+        ids = list(tokenizer.encode(prompt))
+        if encoder_decoder:
+            if data.get("add_eos", True) and eos is not None:
+                ids = [*ids, eos]
+        elif data.get("add_bos", True) and bos is not None:
+            ids = [bos, *ids]
     if not ids:
         raise ValueError(
             "--prompt encodes to no tokens and the tokenizer has no BOS token to start from; "
@@ -128,9 +139,14 @@ def _sample(args: argparse.Namespace) -> int:
 
     import llm_jax.sample as sample
     from llm_jax.models import count_params
-    from llm_jax.sample.checkpoint import load_checkpoint
+    from llm_jax.sample.checkpoint import load_checkpoint, load_hf_folder
 
-    loaded = load_checkpoint(args.checkpoint, step=args.step)
+    if args.hf is not None:
+        if args.step is not None:
+            raise ValueError("--step applies to --checkpoint, not to --hf folders.")
+        loaded = load_hf_folder(args.hf)
+    else:
+        loaded = load_checkpoint(args.checkpoint, step=args.step)
     model, tokenizer = loaded.model, loaded.tokenizer
     decoder = sample.as_decoder(model)
     encoder_decoder = getattr(decoder, "is_encoder_decoder", False)
@@ -141,8 +157,9 @@ def _sample(args: argparse.Namespace) -> int:
         _check_length(1, args.max_new_tokens, limit)
     else:
         _check_length(len(ids), args.max_new_tokens, limit)
+    what = "Hugging Face model" if loaded.step is None else f"step {loaded.step}"
     print(
-        f"loaded step {loaded.step} from {loaded.checkpoint_dir} ({model.cfg.family}, "
+        f"loaded {what} from {loaded.source} ({model.cfg.family}, "
         f"{count_params(model):,} parameters)",
         file=sys.stderr,
     )
@@ -180,11 +197,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "streams to stdout; beam search prints every finished beam. The strategy defaults to "
         "the one the flags imply (greedy without any).",
     )
-    p.add_argument(
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
         "--checkpoint",
         metavar="DIR",
-        required=True,
-        help="a training workdir (or its checkpoints/ folder, or one step folder)",
+        help="a training workdir (or its checkpoints/ folder, one step folder, or a "
+        "checkpoint written by `llm-jax convert --to`)",
+    )
+    source.add_argument(
+        "--hf",
+        metavar="DIR",
+        help="a Hugging Face model folder (config.json, safetensors, tokenizer files)",
     )
     p.add_argument("--prompt", required=True, help="the text to continue (T5: the input)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
