@@ -94,7 +94,7 @@ def test_sharded_sampling_and_stream_equal_one_device():
 def test_cache_is_split_over_batch_and_kv_heads():
     """The prefilled cache (the while-loop carry) follows CACHE_AXES under fsdp_tp."""
     _, sharded = models("gpt2-tiny")
-    decoder, prompt, controls, rng, spec = generate_module._prepare(
+    decoder, prompt, controls, rng, spec = generate_module._check_and_pad(
         sharded,
         PROMPTS,
         max_new_tokens=N,
@@ -114,6 +114,20 @@ def test_cache_is_split_over_batch_and_kv_heads():
     assert state.cache.layers["v"].sharding.is_equivalent_to(batch_heads, 5)
     batch = NamedSharding(mesh(), PartitionSpec(("data", "fsdp")))
     assert state.cache.valid.sharding.is_equivalent_to(batch, 2)
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_prepared_decoder_equals_the_model(sharded):
+    """`prepare` (the loop form, cut once) decodes exactly like the model itself."""
+    model = models("gpt2-tiny")[int(sharded)]
+    where = dict(mesh=mesh(), rules=RULES) if sharded else {}
+    prepared = sample.prepare(model, **where)
+    for strategy in (sample.Greedy(), sample.Beam(num_beams=2)):
+        kwargs = dict(max_new_tokens=N, strategy=strategy, return_log_probs=True, **where)
+        a = sample.generate(model, PROMPTS, **kwargs)
+        b = sample.generate(prepared, PROMPTS, **kwargs)
+        np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+        np.testing.assert_array_equal(np.asarray(b.log_probs), np.asarray(a.log_probs))
 
 
 def test_mesh_and_rules_come_together():

@@ -8,7 +8,8 @@ The engine (`loop`, `beam`) is model-independent: it drives a `Decoder`, i.e. an
 `init_cache(batch_size, max_length)` and `tokens_to_logits(tokens, positions, segment_ids,
 cache) -> (logits, cache)`; see `llm_jax.sample.decoder` for the contract. `generate`
 accepts the project's GPT and T5 models directly through `llm_jax.sample.adapters`
-(imported on first use, so the engine itself imports no model).
+(imported on first use, so the engine itself imports no model); `prepare(model)` gives the
+decoder once, laid out for decoding, for many calls.
 """
 
 from llm_jax.sample.beam import BeamState, gather_beams
@@ -18,6 +19,7 @@ from llm_jax.sample.generate import (
     as_decoder,
     bucket_length,
     generate,
+    prepare,
     stream,
 )
 from llm_jax.sample.loop import SamplingState
@@ -39,5 +41,6 @@ __all__ = [
     "filter_logits",
     "gather_beams",
     "generate",
+    "prepare",
     "stream",
 ]
