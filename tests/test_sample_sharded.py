@@ -1,6 +1,7 @@
 """Sharded decoding: parameters split over a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU
 devices with the `fsdp_tp` rules decode to the same tokens as one device, with log-probs
-and beam scores within 1e-5, and the KV cache is split over batch and KV heads.
+and beam scores within 1e-5, and the KV cache is split over batch and KV heads. Also the
+decoders' loop form (`prepare`, scanned layers) against the model as it is.
 """
 
 from __future__ import annotations
@@ -116,18 +117,30 @@ def test_cache_is_split_over_batch_and_kv_heads():
     assert state.cache.valid.sharding.is_equivalent_to(batch, 2)
 
 
-@pytest.mark.parametrize("sharded", [False, True])
-def test_prepared_decoder_equals_the_model(sharded):
+@pytest.mark.parametrize(
+    "sharded, strategy", [(False, sample.Greedy()), (True, sample.Beam(num_beams=2))]
+)
+def test_prepared_decoder_equals_the_model(sharded, strategy):
     """`prepare` (the loop form, cut once) decodes exactly like the model itself."""
     model = models("gpt2-tiny")[int(sharded)]
     where = dict(mesh=mesh(), rules=RULES) if sharded else {}
     prepared = sample.prepare(model, **where)
-    for strategy in (sample.Greedy(), sample.Beam(num_beams=2)):
-        kwargs = dict(max_new_tokens=N, strategy=strategy, return_log_probs=True, **where)
-        a = sample.generate(model, PROMPTS, **kwargs)
-        b = sample.generate(prepared, PROMPTS, **kwargs)
-        np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
-        np.testing.assert_array_equal(np.asarray(b.log_probs), np.asarray(a.log_probs))
+    kwargs = dict(max_new_tokens=N, strategy=strategy, return_log_probs=True, **where)
+    a = sample.generate(model, PROMPTS, **kwargs)
+    b = sample.generate(prepared, PROMPTS, **kwargs)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    np.testing.assert_array_equal(np.asarray(b.log_probs), np.asarray(a.log_probs))
+
+
+def test_loop_form_of_scanned_layers_equals_unrolled():
+    """A scan_layers / remat model decodes through the same unrolled loop form."""
+    cfg = lj.ModelConfig.preset("gpt2-tiny")
+    plain = lj.models.GPT(cfg, rngs=nnx.Rngs(0))
+    scanned = lj.models.GPT(cfg.replace(scan_layers=True, remat_policy="full"), rngs=nnx.Rngs(0))
+    a = sample.generate(plain, PROMPTS, max_new_tokens=N, return_log_probs=True)
+    b = sample.generate(scanned, PROMPTS, max_new_tokens=N, return_log_probs=True)
+    np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
+    np.testing.assert_array_equal(np.asarray(b.log_probs), np.asarray(a.log_probs))
 
 
 def test_mesh_and_rules_come_together():
