@@ -29,6 +29,10 @@ generated tokens of the returned sequences (batch x new tokens; beams are not co
 "first token" is the cold time to the first generated token through the streaming path
 (llm_jax `stream`, compile included; HF `generate(streamer=...)`).
 
+For context it also prints the speed of both libraries' matmul kernels on the decode
+shapes, x[M, 768] @ W[768, 3072] for M = 1, 4, 8 (batch 1, 4 beams, batch 8): both sides
+of every case spend most of their time there.
+
 The floor: decoding one token at batch 1 must read every weight once (all parameters
 except the position table, of which one row is read). Its time is weight bytes / memory
 bandwidth, with the bandwidth of a large fp32 matrix-vector product measured in the same

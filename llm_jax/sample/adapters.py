@@ -131,6 +131,10 @@ class GPTDecoder:
         graphdef, state = nnx.split(model)
         return cls(graphdef=graphdef, state=state, cfg=model.cfg)
 
+    @property
+    def in_loop_form(self) -> bool:
+        return bool(self.stacks)
+
     def for_loop(self) -> GPTDecoder:
         """The same decoder with per-layer weight slices cut once (see the module doc)."""
         if self.stacks:
@@ -185,6 +189,10 @@ class T5Decoder:
         """`decoder_start_id`: the first decoder input (T5 uses the pad id, 0)."""
         graphdef, state = nnx.split(model)
         return cls(graphdef, state, model.cfg, decoder_start_id=decoder_start_id)
+
+    @property
+    def in_loop_form(self) -> bool:
+        return bool(self.stacks)
 
     def for_loop(self) -> T5Decoder:
         """The same decoder with per-layer weight slices cut once (see the module doc)."""

@@ -25,6 +25,7 @@ model or its cache can hold, checked before compiling), `vocab_size` (token ids 
 against it), `cache_batch_axes` (see `cache_batch_axes`), and `for_loop()`: an equivalent
 decoder whose parameters are laid out for many calls from one compiled loop (see
 `llm_jax.sample.adapters`); the engine calls it once, before the prefill, outside the loop.
+A decoder already in that form says so with `in_loop_form = True`.
 
 The decoder is passed to `jax.jit` as an argument, so its parameters are traced, not baked
 into the program as constants, and two calls with equal static parts share one compile.
@@ -92,10 +93,14 @@ class FunctionDecoder:
         return self.tokens_to_logits_fn(tokens, positions, segment_ids, cache)
 
 
+def has_loop_form(decoder: Decoder) -> bool:
+    """Whether `loop_form` would change the decoder."""
+    return hasattr(decoder, "for_loop") and not getattr(decoder, "in_loop_form", False)
+
+
 def loop_form(decoder: Decoder) -> Decoder:
     """`decoder.for_loop()` when the decoder has one, else the decoder itself."""
-    for_loop = getattr(decoder, "for_loop", None)
-    return decoder if for_loop is None else for_loop()
+    return decoder.for_loop() if has_loop_form(decoder) else decoder
 
 
 def init_cache(

@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax.sample.beam import beam_output_fields, run_beam_search
-from llm_jax.sample.decoder import Decoder, loop_form
+from llm_jax.sample.decoder import Decoder, has_loop_form, loop_form
 from llm_jax.sample.loop import (
     Controls,
     LoopSpec,
@@ -413,6 +413,12 @@ def _loop_form_jit(decoder: Decoder, sharding: MeshRules | None = None) -> Decod
         return loop_form(decoder)
 
 
+def _in_loop_form(decoder: Decoder, sharding: MeshRules | None) -> Decoder:
+    """The decoder in loop form, computed once on the device (the decoder if it already is:
+    a jit would copy its arrays)."""
+    return _loop_form_jit(decoder, sharding) if has_loop_form(decoder) else decoder
+
+
 def prepare(
     model: Any, *, mesh: Mesh | None = None, rules: str | dict[str, Any] | None = None
 ) -> Decoder:
@@ -432,7 +438,7 @@ def prepare(
     Returns:
       A `Decoder` that `generate` and `stream` accept in place of `model`.
     """
-    return _loop_form_jit(as_decoder(model), MeshRules.make(mesh, rules))
+    return _in_loop_form(as_decoder(model), MeshRules.make(mesh, rules))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "sharding"))
@@ -510,7 +516,7 @@ def stream(
     sharding = MeshRules.make(mesh, rules)
 
     def tokens() -> Iterator[np.ndarray]:
-        loop_decoder = _loop_form_jit(decoder, sharding)  # once, not per step
+        loop_decoder = _in_loop_form(decoder, sharding)  # once, not per step
         state = _stream_prefill(loop_decoder, prompt, controls, rng, spec, sharding)
         running = is_running(spec, state)
         yield np.asarray(state.tokens[:, 0])
