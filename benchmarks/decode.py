@@ -307,6 +307,53 @@ def gemm_rates(repeats: int = 10) -> dict[str, dict[int, float]]:
     return out
 
 
+def weight_pass_ms(repeats: int = 10) -> dict[str, float]:
+    """Milliseconds of one batch-1 token's weight matvecs alone, XLA and torch.
+
+    GPT-2 small's per-token dependency chain, in order: per layer x @ W for W = qkv
+    [768, 2304], out [768, 768], fc [768, 3072], proj [3072, 768]; then the tied head,
+    x @ wte^T with wte [50257, 768] as stored. Each product needs the previous one's output
+    (sliced or zero-padded to 768 or 3072 columns), as in decoding, so no two run at once.
+    Nothing else a decoder does (norms, attention, sampling) is counted: a decoder built on
+    these kernels cannot beat this time.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import torch
+
+    rng = np.random.default_rng(0)
+    shapes = [(768, 2304), (768, 768), (768, 3072), (3072, 768)] * 12
+    ws = [rng.standard_normal(s, dtype=np.float32) * 0.02 for s in shapes]
+    head = rng.standard_normal((50257, 768), dtype=np.float32) * 0.02
+
+    def chain(mm, ws, head, x, fit):
+        for w in ws:
+            x = mm(fit(x, w.shape[0]), w)
+        return mm(fit(x, 768), head.T)
+
+    def fit_jax(y, k):
+        return y[:, :k] if y.shape[1] >= k else jnp.pad(y, ((0, 0), (0, k - y.shape[1])))
+
+    def fit_torch(y, k):
+        return y[:, :k] if y.shape[1] >= k else torch.nn.functional.pad(y, (0, k - y.shape[1]))
+
+    jws, jhead = [jnp.asarray(w) for w in ws], jnp.asarray(head)
+    xla = jax.jit(lambda ws, head, x: chain(jnp.matmul, ws, head, x, fit_jax))
+    tws, thead = [torch.from_numpy(w) for w in ws], torch.from_numpy(head)
+    x_jax, x_t = jnp.ones((1, 768), jnp.float32), torch.ones(1, 768)
+    calls = {
+        "xla": lambda: xla(jws, jhead, x_jax).block_until_ready(),
+        "torch": lambda: chain(torch.matmul, tws, thead, x_t, fit_torch),
+    }
+    out = {}
+    with torch.inference_mode():
+        for name, call in calls.items():
+            call()
+            out[name] = min(timed(call)[0] for _ in range(repeats)) * 1e3
+    return out
+
+
 def main() -> int:
     args = parse_args()
     import jax
@@ -342,6 +389,11 @@ def main() -> int:
             + " / ".join(f"{r:.0f} ({r / (2 * m) * 4:.0f})" for m, r in rates[name].items())
             for name in ("xla", "torch")
         )
+    )
+    weight_pass = weight_pass_ms()
+    print(
+        f"one batch-1 token's weight matvecs alone (dependent chain, see weight_pass_ms): "
+        f"XLA {weight_pass['xla']:.1f} ms, torch {weight_pass['torch']:.1f} ms"
     )
     ttft = first_token_seconds(ours_model, hf_model, np.zeros((1, PROMPT_LEN), np.int32) + 464)
     print(
@@ -387,6 +439,11 @@ def main() -> int:
                 f"\ngreedy batch 1 vs the floor ({floor_ms:.1f} ms/token): llm_jax "
                 f"{floor_ms / per_token['ours']:.0%}, prepared {floor_ms / per_token['prep']:.0%}"
                 f", HF {floor_ms / per_token['hf']:.0%} (target >= 75%; prefill included)"
+            )
+            print(
+                f"ceiling: a decoder on XLA's kernels needs >= {weight_pass['xla']:.1f} ms/token "
+                f"for the matvecs alone: at most {per_token['hf'] / weight_pass['xla']:.2f}x HF "
+                f"and {floor_ms / weight_pass['xla']:.0%} of the floor at batch 1"
             )
         if r["beam_same"] is not None:
             print(f"beam 4: best beam identical to HF's: {r['beam_same']}")
