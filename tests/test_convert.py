@@ -319,17 +319,13 @@ def _config(name: str, **changes) -> dict:
         ("gpt2", {"activation_function": "quick_gelu"}, "activation_function"),
         (
             "llama",
-            {
-                "rope_parameters": {
-                    "rope_type": "llama3",
-                    "factor": 8.0,
-                    "low_freq_factor": 1.0,
-                    "high_freq_factor": 4.0,
-                    "original_max_position_embeddings": 8192,
-                    "rope_theta": 5e5,
-                }
-            },
-            "llama3",
+            {"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5}},
+            r"needs \['low_freq_factor', 'high_freq_factor'\]",
+        ),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 5e5}},
+            "'yarn' is not implemented",
         ),
         (
             "llama",
@@ -348,6 +344,34 @@ def _config(name: str, **changes) -> dict:
 def test_config_fields_we_cannot_honour_are_errors(name, changes, match):
     with pytest.raises(convert.UnsupportedConfigError, match=match):
         config_from_hf(_config(name, **changes))
+
+
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 32.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
+
+
+def test_llama3_rope_scaling_read_from_4x_and_5x_configs_and_written_back():
+    llama5 = _config("llama", rope_parameters={**LLAMA3_ROPE, "rope_theta": 5e5})
+    llama4 = {k: v for k, v in llama5.items() if k != "rope_parameters"}
+    llama4.update(rope_theta=5e5, rope_scaling=LLAMA3_ROPE)
+    cfg = config_from_hf(llama5)
+    assert config_from_hf(llama4) == cfg
+    assert (cfg.rope_type, cfg.rope_theta, cfg.rope_factor) == ("llama3", 5e5, 32.0)
+    assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor) == (1.0, 4.0)
+    assert cfg.rope_original_max_position == 8192
+    # Without original_max_position_embeddings, transformers uses max_position_embeddings.
+    short = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    fallback = config_from_hf(_config("llama", rope_parameters={**short, "rope_theta": 5e5}))
+    assert fallback.rope_original_max_position == llama5["max_position_embeddings"]
+    written = convert.config_to_hf(cfg)
+    assert written["rope_parameters"] == {**LLAMA3_ROPE, "rope_theta": 5e5}
+    assert written["rope_scaling"] == LLAMA3_ROPE
+    assert config_from_hf(written) == cfg
 
 
 def test_t5_untied_scaled_head_is_an_error():

@@ -121,6 +121,29 @@ VARIANTS = {
             initializer_range=0.3,
         )
     ),
+    # LLaMA 3.1/3.2 RoPE rescaling; head_dim 16 with a 64-token "pretraining context" puts
+    # frequencies in all three of its regimes.
+    "llama3_rope_scaling": lambda tf: tf.LlamaForCausalLM(
+        tf.LlamaConfig(
+            vocab_size=96,
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 10_000.0,
+                "factor": 4.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+            tie_word_embeddings=True,
+            initializer_range=0.3,
+        )
+    ),
     "gpt2_relu_unscaled": lambda tf: tf.GPT2LMHeadModel(
         tf.GPT2Config(
             vocab_size=96,
@@ -162,33 +185,38 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_config_variants_match_transformers(variant, tmp_path):
-    """Less common config fields: GQA with one kv head, head_dim != d_model / heads, biases,
-    ReLU / unscaled attention / untied GPT-2, a bare BertModel, gated SiLU and unequal
-    encoder/decoder depths in T5."""
-    torch.manual_seed(0)
-    hf_model = VARIANTS[variant](transformers).eval()
-    hf_model.save_pretrained(tmp_path)
-    model = convert.load_hf(tmp_path)
-    hf_model = hf_model.double()  # the exact values, as in the fixtures
-    ids = np.random.default_rng(0).integers(0, 96, (2, 7))
+def _variant_outputs(variant: str, hf_model, model, ids: np.ndarray):
+    """(theirs [float64], ours) on `ids`: logits, or BERT's last hidden states."""
     with torch.no_grad():
         if variant.startswith("t5"):
             dec = ids[:, :4]
             want = hf_model(input_ids=torch.tensor(ids), decoder_input_ids=torch.tensor(dec))
-            got = model(ids, dec)
-            want = want.logits
-        elif variant.startswith("bert"):
+            return want.logits.double().numpy(), model(ids, dec)
+        if variant.startswith("bert"):
             types = np.minimum(np.arange(7) // 3, 2)[None].repeat(2, 0)
             want = hf_model(input_ids=torch.tensor(ids), token_type_ids=torch.tensor(types))
-            got = model.encode(ids, token_type_ids=types)
-            want = want.last_hidden_state
-        else:
-            want, got = hf_model(input_ids=torch.tensor(ids)).logits, model(ids)
-    error = float(np.abs(np.asarray(got) - want.numpy()).max())
+            return want.last_hidden_state.double().numpy(), model.encode(ids, token_type_ids=types)
+        return hf_model(input_ids=torch.tensor(ids)).logits.double().numpy(), model(ids)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_config_variants_match_transformers(variant, tmp_path):
+    """Less common config fields: GQA with one kv head, head_dim != d_model / heads, biases,
+    LLaMA 3 RoPE rescaling, ReLU / unscaled attention / untied GPT-2, a bare BertModel, gated
+    SiLU and unequal encoder/decoder depths in T5. Our export loads back into transformers
+    with the same outputs."""
+    torch.manual_seed(0)
+    hf_model = VARIANTS[variant](transformers).eval()
+    hf_model.save_pretrained(tmp_path)
+    model = convert.load_hf(tmp_path)
+    ids = np.random.default_rng(0).integers(0, 96, (2, 7))
+    # float64: the exact values, as in the fixtures.
+    want, got = _variant_outputs(variant, hf_model.double(), model, ids)
+    error = float(np.abs(np.asarray(got) - want).max())
     print(f"{variant}: max error {error:.2e}")
     assert error < checks.LOGIT_TOL
-    convert.save_hf(model, tmp_path / "exported")
-    arch = convert.read_hf_config(tmp_path / "exported")["architectures"][0]
-    assert arch == type(hf_model).__name__
+    exported = convert.save_hf(model, tmp_path / "exported")
+    cls = type(hf_model)
+    assert convert.read_hf_config(exported)["architectures"][0] == cls.__name__
+    reloaded = cls.from_pretrained(exported).eval().double()
+    np.testing.assert_allclose(_variant_outputs(variant, reloaded, model, ids)[0], want, atol=1e-9)

@@ -32,6 +32,10 @@ CONFIGS = {
     "gpt2": ModelConfig.preset("gpt2-tiny"),
     "llama": ModelConfig.preset("llama-tiny"),  # GQA: 4 query heads, 2 key/value heads
     "llama_mqa": ModelConfig.preset("llama-tiny", num_kv_heads=1),
+    # head_dim 16, theta 1e4, context 64: frequencies in all three llama3 regimes.
+    "llama3_rope": ModelConfig.preset(
+        "llama-tiny", rope_type="llama3", rope_factor=4.0, rope_original_max_position=64
+    ),
     "bert": ModelConfig.preset("bert-tiny", num_labels=3),
     "albert": ModelConfig.preset("bert-tiny", num_labels=3, embedding_dim=32, share_layers=True),
     "t5_v1_0": ModelConfig.preset("t5-tiny"),
@@ -208,11 +212,14 @@ def _error_summary():
 def _gpt_reference(variant, cfg, params, tokens):
     if variant == "gpt2":
         return gpt2_ref(params, tokens)
-    return llama_ref(params, tokens, eps=cfg.norm_eps, rope_theta=cfg.rope_theta)
+    scaling = None if cfg.rope_scaling is None else dict(cfg.rope_scaling)
+    return llama_ref(
+        params, tokens, eps=cfg.norm_eps, rope_theta=cfg.rope_theta, rope_scaling=scaling
+    )
 
 
 @pytest.mark.parametrize("case", sorted(SEGMENTS))
-@pytest.mark.parametrize("variant", ["gpt2", "llama", "llama_mqa"])
+@pytest.mark.parametrize("variant", ["gpt2", "llama", "llama_mqa", "llama3_rope"])
 def test_gpt_matches_reference(variant, case, built):
     cfg, model, params = built(variant)
     seg = SEGMENTS[case]

@@ -13,6 +13,7 @@ from llm_jax import ops
 from tests.reference.ops_ref import (
     apply_rope_ref,
     learned_positions_ref,
+    llama3_rope_frequencies_ref,
     rope_frequencies_ref,
     sinusoidal_positions_ref,
     t5_relative_position_bias_ref,
@@ -106,6 +107,30 @@ def test_rope_frequencies():
     )
     with pytest.raises(ValueError, match=r"even head dim"):
         ops.rope_frequencies(7)
+
+
+LLAMA32 = dict(factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position=8192)
+
+
+@pytest.mark.parametrize("head_dim, kwargs", [(64, LLAMA32), (128, {**LLAMA32, "factor": 8.0})])
+def test_llama3_rope_frequencies(head_dim, kwargs):
+    got = np.asarray(ops.llama3_rope_frequencies(head_dim, 500_000.0, **kwargs))
+    want = llama3_rope_frequencies_ref(head_dim, 500_000.0, **kwargs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=0)
+    plain = rope_frequencies_ref(head_dim, 500_000.0)
+    wavelen = 2 * np.pi / plain
+    short, long = wavelen < 8192 / 4, wavelen > 8192 / 1
+    # All three regimes occur: kept, slowed by `factor`, blended strictly in between.
+    assert short.any() and long.any() and (~short & ~long).any()
+    np.testing.assert_array_equal(want[short], plain[short])
+    np.testing.assert_allclose(want[long], plain[long] / kwargs["factor"], rtol=1e-12)
+    mid = ~short & ~long
+    assert ((want[mid] < plain[mid]) & (want[mid] > plain[mid] / kwargs["factor"])).all()
+
+
+def test_llama3_rope_frequencies_rejects_bad_factors():
+    with pytest.raises(ValueError, match="low_freq_factor < high_freq_factor"):
+        ops.llama3_rope_frequencies(64, 500_000.0, **{**LLAMA32, "high_freq_factor": 1.0})
 
 
 @pytest.mark.parametrize("theta", [10_000.0, 500_000.0])

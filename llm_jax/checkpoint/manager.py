@@ -307,8 +307,8 @@ class CheckpointManager:
             raise ValueError(f"max_to_keep must be an int >= 1 or None, got {max_to_keep!r}")
         directory = epath.Path(directory)
         # orbax/tensorstore need absolute local paths; remote (gs://...) paths already are.
-        self._directory = directory if directory.is_absolute() else epath.Path(
-            os.path.abspath(directory)
+        self._directory = (
+            directory if directory.is_absolute() else epath.Path(os.path.abspath(directory))
         )
         self._interval = save_interval_steps
         self._async = async_save

@@ -213,29 +213,50 @@ def _gpt2_config(hf, weights) -> ModelConfig:
     )
 
 
-def rope_theta_of(hf: Mapping[str, Any]) -> float:
-    """RoPE base of a 4.x (`rope_theta`, `rope_scaling`) or 5.x (`rope_parameters`) config.
+def rope_fields_of(hf: Mapping[str, Any]) -> dict[str, Any]:
+    """`ModelConfig` RoPE fields of a 4.x (`rope_theta`, `rope_scaling`) or 5.x
+    (`rope_parameters`) config: `rope_theta`, and for LLaMA 3.x's "llama3" rescaling
+    `rope_type` with its factors (`original_max_position_embeddings` falls back to
+    `max_position_embeddings`, as in transformers).
 
     Raises:
-      UnsupportedConfigError: any rope type but "default" (e.g. LLaMA 3's "llama3"
-        frequency rescaling, "linear", "dynamic", "yarn"), or partial rotary embeddings.
+      UnsupportedConfigError: a rope type other than "default" and "llama3" (e.g. "linear",
+        "dynamic", "yarn"), a llama3 section without its factors, or partial rotary
+        embeddings.
     """
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
     rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        field = "rope_parameters" if hf.get("rope_parameters") else "rope_scaling"
+    if rope_type not in ("default", "llama3"):
         raise _refuse(
             field,
             rope,
-            f"rope type {rope_type!r} (rescaled RoPE frequencies) is not implemented; only "
-            "rope_type 'default' is. Models such as LLaMA 3.x need it.",
+            f"rope type {rope_type!r} is not implemented; 'default' and 'llama3' (LLaMA 3.1 / "
+            "3.2) are.",
         )
     factor = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if factor not in (None, 1, 1.0):
         raise _refuse(
             "partial_rotary_factor", factor, "RoPE on part of the head is not implemented."
         )
-    return float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    fields: dict[str, Any] = {
+        "rope_theta": float(rope.get("rope_theta", hf.get("rope_theta", 10_000.0)))
+    }
+    if rope_type == "llama3":
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor") if k not in rope]
+        if missing:
+            raise _refuse(field, rope, f"rope type 'llama3' needs {missing}.")
+        original = rope.get("original_max_position_embeddings")
+        fields.update(
+            rope_type="llama3",
+            rope_factor=float(rope["factor"]),
+            rope_low_freq_factor=float(rope["low_freq_factor"]),
+            rope_high_freq_factor=float(rope["high_freq_factor"]),
+            rope_original_max_position=int(
+                original if original is not None else hf.get("max_position_embeddings", 2048)
+            ),
+        )
+    return fields
 
 
 def _llama_config(hf, weights) -> ModelConfig:
@@ -260,7 +281,7 @@ def _llama_config(hf, weights) -> ModelConfig:
         d_ff=int(hf.get("intermediate_size", 11008)),
         max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
         position="rope",
-        rope_theta=rope_theta_of(hf),
+        **rope_fields_of(hf),
         norm="rmsnorm",
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         activation=_activation("hidden_act", hf.get("hidden_act", "silu")),
@@ -445,6 +466,19 @@ def _t5_config(hf, weights) -> ModelConfig:
 _HF_ACTIVATION = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "silu"}
 
 
+def _rope_scaling_out(cfg: ModelConfig) -> dict[str, Any] | None:
+    """The llama3 RoPE section as transformers writes it, or None for plain RoPE."""
+    if cfg.rope_type != "llama3":
+        return None
+    return {
+        "rope_type": "llama3",
+        "factor": cfg.rope_factor,
+        "low_freq_factor": cfg.rope_low_freq_factor,
+        "high_freq_factor": cfg.rope_high_freq_factor,
+        "original_max_position_embeddings": cfg.rope_original_max_position,
+    }
+
+
 def _require(cfg: ModelConfig, target: str, **expected: Any) -> None:
     bad = {k: getattr(cfg, k) for k, v in expected.items() if getattr(cfg, k) != v}
     if bad:
@@ -560,8 +594,12 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
             "rms_norm_eps": cfg.norm_eps,
             # 4.x reads the top-level rope_theta, 5.x rope_parameters.
             "rope_theta": cfg.rope_theta,
-            "rope_scaling": None,
-            "rope_parameters": {"rope_theta": cfg.rope_theta, "rope_type": "default"},
+            "rope_scaling": _rope_scaling_out(cfg),
+            "rope_parameters": {
+                "rope_theta": cfg.rope_theta,
+                "rope_type": "default",
+                **(_rope_scaling_out(cfg) or {}),
+            },
             "attention_bias": cfg.use_bias,
             "mlp_bias": cfg.use_bias,
             "tie_word_embeddings": cfg.tie_embeddings,

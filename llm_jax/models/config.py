@@ -12,6 +12,7 @@ from typing import Any
 
 FAMILIES = ("gpt", "bert", "t5")
 POSITIONS = ("learned", "rope", "sinusoidal", "relative")
+ROPE_TYPES = ("default", "llama3")
 NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
@@ -40,6 +41,13 @@ class ModelConfig:
 
     position: str = "learned"
     rope_theta: float = 10_000.0
+    # RoPE frequency rescaling: "default" (none) or "llama3" (LLaMA 3.1/3.2, see
+    # ops.llama3_rope_frequencies); the four fields below are read only for "llama3".
+    rope_type: str = "default"
+    rope_factor: float = 8.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position: int = 8192
     relative_num_buckets: int = 32
     relative_max_distance: int = 128
 
@@ -92,6 +100,18 @@ class ModelConfig:
         return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     @property
+    def rope_scaling(self) -> tuple[tuple[str, float], ...] | None:
+        """Keyword arguments of `ops.llama3_rope_frequencies` (hashable), or None."""
+        if self.rope_type != "llama3":
+            return None
+        return (
+            ("factor", self.rope_factor),
+            ("low_freq_factor", self.rope_low_freq_factor),
+            ("high_freq_factor", self.rope_high_freq_factor),
+            ("original_max_position", self.rope_original_max_position),
+        )
+
+    @property
     def embed_dim(self) -> int:
         """E, the width of the token embedding table (ALBERT factorizes it)."""
         return self.d_model if self.embedding_dim is None else self.embedding_dim
@@ -115,6 +135,7 @@ class ModelConfig:
         choice("family", FAMILIES)
         choice("position", POSITIONS)
         choice("norm", NORMS)
+        choice("rope_type", ROPE_TYPES)
         choice("norm_position", NORM_POSITIONS)
         choice("activation", ACTIVATIONS)
         choice("remat_policy", REMAT_POLICIES)
@@ -131,7 +152,22 @@ class ModelConfig:
             "num_decoder_layers",
             "max_position_embeddings",
             "embedding_dim",
+            "rope_original_max_position",
         )
+        if self.rope_type != "default":
+            if self.position != "rope":
+                raise ValueError(
+                    f"ModelConfig.rope_type={self.rope_type!r} rescales RoPE; it needs "
+                    f"position='rope' (got {self.position!r}), or set rope_type='default'."
+                )
+            if self.rope_factor < 1:
+                raise ValueError(f"ModelConfig.rope_factor={self.rope_factor} must be >= 1.")
+            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+                raise ValueError(
+                    "ModelConfig: llama3 RoPE needs 0 < rope_low_freq_factor < "
+                    f"rope_high_freq_factor; got {self.rope_low_freq_factor} and "
+                    f"{self.rope_high_freq_factor}."
+                )
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"ModelConfig: num_heads={self.num_heads} does not divide d_model="
@@ -307,7 +343,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_position_embeddings": 256,
         "norm_eps": 1e-5,
     },
-    # LLaMA-3.2-1B's shape (tied embeddings; rope scaling not modelled here).
+    # LLaMA-3.2-1B (tied embeddings, llama3 RoPE rescaling as in its config.json).
     "llama-1b": {
         **_LLAMA,
         "vocab_size": 128256,
@@ -318,6 +354,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "d_ff": 8192,
         "max_position_embeddings": 131072,
         "rope_theta": 500_000.0,
+        "rope_type": "llama3",
+        "rope_factor": 32.0,
+        "rope_low_freq_factor": 1.0,
+        "rope_high_freq_factor": 4.0,
+        "rope_original_max_position": 8192,
         "norm_eps": 1e-5,
         "tie_embeddings": True,
     },

@@ -169,6 +169,7 @@ class Attention(nnx.Module):
         use_bias: bool,
         scale: float | None,
         rope_theta: float | None,
+        rope_scaling: tuple[tuple[str, float], ...] | None = None,
         dropout_rate: float,
         q_std: float,
         kv_std: float,
@@ -180,6 +181,7 @@ class Attention(nnx.Module):
         d, n, k, h = d_model, num_heads, num_kv_heads, head_dim
         self.scale = scale
         self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
         self.dropout_rate = dropout_rate
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
@@ -226,8 +228,16 @@ class Attention(nnx.Module):
         axes = ("batch", "length", "kv_heads", "kv")
         k, v = constrain(self.k(kv_input), axes), constrain(self.v(kv_input), axes)
         if self.rope_theta is not None:
-            k = ops.apply_rope(k, positions, theta=self.rope_theta)
+            k = self._rope(k, positions)
         return k, v
+
+    def _rope(self, x: Float[Array, "B T M H"], positions: Int[Array, "B T"]) -> Array:
+        inv_freq = None
+        if self.rope_scaling is not None:
+            inv_freq = ops.llama3_rope_frequencies(
+                x.shape[-1], self.rope_theta, **dict(self.rope_scaling)
+            )
+        return ops.apply_rope(x, positions, theta=self.rope_theta, inv_freq=inv_freq)
 
     def __call__(
         self,
@@ -243,7 +253,7 @@ class Attention(nnx.Module):
     ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
         q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
         if self.rope_theta is not None:
-            q = ops.apply_rope(q, positions, theta=self.rope_theta)
+            q = self._rope(q, positions)
         if cache is not None and kv_input is None and cache_index is None:
             k, v = cache["k"], cache["v"]  # precomputed cross-attention keys/values
         else:
@@ -349,6 +359,7 @@ class Block(nnx.Module):
                 use_bias=cfg.use_bias,
                 scale=None if cfg.attention_scale else 1.0,
                 rope_theta=cfg.rope_theta if rope else None,
+                rope_scaling=cfg.rope_scaling if rope else None,
                 dropout_rate=cfg.attention_dropout_rate,
                 q_std=q_std,
                 kv_std=kv_std,

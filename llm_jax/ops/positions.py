@@ -61,6 +61,44 @@ def rope_frequencies(head_dim: int, theta: float = 10_000.0) -> Float[Array, " H
     return theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
 
 
+def llama3_rope_frequencies(
+    head_dim: int,
+    theta: float,
+    *,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position: int,
+) -> Float[Array, " H2"]:
+    """LLaMA 3.1 / 3.2 rescaled RoPE frequencies (the `llama3` rope type of Meta's release).
+
+    With wavelengths w_i = 2 pi / f_i of the plain frequencies f_i = `rope_frequencies` and
+    L = `original_max_position` (the pretraining context): components whose wavelength is
+    short (w < L / high_freq_factor) keep f_i; long ones (w > L / low_freq_factor) are slowed
+    to f_i / factor; in between they blend, s = (L / w - low) / (high - low),
+    f = (1 - s) f_i / factor + s f_i. This stretches the usable context by `factor` while
+    leaving the local (high-frequency) position signal untouched.
+    """
+    if not 0 < low_freq_factor < high_freq_factor:
+        raise ValueError(
+            f"llama3 RoPE needs 0 < low_freq_factor < high_freq_factor; got {low_freq_factor} "
+            f"and {high_freq_factor}."
+        )
+    inv_freq = rope_frequencies(head_dim, theta)
+    wavelen = 2 * jnp.pi / inv_freq
+    low_wavelen = original_max_position / low_freq_factor
+    high_wavelen = original_max_position / high_freq_factor
+    smooth = (original_max_position / wavelen - low_freq_factor) / (
+        high_freq_factor - low_freq_factor
+    )
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return jnp.where(
+        wavelen < high_wavelen,
+        inv_freq,
+        jnp.where(wavelen > low_wavelen, inv_freq / factor, blended),
+    )
+
+
 def apply_rope(
     x: Float[Array, "B T N H"],
     positions: Int[Array, "B T"],

@@ -36,6 +36,7 @@ from tests.reference.ops_ref import (
     gelu_ref,
     gelu_tanh_ref,
     layer_norm_ref,
+    llama3_rope_frequencies_ref,
     relu_ref,
     rms_norm_ref,
     silu_ref,
@@ -85,7 +86,9 @@ def rms_norm(x, p, eps):
     return rms_norm_ref(x, p["scale"], eps=eps)
 
 
-def multi_head_attention(p, x_q, x_kv, *, causal, scale=None, bias=None, rope_theta=None):
+def multi_head_attention(
+    p, x_q, x_kv, *, causal, scale=None, bias=None, rope_theta=None, rope_inv_freq=None
+):
     """MultiHead(Q, K, V) = Concat(head_1, ..., head_N) W^O (Vaswani et al. 2017, §3.2.2).
 
     head_n = softmax(Q_n K_g^T * scale + bias [+ causal mask]) V_g, with key/value head
@@ -98,6 +101,7 @@ def multi_head_attention(p, x_q, x_kv, *, causal, scale=None, bias=None, rope_th
       scale: multiplier of q.k; 1 / sqrt(H) when None.
       bias: [N, T, S] additive logit bias (T5 relative positions) or None.
       rope_theta: rotate queries and keys by RoPE at positions 0.. when given (LLaMA).
+      rope_inv_freq: [H/2] rescaled RoPE frequencies (LLaMA 3) instead of theta's own.
 
     Returns:
       [T, D] float64.
@@ -107,8 +111,9 @@ def multi_head_attention(p, x_q, x_kv, *, causal, scale=None, bias=None, rope_th
     k = linear(x_kv, p["k"])  # [S, K, H]
     v = linear(x_kv, p["v"])  # [S, K, H]
     if rope_theta is not None:
-        q = apply_rope_ref(q[None], np.arange(t_)[None], theta=rope_theta)[0]
-        k = apply_rope_ref(k[None], np.arange(s_)[None], theta=rope_theta)[0]
+        rope = dict(theta=rope_theta, inv_freq=rope_inv_freq)
+        q = apply_rope_ref(q[None], np.arange(t_)[None], **rope)[0]
+        k = apply_rope_ref(k[None], np.arange(s_)[None], **rope)[0]
     mask = causal_mask_ref(t_, s_) if causal else None
     heads = attention_ref(
         q[None],
@@ -161,20 +166,27 @@ def gpt2_ref(params, tokens):
     return h @ w_e.T
 
 
-def llama_ref(params, tokens, *, eps, rope_theta):
+def llama_ref(params, tokens, *, eps, rope_theta, rope_scaling=None):
     """LLaMA (Touvron et al. 2023) next-token logits [T, V] of one document.
 
     h_0 = W_e[tokens] (no absolute positions); each block (pre-RMSNorm):
       h = h + Attn_causal_rope_gqa(RMS(h));  h = h + SwiGLU(RMS(h));
-    then a final RMSNorm and an untied output projection.
+    then a final RMSNorm and an untied output projection. `rope_scaling`: keyword
+    arguments of `llama3_rope_frequencies_ref` (LLaMA 3.1/3.2), or None.
     """
     tokens = np.asarray(tokens)
     h = np.asarray(params["embed"]["embedding"], np.float64)[tokens]
     stack = params["layers"]["blocks"]
+    inv_freq = None
     for i in range(num_stacked_layers(stack)):
         p = layer_params(stack, i)
+        if rope_scaling is not None and inv_freq is None:
+            head_dim = np.asarray(p["self_attn"]["q"]["kernel"]).shape[-1]
+            inv_freq = llama3_rope_frequencies_ref(head_dim, rope_theta, **rope_scaling)
         a = rms_norm(h, p["self_attn_norm"], eps)
-        h = h + multi_head_attention(p["self_attn"], a, a, causal=True, rope_theta=rope_theta)
+        h = h + multi_head_attention(
+            p["self_attn"], a, a, causal=True, rope_theta=rope_theta, rope_inv_freq=inv_freq
+        )
         h = h + gated_feed_forward(p["mlp"], rms_norm(h, p["mlp_norm"], eps), silu_ref)
     h = rms_norm(h, params["final_norm"], eps)
     return linear(h, params["lm_head"])

@@ -150,6 +150,28 @@ def rope_frequencies_ref(head_dim, theta=10_000.0):
     return np.array([theta ** (-2 * i / head_dim) for i in range(head_dim // 2)])
 
 
+def llama3_rope_frequencies_ref(
+    head_dim, theta, factor, low_freq_factor, high_freq_factor, original_max_position
+):
+    """[H/2]: Meta's llama3 rescaling of each frequency f, one at a time (float64).
+
+    Wavelength w = 2 pi / f against the pretraining context L: w < L / high keeps f,
+    w > L / low gives f / factor, in between s = (L / w - low) / (high - low) and
+    f' = (1 - s) f / factor + s f.
+    """
+    out = []
+    for f in rope_frequencies_ref(head_dim, theta):
+        w = 2 * math.pi / f
+        if w < original_max_position / high_freq_factor:
+            out.append(f)
+        elif w > original_max_position / low_freq_factor:
+            out.append(f / factor)
+        else:
+            s = (original_max_position / w - low_freq_factor) / (high_freq_factor - low_freq_factor)
+            out.append((1 - s) * f / factor + s * f)
+    return np.array(out)
+
+
 def apply_rope_ref(x, positions, theta=10_000.0, inv_freq=None):
     """Rotate-half RoPE (GPT-NeoX / LLaMA): pair (i, i + H/2) rotated by p * inv_freq[i].
 
