@@ -18,7 +18,7 @@ from jaxtyping import Array, Float, Int
 from llm_jax import ops
 from llm_jax.models.common import check_length, check_tokens, default_positions, is_traced
 from llm_jax.models.config import ModelConfig
-from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, lookup_table, param
 from llm_jax.parallel.rules import constrain
 
 
@@ -128,12 +128,13 @@ class BERT(nnx.Module):
             positions = default_positions(b, t)
         elif not is_traced(positions):
             ops.check_positions(positions, cfg.max_position_embeddings)
-        x = x + ops.learned_positions(self.pos_embed[...], positions).astype(x.dtype)
+        x = x + ops.learned_positions(lookup_table(self.pos_embed[...]), positions).astype(x.dtype)
         if self.type_embed is not None:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros((b, t), jnp.int32)
             check_tokens(token_type_ids, cfg.type_vocab_size, name="token_type_ids")
-            x = x + jnp.take(self.type_embed[...], token_type_ids, axis=0).astype(x.dtype)
+            types = jnp.take(lookup_table(self.type_embed[...]), token_type_ids, axis=0)
+            x = x + types.astype(x.dtype)
         x = self.embed_norm(x)
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))

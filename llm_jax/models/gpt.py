@@ -24,7 +24,7 @@ from llm_jax.models.common import (
     is_traced,
 )
 from llm_jax.models.config import ModelConfig
-from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, lookup_table, param
 from llm_jax.parallel.rules import constrain
 
 
@@ -136,7 +136,8 @@ class GPT(nnx.Module):
                 check_length(t, cfg.max_position_embeddings)
             if not is_traced(positions):
                 ops.check_positions(positions, cfg.max_position_embeddings)
-            x = x + ops.learned_positions(self.pos_embed[...], positions).astype(x.dtype)
+            table = lookup_table(self.pos_embed[...])
+            x = x + ops.learned_positions(table, positions).astype(x.dtype)
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
 

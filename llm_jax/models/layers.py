@@ -96,6 +96,16 @@ class Einsum(nnx.Module):
         return y
 
 
+def lookup_table(table: Float[Array, "V E"]) -> Float[Array, "V E"]:
+    """An embedding table about to be indexed, with its `embed` shards gathered.
+
+    What FSDP does for every weight before use: rows gathered from an embed-sharded table
+    come out sharded on E, and XLA cannot move that to the batch-sharded activation layout
+    without a full rematerialization (it warns). The rows may stay split (vocab-parallel).
+    """
+    return constrain(table, ("vocab", None))
+
+
 class Embed(nnx.Module):
     """A token (or position/type) embedding table [V, E] with a tied-output `attend`."""
 
@@ -115,7 +125,7 @@ class Embed(nnx.Module):
         self.embedding = param(rngs, (num_embeddings, features), axes, std=std, dtype=param_dtype)
 
     def __call__(self, ids: Int[Array, "..."]) -> Float[Array, "... E"]:
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        return jnp.take(lookup_table(self.embedding[...]), ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Float[Array, "... E"]) -> Float[Array, "... V"]:
         """Logits against the table: x E^T (tied input/output embeddings)."""
