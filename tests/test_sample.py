@@ -121,8 +121,8 @@ def test_cache_batch_axes_inferred_stated_and_checked():
     # HistoryToy leaves in tree order: index (scalar), tokens [2, B, S], valid [B, S].
     assert sample.cache_batch_axes(TOY, 10) == (None, 1, 0)
 
-    def kv_cache(batch, length):  # the GPT layout: k/v [L, B, S, K, H]
-        k = jnp.zeros((3, batch, length, 2, 4))
+    def kv_cache(batch, length):  # the GPT layout: k/v [L, B, K, S, H]
+        k = jnp.zeros((3, batch, 2, length, 4))
         return {"k": k, "v": k, "valid": jnp.zeros((batch, length), bool), "index": 0}
 
     kv = FunctionDecoder(_untraceable, kv_cache)

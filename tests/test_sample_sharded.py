@@ -110,7 +110,7 @@ def test_cache_is_split_over_batch_and_kv_heads():
     )
     sharding = generate_module.MeshRules.make(mesh(), RULES)
     state = generate_module._stream_prefill(decoder, prompt, controls, rng, spec, sharding)
-    batch_heads = NamedSharding(mesh(), PartitionSpec(None, ("data", "fsdp"), None, "tensor"))
+    batch_heads = NamedSharding(mesh(), PartitionSpec(None, ("data", "fsdp"), "tensor"))
     assert state.cache.layers["k"].sharding.is_equivalent_to(batch_heads, 5)
     assert state.cache.layers["v"].sharding.is_equivalent_to(batch_heads, 5)
     batch = NamedSharding(mesh(), PartitionSpec(("data", "fsdp")))

@@ -8,7 +8,7 @@ NumPy twins give the same logits as the JAX toys.
   answer depends on every earlier real token and on the position, through the cache, so
   wrong left padding, positions, segment masking or beam cache reorders all change it.
   Its cache mimics the GPT KV-cache layout: `tokens [2, B, S]` (batch at axis 1, like
-  `k/v [L, B, S, K, H]`), `valid [B, S]` (batch at axis 0) and a scalar write `index`.
+  `k/v [L, B, K, S, H]`), `valid [B, S]` (batch at axis 0) and a scalar write `index`.
 - `MarkovToy`: next-token logits = table[last token], a first-order Markov chain; its
   cache holds only the write index (no batch axis anywhere). With identical rows it is a
   constant distribution (sampling tests); with one-hot rows a deterministic rule.

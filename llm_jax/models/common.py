@@ -58,8 +58,9 @@ class KVCache:
     """A static-size decoding cache for a stack of attention layers.
 
     Fields:
-      layers: per-layer tensors stacked on a leading L axis: 'k', 'v' [L, B, S, K, H] for
-        self-attention, and for encoder–decoders 'cross_k', 'cross_v' [L, B, Se, K, H].
+      layers: per-layer tensors stacked on a leading L axis, head-major (the layout the
+        attention products read in place): 'k', 'v' [L, B, K, S, H] for self-attention, and
+        for encoder–decoders 'cross_k', 'cross_v' [L, B, K, Se, H].
       valid: [B, S] True on slots that hold a real (non-padding) token.
       index: [] int32, the number of slots written so far (the next write position).
       encoder_valid: [B, Se] True on real encoder tokens (encoder–decoders), else None.
@@ -77,16 +78,16 @@ class KVCache:
 
 # Logical axes of the cache tensors, for sharding decoding on a mesh.
 CACHE_AXES = {
-    "k": ("layers", "batch", "cache_seq", "kv_heads", "kv"),
-    "v": ("layers", "batch", "cache_seq", "kv_heads", "kv"),
-    "cross_k": ("layers", "batch", "cache_seq", "kv_heads", "kv"),
-    "cross_v": ("layers", "batch", "cache_seq", "kv_heads", "kv"),
+    "k": ("layers", "batch", "kv_heads", "cache_seq", "kv"),
+    "v": ("layers", "batch", "kv_heads", "cache_seq", "kv"),
+    "cross_k": ("layers", "batch", "kv_heads", "cache_seq", "kv"),
+    "cross_v": ("layers", "batch", "kv_heads", "cache_seq", "kv"),
     "valid": ("batch", "cache_seq"),
 }
 
 
 def empty_kv(num_layers: int, batch: int, length: int, kv_heads: int, head_dim: int, dtype):
-    shape = (num_layers, batch, length, kv_heads, head_dim)
+    shape = (num_layers, batch, kv_heads, length, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
 

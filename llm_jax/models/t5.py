@@ -27,7 +27,15 @@ from llm_jax.models.common import (
     empty_kv,
 )
 from llm_jax.models.config import ModelConfig
-from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, param
+from llm_jax.models.layers import (
+    Block,
+    Einsum,
+    Embed,
+    Norm,
+    Stack,
+    length_to_heads_major,
+    param,
+)
 from llm_jax.parallel.rules import constrain
 
 
@@ -167,9 +175,10 @@ class T5(nnx.Module):
         graphdef, state = nnx.split(self.decoder.blocks)
 
         def cross_kv(layer_state):
-            return nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoder_out)
+            k, v = nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoder_out)
+            return length_to_heads_major(k), length_to_heads_major(v)
 
-        cross_k, cross_v = jax.vmap(cross_kv)(state)  # [L, B, S, K, H] each
+        cross_k, cross_v = jax.vmap(cross_kv)(state)  # [L, B, K, S, H] each
         layers = empty_kv(
             cfg.decoder_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, dtype
         )

@@ -11,7 +11,7 @@ compiled loop the adapter merges them back and calls the model:
   `model.init_cache(B, S, encoder_out, encoder_segment_ids)` computes the cross-attention
   keys/values once; `model.decode(tokens, positions=, segment_ids=, cache=)` per step.
 
-The model's `KVCache` (k/v [L, B, S, K, H], valid [B, S], scalar index, encoder_valid
+The model's `KVCache` (k/v [L, B, K, S, H], valid [B, S], scalar index, encoder_valid
 [B, Se]) has its batch axis inferred by `cache_batch_axes` for beam search.
 
 Loop form (`for_loop`, called by the engine once per compiled loop, outside it): the
@@ -27,7 +27,7 @@ The price is one copy of the stacked weights per `generate` call (or per `stream
 `llm_jax.sample.prepare` makes that copy once for many calls. The
 KV cache gets the same treatment: in the loop form its [L, ...] tensors are carried as
 per-layer tuples, so each step's write is an in-place update of one layer's buffer instead
-of a rebuild of the whole [L, B, S, K, H] cache.
+of a rebuild of the whole [L, B, K, S, H] cache.
 
 Both adapters pin the cache they return to its logical axes (`CACHE_AXES`) with
 `constrain`: the identity on one device; inside `activation_sharding` (generate's `mesh=`)

@@ -125,7 +125,7 @@ def cache_batch_axes(
 
     Beam search repeats the prefilled cache `num_beams` times along the batch axis and
     reorders it along that axis at every step, so it must know where the batch axis is in
-    each leaf (the GPT KV cache is `k, v [L, B, S, K, H]`, batch at axis 1, beside a scalar
+    each leaf (the GPT KV cache is `k, v [L, B, K, S, H]`, batch at axis 1, beside a scalar
     write `index` without one and a `valid [B, S]` mask with it at axis 0).
 
     A decoder may state it as `cache_batch_axes`: an int for every leaf, or a pytree
