@@ -50,23 +50,6 @@ XLA_PRESETS = {
     ),
 }
 HUGEPAGE_TUNABLE = "glibc.malloc.hugetlb=1"
-TCMALLOC_NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
-TCMALLOC_DIRS = (
-    "/usr/lib/x86_64-linux-gnu",
-    "/usr/lib/aarch64-linux-gnu",
-    "/usr/lib64",
-    "/usr/lib",
-)
-
-
-def find_tcmalloc() -> str | None:
-    """Path of a tcmalloc shared library, or None."""
-    for directory in TCMALLOC_DIRS:
-        for name in TCMALLOC_NAMES:
-            path = os.path.join(directory, name)
-            if os.path.exists(path):
-                return path
-    return None
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,6 +79,8 @@ def parse_args() -> argparse.Namespace:
 
 def configure_process(args: argparse.Namespace) -> None:
     """Apply the process-wide settings; must run before JAX or torch is imported."""
+    from llm_jax.train.allocator import find_tcmalloc
+
     # The dynamic loader and glibc read these at process start only, hence the re-exec.
     allocator = args.allocator
     tcmalloc = find_tcmalloc()

@@ -377,3 +377,16 @@ def test_throughput_skips_the_compile_step():
     now[0] += 1.0
     cpu.step(1)
     assert "mfu" not in cpu.rates()
+
+
+def test_allocator_hint_only_for_cpu_runs_without_tcmalloc(tmp_path):
+    from llm_jax.train import allocator
+
+    assert allocator.allocator_hint("gpu", {}) is None
+    assert allocator.allocator_hint("cpu", {"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}) is None
+    fake = tmp_path / "libtcmalloc_minimal.so.4"
+    fake.write_bytes(b"")
+    assert allocator.find_tcmalloc((str(tmp_path / "none"), str(tmp_path))) == str(fake)
+    assert allocator.allocator_hint("cpu", {}, (str(tmp_path),)).endswith(f"LD_PRELOAD={fake}")
+    missing = allocator.allocator_hint("cpu", {}, (str(tmp_path / "none"),))
+    assert "apt-get install libtcmalloc-minimal4" in missing

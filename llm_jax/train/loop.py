@@ -20,6 +20,7 @@ from llm_jax.checkpoint import CheckpointManager
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
+from llm_jax.train.allocator import allocator_hint
 from llm_jax.train.config import RunConfig
 from llm_jax.train.flops import mfu, model_flops_per_token, peak_flops_per_device
 from llm_jax.train.metrics import MetricsWriter, Progress
@@ -143,6 +144,9 @@ def train(cfg: RunConfig) -> RunResult:
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
         print(f"mesh: {describe(mesh)}; rules: {cfg.mesh.rules}", file=sys.stderr)
+        hint = allocator_hint(jax.default_backend())
+        if hint:
+            print(hint, file=sys.stderr)
         mem = compiled.memory_analysis()
         if mem is not None:
             print(f"compiled step memory: {_memory_line(mem)}", file=sys.stderr)
