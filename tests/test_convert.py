@@ -9,10 +9,8 @@ against live transformers models when the `hf` extra is installed.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import jax
@@ -25,22 +23,12 @@ from llm_jax.checkpoint import CheckpointManager
 from llm_jax.convert.hf_config import config_from_hf, config_to_hf
 from llm_jax.convert.hf_weights import HFCheckpointError, flatten_tree
 from llm_jax.models.config import ModelConfig
+from tests.fixtures import hf_checks as checks
+from tests.fixtures import make_hf_fixtures as make
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-HF = FIXTURES / "hf"
-ALL = ("gpt2", "llama", "llama_tied", "bert", "bert_cls", "t5", "t5_v11")
-GENERATIVE = ("gpt2", "llama", "llama_tied", "t5", "t5_v11")
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _module("hf_checks")
+HF = make.DEFAULT_OUT
+ALL = make.FIXTURES
+GENERATIVE = make.GENERATIVE
 
 
 @pytest.fixture(scope="module")

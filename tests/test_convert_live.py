@@ -9,10 +9,6 @@ parameters. Skipped when torch or transformers is not installed.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -21,23 +17,12 @@ transformers = pytest.importorskip("transformers")
 
 import llm_jax.convert as convert  # noqa: E402
 from llm_jax.convert.hf_weights import flatten_tree  # noqa: E402
+from tests.fixtures import hf_checks as checks  # noqa: E402
+from tests.fixtures import make_hf_fixtures as make  # noqa: E402
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
-ALL = ("gpt2", "llama", "llama_tied", "bert", "bert_cls", "t5", "t5_v11")
-GENERATIVE = ("gpt2", "llama", "llama_tied", "t5", "t5_v11")
+ALL = make.FIXTURES
+GENERATIVE = make.GENERATIVE
 SEED = 1
-
-
-def _module(name: str):
-    spec = importlib.util.spec_from_file_location(name, FIXTURES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-checks = _module("hf_checks")
-make = _module("make_hf_fixtures")
 
 
 @pytest.fixture(scope="module")
