@@ -3,6 +3,8 @@ gradient accumulation == the large batch, optimizers and schedules, restore onto
 mesh. Subprocess behaviour (SIGKILL resume, SIGTERM, two hosts) is in
 test_train_process.py."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -147,14 +149,8 @@ def test_pmap_equals_jit():
 @pytest.mark.parametrize("objective", ["clm", "mlm"])
 def test_gradient_accumulation_equals_large_batch(objective):
     cfg, make_batch = CASES[objective]
-    sgd = OptimizerConfig(
-        name="sgd",
-        learning_rate=0.5,
-        warmup_steps=0,
-        schedule="constant",
-        momentum=0.0,
-        weight_decay=0.0,
-        clip_grad_norm=0.0,
+    sgd = dataclasses.replace(
+        SGD, learning_rate=0.5, momentum=0.0, weight_decay=0.0, clip_grad_norm=0.0
     )
     batch = make_batch()
     if objective == "clm":  # uneven weights: the (sum, count) reduction must be global
