@@ -18,6 +18,7 @@ from llm_jax.train.config import config_from_dict
 from llm_jax.train.loop import train
 
 HF_GPT2 = Path(__file__).parent / "fixtures" / "hf" / "gpt2"
+HF_LLAMA = HF_GPT2.parent / "llama"
 PROMPT = "ROMEO:"
 N = 24
 CONFIG = {
@@ -177,3 +178,19 @@ def test_errors_are_one_line_and_name_the_fix(capsys, workdir, args, message):
     assert out == ""
     assert message in err and err.startswith("llm-jax sample: error:")
     assert err.count("\n") == 1
+
+
+def test_text_stream_keeps_the_space_between_prompt_and_continuation():
+    """SentencePiece drops a leading '▁' when a continuation is decoded alone; the stream
+    decodes it after the prompt, so 'Citizen' + ' hello' does not print 'Citizenhello'."""
+    from llm_jax.convert import load_hf_tokenizer
+    from llm_jax.sample.cli import TextStream
+
+    tok = load_hf_tokenizer(HF_LLAMA)
+    text = "First Citizen: hello there"
+    ids = tok.encode(text)
+    cut = next(i for i in range(1, len(ids)) if tok.id_to_piece(ids[i]).startswith("▁"))
+    assert tok.decode(ids[:cut]) + tok.decode(ids[cut:]) != text  # the space decoding alone loses
+    stream = TextStream(tok, ids[:cut])
+    out = stream.printed + "".join(stream.push(t) for t in ids[cut:]) + stream.flush()
+    assert out == tok.decode(ids) == text

@@ -87,7 +87,11 @@ def save_checkpoint(
                 raise ValueError(
                     f"{directory} already holds a checkpoint step 0; choose a new directory."
                 )
-            mngr.save(0, state, config=config, tokenizer_dir=tok_dir, force=True)
+            if not mngr.save(0, state, config=config, tokenizer_dir=tok_dir, force=True):
+                raise ValueError(
+                    f"{directory} holds later checkpoint steps {mngr.all_steps()}, so step 0 "
+                    "was not written; choose a new directory."
+                )
     return directory / "0"
 
 

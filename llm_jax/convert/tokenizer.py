@@ -29,7 +29,6 @@ from typing import Any
 
 from llm_jax.data.tokenizer import (
     SPECIAL_NAMES,
-    CharTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     load_tokenizer,
@@ -269,7 +268,7 @@ def save_hf_tokenizer(
         tokenizer = load_hf_tokenizer(src)
     if isinstance(tokenizer, HFTokenizer):
         return tokenizer.save_hf(out)
-    if isinstance(tokenizer, CharTokenizer) or not isinstance(tokenizer, SentencePieceTokenizer):
+    if not isinstance(tokenizer, SentencePieceTokenizer):
         raise ValueError(
             f"{type(tokenizer).__name__} has no Hugging Face tokenizer format; export the "
             "model without a tokenizer, or train a SentencePiece tokenizer."

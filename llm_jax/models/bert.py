@@ -128,12 +128,14 @@ class BERT(nnx.Module):
             positions = default_positions(b, t)
         elif not is_traced(positions):
             ops.check_positions(positions, cfg.max_position_embeddings)
-        x = x + ops.learned_positions(lookup_table(self.pos_embed[...]), positions).astype(x.dtype)
+        x = x + ops.learned_positions(
+            lookup_table(self.pos_embed[...], "positions"), positions
+        ).astype(x.dtype)
         if self.type_embed is not None:
             if token_type_ids is None:
                 token_type_ids = jnp.zeros((b, t), jnp.int32)
             check_tokens(token_type_ids, cfg.type_vocab_size, name="token_type_ids")
-            types = jnp.take(lookup_table(self.type_embed[...]), token_type_ids, axis=0)
+            types = jnp.take(lookup_table(self.type_embed[...], "types"), token_type_ids, axis=0)
             x = x + types.astype(x.dtype)
         x = self.embed_norm(x)
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))

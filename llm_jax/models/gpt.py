@@ -136,7 +136,7 @@ class GPT(nnx.Module):
                 check_length(t, cfg.max_position_embeddings)
             if not is_traced(positions):
                 ops.check_positions(positions, cfg.max_position_embeddings)
-            table = lookup_table(self.pos_embed[...])
+            table = lookup_table(self.pos_embed[...], "positions")
             x = x + ops.learned_positions(table, positions).astype(x.dtype)
         rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))

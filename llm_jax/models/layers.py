@@ -96,14 +96,15 @@ class Einsum(nnx.Module):
         return y
 
 
-def lookup_table(table: Float[Array, "V E"]) -> Float[Array, "V E"]:
-    """An embedding table about to be indexed, with its `embed` shards gathered.
+def lookup_table(table: Float[Array, "V E"], row_axis: str = "vocab") -> Float[Array, "V E"]:
+    """An embedding table [V, E] about to be indexed, with its `embed` shards gathered.
 
     What FSDP does for every weight before use: rows gathered from an embed-sharded table
     come out sharded on E, and XLA cannot move that to the batch-sharded activation layout
-    without a full rematerialization (it warns). The rows may stay split (vocab-parallel).
+    without a full rematerialization (it warns). The rows keep their own logical axis
+    `row_axis` ("vocab" may stay split for vocab parallelism; "positions", "types").
     """
-    return constrain(table, ("vocab", None))
+    return constrain(table, (row_axis, None))
 
 
 class Embed(nnx.Module):
@@ -121,11 +122,13 @@ class Embed(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.num_embeddings = num_embeddings
+        self.row_axis = axes[0]
         self.dtype = dtype
         self.embedding = param(rngs, (num_embeddings, features), axes, std=std, dtype=param_dtype)
 
     def __call__(self, ids: Int[Array, "..."]) -> Float[Array, "... E"]:
-        return jnp.take(lookup_table(self.embedding[...]), ids, axis=0).astype(self.dtype)
+        table = lookup_table(self.embedding[...], self.row_axis)
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Float[Array, "... E"]) -> Float[Array, "... V"]:
         """Logits against the table: x E^T (tied input/output embeddings)."""

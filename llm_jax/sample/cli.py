@@ -60,27 +60,34 @@ def _strategy(name: str, args: argparse.Namespace):
 class TextStream:
     """Turns generated ids into text increments as they arrive.
 
-    The whole continuation is re-decoded at every token, so pieces that only make sense
-    together (byte-fallback UTF-8 sequences, SentencePiece's leading spaces) come out
+    The context (the prompt's ids, for a decoder-only model) and the whole continuation are
+    re-decoded at every token, so pieces that only make sense together (byte-fallback UTF-8
+    sequences, SentencePiece's leading spaces, also on the first generated piece) come out
     right; a trailing U+FFFD (an incomplete UTF-8 sequence) is held back until it completes.
+    `printed` starts as the context's own text.
     """
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Any, context: list[int] | tuple[int, ...] = ()):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.printed = ""
+        self.ids: list[int] = list(context)
+        self.printed = self._decode()
+
+    def _decode(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
     def push(self, token: int) -> str:
         self.ids.append(int(token))
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True).rstrip("\ufffd")
+        text = self._decode().rstrip("\ufffd")
         if not text.startswith(self.printed):
             return ""  # an earlier piece changed meaning; wait until it settles
         new, self.printed = text[len(self.printed) :], text
         return new
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        new = text[len(self.printed) :] if text.startswith(self.printed) else ""
+        """The rest of the text; if it no longer extends what was printed, the whole text
+        again on a new line (never dropped)."""
+        text = self._decode()
+        new = text[len(self.printed) :] if text.startswith(self.printed) else "\n" + text
         self.printed = text
         return new
 
@@ -100,26 +107,29 @@ def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_
     else:
         data = data or {}
         ids = list(tokenizer.encode(prompt))
-        if encoder_decoder:
-            if data.get("add_eos", True) and eos is not None:
+        if encoder_decoder:  # span-corruption and seq2seq inputs always end with EOS
+            if eos is not None:
                 ids = [*ids, eos]
         elif data.get("add_bos", True) and bos is not None:
             ids = [bos, *ids]
     if not ids:
         raise ValueError(
-            "--prompt encodes to no tokens and the tokenizer has no BOS token to start from; "
-            "give a non-empty prompt."
+            "--prompt encodes to no tokens and nothing (BOS/EOS) frames it; give a non-empty "
+            "prompt."
         )
     return ids
 
 
 def _check_length(n: int, max_new_tokens: int, max_positions: int | None) -> None:
+    """`n` prompt tokens and `max_new_tokens` (0 for an encoder input) must fit the model's
+    `max_positions`, checked here to name the flag to change."""
     if max_positions is None:
         return
-    if n >= max_positions:
+    room = max_positions - (1 if max_new_tokens else 0)  # a decoder needs a slot to write
+    if n > room:
         raise ValueError(
             f"the prompt is {n} tokens but the model has {max_positions} positions; shorten "
-            f"--prompt to fewer than {max_positions} tokens."
+            f"--prompt to at most {room} tokens."
         )
     if n + max_new_tokens > max_positions:
         raise ValueError(
@@ -165,21 +175,21 @@ def _sample(args: argparse.Namespace) -> int:
     )
     eos = tokenizer.special_ids.get("eos")
     common = dict(max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=0)
-    prefix = "" if encoder_decoder else args.prompt
+    context = [] if encoder_decoder else ids  # decoder-only text continues the prompt
     out = sys.stdout
 
     if name == "beam":
         result = sample.generate(decoder, [ids], strategy=strategy, **common)
         scores = jax.device_get(result.scores)[0]
         for rank, (beam_ids, score) in enumerate(zip(result.to_lists()[0], scores, strict=True)):
-            text = tokenizer.decode(beam_ids, skip_special_tokens=True)
-            out.write(f"--- beam {rank + 1} (score {float(score):.4f}) ---\n{prefix}{text}\n")
+            text = tokenizer.decode(context + beam_ids, skip_special_tokens=True)
+            out.write(f"--- beam {rank + 1} (score {float(score):.4f}) ---\n{text}\n")
         out.flush()
         return 0
 
     rng = jax.random.key(args.seed) if name == "sample" else None
-    text = TextStream(tokenizer)
-    out.write(prefix)
+    text = TextStream(tokenizer, context)
+    out.write(text.printed)
     out.flush()
     for tokens in sample.stream(decoder, [ids], strategy=strategy, rng=rng, **common):
         out.write(text.push(int(tokens[0])))
