@@ -24,7 +24,7 @@ Process settings (printed; both sides run under them):
   blocks over 32 MiB with a fresh mmap and unmaps them on free, so every step page-faults
   its temporaries in again (~30 s of kernel time per minute of benchmark).
   `tcmalloc` (the default when found; Debian package `libtcmalloc-minimal4`) keeps freed
-  memory for reuse: llm_jax 5.75 -> 3.66 s/step, HF 3.06 -> 2.78 s/step on this machine.
+  memory for reuse: llm_jax 5.75 -> 3.48 s/step, HF 3.06 -> 2.62 s/step on this machine.
   `hugepages` (the fallback) keeps glibc with `GLIBC_TUNABLES=glibc.malloc.hugetlb=1`
   (transparent huge pages, ~300x fewer faults, but still a fresh mapping per step);
   `system` changes nothing.
@@ -78,7 +78,8 @@ def parse_args() -> argparse.Namespace:
 
 
 def configure_process(args: argparse.Namespace) -> None:
-    """Apply the process-wide settings; must run before JAX or torch is imported."""
+    """Apply the process-wide settings; must run before a JAX backend exists or torch is
+    imported (XLA reads XLA_FLAGS when it creates the backend)."""
     from llm_jax.train.allocator import find_tcmalloc
 
     # The dynamic loader and glibc read these at process start only, hence the re-exec.

@@ -382,11 +382,16 @@ def test_throughput_skips_the_compile_step():
 def test_allocator_hint_only_for_cpu_runs_without_tcmalloc(tmp_path):
     from llm_jax.train import allocator
 
-    assert allocator.allocator_hint("gpu", {}) is None
-    assert allocator.allocator_hint("cpu", {"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}) is None
+    big = 2 * 2**30
+    assert allocator.allocator_hint("gpu", big, {}) is None
+    assert (
+        allocator.allocator_hint("cpu", big, {"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}) is None
+    )
+    assert allocator.allocator_hint("cpu", 2**20, {}) is None  # small temporaries: no tip
     fake = tmp_path / "libtcmalloc_minimal.so.4"
     fake.write_bytes(b"")
     assert allocator.find_tcmalloc((str(tmp_path / "none"), str(tmp_path))) == str(fake)
-    assert allocator.allocator_hint("cpu", {}, (str(tmp_path),)).endswith(f"LD_PRELOAD={fake}")
-    missing = allocator.allocator_hint("cpu", {}, (str(tmp_path / "none"),))
+    tip = allocator.allocator_hint("cpu", big, {}, (str(tmp_path),))
+    assert tip.endswith(f"LD_PRELOAD={fake}") and "2.0 GiB" in tip
+    missing = allocator.allocator_hint("cpu", big, {}, (str(tmp_path / "none"),))
     assert "apt-get install libtcmalloc-minimal4" in missing

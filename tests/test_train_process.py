@@ -461,6 +461,8 @@ BAD_OVERRIDES = [
     (["trian.steps=3"], r"unknown section 'trian'.*'train'"),
     (["train.steps"], r"must look like section.key=value"),
     (["train.steps=0"], r"train.steps=0 must be >= 1"),
+    (["train.steps=10.5"], r"train.steps=10.5 must be a whole number"),
+    (["train.checkpoint_every=often"], r"train.checkpoint_every='often' must be a number"),
     (["train.on_nonfinite=halt"], r"'halt' is not one of \['stop', 'skip'\]"),
     (["optimizer.name=adam"], r"'adam' is not one of \['adamw'"),
     (["optimizer.schedule=cos"], r"'cos' is not one of \['cosine'"),
@@ -481,6 +483,11 @@ BAD_OVERRIDES = [
 def test_bad_config_fails_at_load_naming_the_choices(overrides, message):
     with pytest.raises(ValueError, match=message):
         load_config(REPO / "configs" / "tiny.yaml", overrides)
+
+
+def test_whole_float_for_an_int_field_becomes_an_int():
+    cfg = load_config(REPO / "configs" / "tiny.yaml", ["train.steps=1e3"])
+    assert cfg.train.steps == 1000 and isinstance(cfg.train.steps, int)
 
 
 def test_bad_yaml_key_fails_at_load(tmp_path):

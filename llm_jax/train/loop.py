@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import signal
 import sys
@@ -14,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from llm_jax.checkpoint import CheckpointManager
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
@@ -26,8 +24,6 @@ from llm_jax.train.flops import mfu, model_flops_per_token, peak_flops_per_devic
 from llm_jax.train.metrics import MetricsWriter, Progress
 from llm_jax.train.step import LossConfig
 from llm_jax.train.trainer import Trainer
-
-log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -144,12 +140,12 @@ def train(cfg: RunConfig) -> RunResult:
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
         print(f"mesh: {describe(mesh)}; rules: {cfg.mesh.rules}", file=sys.stderr)
-        hint = allocator_hint(jax.default_backend())
-        if hint:
-            print(hint, file=sys.stderr)
         mem = compiled.memory_analysis()
         if mem is not None:
             print(f"compiled step memory: {_memory_line(mem)}", file=sys.stderr)
+            hint = allocator_hint(jax.default_backend(), mem.temp_size_in_bytes)
+            if hint:
+                print(hint, file=sys.stderr)
 
     flops, tokens_per_step = _flops_and_tokens(model_config, first, cfg.data.objective)
     peak = peak_flops_per_device()
@@ -253,8 +249,3 @@ def _memory_line(mem) -> str:
         if v is not None:
             parts.append(f"{f.replace('_size_in_bytes', '')}={v / 2**20:.1f} MiB")
     return ", ".join(parts) or str(mem)
-
-
-def loss_table(result: RunResult) -> np.ndarray:
-    """[steps, 2] array of (step, loss) for tests and notebooks."""
-    return np.array(sorted(result.losses.items()))

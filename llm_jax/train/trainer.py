@@ -9,7 +9,6 @@ variant exists for older notebook code and gives the same numbers.
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import jax
@@ -36,8 +35,6 @@ from llm_jax.train.step import (
     make_eval_step,
     make_train_step,
 )
-
-log = logging.getLogger(__name__)
 
 
 class Trainer:
