@@ -230,17 +230,21 @@ def test_sharded_checkpoint(models, tmp_path):
     _params_equal(convert.load_hf_params(d)[1], convert.params_of(models["llama"]))
 
 
-def test_bfloat16_and_float16_weights_load(tmp_path):
+@pytest.mark.parametrize("dtype, eps", [("bfloat16", 2**-7), ("float16", 2**-10)])  # machine eps
+def test_bfloat16_and_float16_weights_load(dtype, eps, tmp_path):
     import ml_dtypes
 
+    half = getattr(ml_dtypes, dtype) if dtype == "bfloat16" else np.float16
     d = _copy_fixture("t5", tmp_path)
-    _rewrite(d, lambda w: {k: v.astype(ml_dtypes.bfloat16) for k, v in w.items()})
-    _, params = convert.load_hf_params(d)
-    leaves = jax.tree.leaves(params)
-    assert all(x.dtype == np.float32 for x in leaves)
-    original = convert.load_hf_params(HF / "t5")[1]
-    a, b = flatten_tree(params)["embed/embedding"], flatten_tree(original)["embed/embedding"]
-    np.testing.assert_allclose(a, b, rtol=1e-2)
+    _rewrite(d, lambda w: {k: v.astype(half) for k, v in w.items()})
+    params = flatten_tree(convert.load_hf_params(d)[1])
+    original = flatten_tree(convert.load_hf_params(HF / "t5")[1])
+    assert sorted(params) == sorted(original)
+    for key, value in params.items():
+        assert value.dtype == np.float32, key
+        # Each weight is the fp32 original rounded once to `dtype`: relative error <= eps/2
+        # (atol covers float16's subnormals).
+        np.testing.assert_allclose(value, original[key], rtol=eps / 2, atol=2**-24, err_msg=key)
 
 
 # --- errors that name the problem -----------------------------------------------------------------
@@ -428,22 +432,6 @@ def test_tokenizers_match_transformers(name, kind, tmp_path):
     again = convert.load_hf_tokenizer(tok.save(tmp_path / "ours"))
     assert type(again) is type(tok) and again.special_ids == tok.special_ids
     assert again.encode(info["tokenizer"][0]["text"]) == info["tokenizer"][0]["ids"]
-
-
-@pytest.mark.parametrize("name", ["gpt2", "t5"])
-def test_text_in_text_out_from_a_hf_folder(models, name):
-    """What `llm-jax sample --hf DIR --prompt ...` does: tokenizer + model + generate."""
-    import llm_jax as lj
-
-    tok = convert.load_hf_tokenizer(HF / name)
-    spec = convert.hf_spec(HF / name)
-    ids = tok.encode("First Citizen:")
-    out = lj.sample.generate(
-        models[name], [ids], max_new_tokens=10, strategy=lj.sample.Greedy(), eos_id=spec.eos_id
-    )
-    generated = out.to_lists()[0]
-    assert 0 < len(generated) <= 10
-    assert isinstance(tok.decode(generated, skip_special_tokens=True), str)
 
 
 def test_tokenizer_special_ids_and_t5_sentinels():

@@ -8,6 +8,7 @@ file uses 4 CPU devices, so the runs that are compared execute the same program.
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -453,7 +454,7 @@ def test_config_loads_and_initialises(path):
     )
     trainer.check_batch_size(cfg.data.batch_size)
     assert jax.tree.leaves(trainer.abstract_state.opt_state)
-    cfg.mesh.shape(8)  # the mesh fits the 8 test devices
+    assert math.prod(cfg.mesh.shape(8)) == 8  # the mesh fits the 8 test devices
 
 
 BAD_OVERRIDES = [
