@@ -205,3 +205,26 @@ def test_config_variants_match_transformers(variant, tmp_path):
     assert convert.read_hf_config(exported)["architectures"][0] == cls.__name__
     reloaded = cls.from_pretrained(exported).eval().double()
     np.testing.assert_allclose(_variant_outputs(variant, reloaded, model, ids)[0], want, atol=1e-9)
+
+
+def test_bare_llama_model_loads_with_exact_hidden_states(tmp_path):
+    """A headless `LlamaModel` has no lm_head: it loads tied, with exact hidden states."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.3,
+    )
+    hf_model = transformers.LlamaModel(config).eval()
+    hf_model.save_pretrained(tmp_path)
+    model = convert.load_hf(tmp_path)
+    assert model.cfg.tie_embeddings
+    ids = np.random.default_rng(0).integers(0, 96, (2, 7))
+    with torch.no_grad():
+        want = hf_model.double()(input_ids=torch.tensor(ids)).last_hidden_state.numpy()
+    error = float(np.abs(np.asarray(model.features(ids)[0]) - want).max())
+    assert error < checks.LOGIT_TOL, error

@@ -287,7 +287,10 @@ def _llama_config(hf, weights) -> ModelConfig:
         activation=_activation("hidden_act", hf.get("hidden_act", "silu")),
         gated_mlp=True,
         use_bias=attention_bias,
-        tie_embeddings=_tied(hf, weights, "lm_head.weight", "embed_tokens.weight", False),
+        # A bare LlamaModel has no head: its hidden states are exact, and logits come from
+        # the embedding (tied), as for GPT2Model.
+        tie_embeddings=architecture_of(hf)[0] == "LlamaModel"
+        or _tied(hf, weights, "lm_head.weight", "embed_tokens.weight", False),
         dropout_rate=0.0,
         attention_dropout_rate=float(hf.get("attention_dropout") or 0.0),
         initializer_range=float(hf.get("initializer_range", 0.02)),
