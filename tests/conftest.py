@@ -28,3 +28,24 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"expected the shared corpora at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def token_cache(tmp_path_factory) -> str:
+    """A token-cache folder shared by the tests of one module."""
+    return str(tmp_path_factory.mktemp("token_cache"))
+
+
+@pytest.fixture(scope="session")
+def shakespeare_prefix(shared_data, tmp_path_factory):
+    """`(n) -> Path` of a file holding the first n characters of tiny-Shakespeare."""
+    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
+    made: dict[int, Path] = {}
+
+    def make(n: int) -> Path:
+        if n not in made:
+            made[n] = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+            made[n].write_text(text[:n], encoding="utf-8")
+        return made[n]
+
+    return make

@@ -6,10 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from llm_jax.data import DataConfig, train_tokenizer
+from llm_jax.data import DataConfig, load_source, train_tokenizer
 from llm_jax.data import objectives as obj
 from llm_jax.data.packing import row_pieces
-from llm_jax.data.pipeline import load_source
 
 # Binomial tolerances: 5 standard deviations, so a correct builder fails ~never.
 SIGMAS = 5
@@ -20,16 +19,8 @@ def _tol(p, n):
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("token_cache"))
-
-
-@pytest.fixture(scope="module")
-def shakespeare(shared_data, tmp_path_factory):
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:400_000]
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+def shakespeare(shakespeare_prefix):
+    return shakespeare_prefix(400_000)
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +28,9 @@ def tok(shakespeare):
     return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000)
 
 
-def _cfg(path, cache, **kw):
+def _cfg(path, token_cache, **kw):
     base = dict(paths=(str(path),), doc_split="blank_line", seq_len=128, batch_size=8)
-    return DataConfig(**{**base, "cache_dir": cache, **kw})
+    return DataConfig(**{**base, "cache_dir": token_cache, **kw})
 
 
 # CLM ------------------------------------------------------------------------------------------
@@ -93,8 +84,8 @@ def test_mlm_mask_statistics(tok, shakespeare):
     assert not np.isin(masked[sel][rand], special).any()
 
 
-def test_mlm_pipeline_masks_only_ordinary_tokens(shakespeare, tok, cache):
-    src = load_source(_cfg(shakespeare, cache, objective="mlm"), tok)
+def test_mlm_pipeline_masks_only_ordinary_tokens(shakespeare, tok, token_cache):
+    src = load_source(_cfg(shakespeare, token_cache, objective="mlm"), tok)
     b = src.build(np.arange(src.num_examples), 0)
     seg, w, tgt, inp = b["segment_ids"], b["weights"], b["targets"], b["tokens"]
     special = np.isin(tgt, tok.all_special_ids) | (seg == 0)
@@ -109,8 +100,8 @@ def test_mlm_pipeline_masks_only_ordinary_tokens(shakespeare, tok, cache):
 
 
 @pytest.mark.parametrize("dynamic", [False, True])
-def test_static_and_dynamic_masking(shakespeare, tok, cache, dynamic):
-    src = load_source(_cfg(shakespeare, cache, objective="mlm", dynamic_masking=dynamic), tok)
+def test_static_and_dynamic_masking(shakespeare, tok, token_cache, dynamic):
+    src = load_source(_cfg(shakespeare, token_cache, objective="mlm", dynamic_masking=dynamic), tok)
     idx = np.arange(64)
     e0, again, e1 = src.build(idx, 0), src.build(idx, 0), src.build(idx, 1)
     np.testing.assert_array_equal(e0["tokens"], again["tokens"])
@@ -134,8 +125,8 @@ def _segments(row_tokens, types, seg, sep_id):
 
 
 @pytest.mark.parametrize("task", ["nsp", "sop"])
-def test_sentence_pair_statistics(shakespeare, tok, cache, task):
-    src = load_source(_cfg(shakespeare, cache, objective="mlm", pair_task=task), tok)
+def test_sentence_pair_statistics(shakespeare, tok, token_cache, task):
+    src = load_source(_cfg(shakespeare, token_cache, objective="mlm", pair_task=task), tok)
     idx = np.arange(src.num_examples)
     labels = []
     for epoch in range(3):  # dynamic: new coin flips each epoch
@@ -218,14 +209,14 @@ def test_span_corruption_density_and_mean_span():
     assert np.std(span_lengths) > 1 and min(span_lengths) == 1
 
 
-def test_span_corruption_needs_a_sentinel_per_span(shakespeare, tok, cache):
-    cfg = _cfg(shakespeare, cache, objective="span_corruption", seq_len=2048)
+def test_span_corruption_needs_a_sentinel_per_span(shakespeare, tok, token_cache):
+    cfg = _cfg(shakespeare, token_cache, objective="span_corruption", seq_len=2048)
     with pytest.raises(ValueError, match=r"makes \d+ noise spans but the tokenizer has 100"):
         load_source(cfg, tok)
 
 
-def test_span_corruption_pipeline_rows_reconstruct(shakespeare, tok, cache):
-    src = load_source(_cfg(shakespeare, cache, objective="span_corruption"), tok)
+def test_span_corruption_pipeline_rows_reconstruct(shakespeare, tok, token_cache):
+    src = load_source(_cfg(shakespeare, token_cache, objective="span_corruption"), tok)
     assert src.S == obj.span_corruption_raw_length(128)[1]
     idx = np.arange(40)
     b = src.build(idx, 0)
@@ -258,7 +249,7 @@ def test_shift_right_literal():
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_seq2seq_pairs_from_tsv(shared_data, tmp_path, cache, pack):
+def test_seq2seq_pairs_from_tsv(shared_data, tmp_path, token_cache, pack):
     rows = (shared_data / "bible-kjv-rv1909.en-es.tsv").read_text(encoding="utf-8")
     rows = rows.splitlines()[:300]
     path = tmp_path / "pairs.tsv"
@@ -269,7 +260,7 @@ def test_seq2seq_pairs_from_tsv(shared_data, tmp_path, cache, pack):
     cfg = DataConfig(
         paths=(str(path),), format="tsv", objective="seq2seq", source_column=1,
         target_column=2, seq_len=256, target_seq_len=256, batch_size=4, pack=pack,
-        cache_dir=cache,
+        cache_dir=token_cache,
     )  # fmt: skip
     src = load_source(cfg, tk)
     idx = np.arange(src.num_examples)
@@ -287,12 +278,12 @@ def test_seq2seq_pairs_from_tsv(shared_data, tmp_path, cache, pack):
         assert src.num_examples < 300 / 2
 
 
-def test_classification_from_sentiment_file(shared_data, tok, cache):
+def test_classification_from_sentiment_file(shared_data, tok, token_cache):
     path = shared_data / "sentiment-pang-lee-200.txt"
     lines = path.read_text(encoding="utf-8").splitlines()
     cfg = DataConfig(
         paths=(str(path),), format="fasttext", objective="classification", seq_len=96,
-        batch_size=4, cache_dir=cache,
+        batch_size=4, cache_dir=token_cache,
     )  # fmt: skip
     src = load_source(cfg, tok)
     b = src.build(np.arange(200), 0)
@@ -314,12 +305,12 @@ def test_classification_from_sentiment_file(shared_data, tok, cache):
         load_source(cfg.replace(label_names=("neg",)), tok)
 
 
-def test_classification_text_pairs_from_tsv(tmp_path, tok, cache):
+def test_classification_text_pairs_from_tsv(tmp_path, tok, token_cache):
     path = tmp_path / "nli.tsv"
     path.write_text("yes\tA man sleeps.\tSomeone rests.\nno\tA cat runs.\tNothing moves.\n")
     cfg = DataConfig(
         paths=(str(path),), format="tsv", objective="classification", label_column=0,
-        text_columns=(1, 2), seq_len=32, batch_size=2, cache_dir=cache,
+        text_columns=(1, 2), seq_len=32, batch_size=2, cache_dir=token_cache,
     )  # fmt: skip
     b = load_source(cfg, tok).build(np.arange(2), 0)
     np.testing.assert_array_equal(b["labels"], [1, 0])

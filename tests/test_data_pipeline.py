@@ -14,24 +14,16 @@ from llm_jax.data import (
     DataConfig,
     InvalidUTF8Warning,
     batch_sharding,
+    load_source,
     make_iterator,
     train_tokenizer,
 )
-from llm_jax.data.pipeline import load_source
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("token_cache"))
-
-
-@pytest.fixture(scope="module")
-def shakespeare(shared_data, tmp_path_factory):
-    """The first ~60% of tiny-Shakespeare (keeps the tests fast), as its own file."""
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:600_000]
-    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
-    path.write_text(text, encoding="utf-8")
-    return path
+def shakespeare(shakespeare_prefix):
+    """The first ~60% of tiny-Shakespeare (keeps the tests fast)."""
+    return shakespeare_prefix(600_000)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +36,9 @@ def sp_tok(shakespeare):
     return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000)
 
 
-def _cfg(path, cache, **kw):
+def _cfg(path, token_cache, **kw):
     base = dict(paths=(str(path),), doc_split="blank_line", seq_len=64, batch_size=8)
-    return DataConfig(**{**base, "cache_dir": cache, **kw})
+    return DataConfig(**{**base, "cache_dir": token_cache, **kw})
 
 
 # Config ---------------------------------------------------------------------------------------
@@ -79,7 +71,7 @@ def test_config_from_dict_and_errors():
 # Packing and CLM --------------------------------------------------------------------------------
 
 
-def test_packing_never_attends_across_documents(tmp_path, cache):
+def test_packing_never_attends_across_documents(tmp_path, token_cache):
     """Synthetic corpus: document i is one repeated character unique to it, so a token's
     document is readable from the token itself."""
     rng = np.random.default_rng(0)
@@ -88,7 +80,7 @@ def test_packing_never_attends_across_documents(tmp_path, cache):
     (tmp_path / "docs.txt").write_text("\n".join(docs) + "\n", encoding="utf-8")
     tok = train_tokenizer(tmp_path / "docs.txt", model_type="char", vocab_size=None)
     doc_of = {tok.encode(d[0])[0]: i for i, d in enumerate(docs)}
-    cfg = _cfg(tmp_path / "docs.txt", cache, doc_split="line", add_bos=False, add_eos=False)
+    cfg = _cfg(tmp_path / "docs.txt", token_cache, doc_split="line", add_bos=False, add_eos=False)
     it = make_iterator(cfg, tok)
     total_weight = 0.0
     for _ in range(it.steps_per_epoch):
@@ -115,8 +107,8 @@ def test_packing_never_attends_across_documents(tmp_path, cache):
     assert all_rows["weights"].sum() == pairs
 
 
-def test_clm_rows_on_real_text(shakespeare, char_tok, cache):
-    cfg = _cfg(shakespeare, cache, seq_len=128)
+def test_clm_rows_on_real_text(shakespeare, char_tok, token_cache):
+    cfg = _cfg(shakespeare, token_cache, seq_len=128)
     it = make_iterator(cfg, char_tok)
     docs = shakespeare.read_text(encoding="utf-8").split("\n\n")
     b = next(it)
@@ -162,9 +154,9 @@ def _same(a, b):
     ],
 )
 def test_resume_mid_epoch_gives_identical_next_batches(
-    shakespeare, sp_tok, cache, objective, extra
+    shakespeare, sp_tok, token_cache, objective, extra
 ):
-    cfg = _cfg(shakespeare, cache, seq_len=256, batch_size=32, objective=objective, **extra)
+    cfg = _cfg(shakespeare, token_cache, seq_len=256, batch_size=32, objective=objective, **extra)
     it = make_iterator(cfg, sp_tok)
     spe = it.steps_per_epoch
     # Stop just before an epoch boundary so the continuation crosses into a reshuffle.
@@ -184,10 +176,10 @@ def test_resume_mid_epoch_gives_identical_next_batches(
     assert not np.array_equal(next(first)[key], expected[2][key])
 
 
-def test_set_state_rejects_a_different_order(shakespeare, char_tok, cache):
-    it = make_iterator(_cfg(shakespeare, cache), char_tok)
+def test_set_state_rejects_a_different_order(shakespeare, char_tok, token_cache):
+    it = make_iterator(_cfg(shakespeare, token_cache), char_tok)
     state = it.get_state()
-    other = make_iterator(_cfg(shakespeare, cache, shuffle_seed=1), char_tok)
+    other = make_iterator(_cfg(shakespeare, token_cache, shuffle_seed=1), char_tok)
     with pytest.raises(ValueError, match="seed=0 but this iterator has 1"):
         other.set_state(state)
 
@@ -195,8 +187,8 @@ def test_set_state_rejects_a_different_order(shakespeare, char_tok, cache):
 # Hosts and meshes -------------------------------------------------------------------------------
 
 
-def test_two_hosts_get_disjoint_covering_shards(shakespeare, char_tok, cache):
-    cfg = _cfg(shakespeare, cache, batch_size=8, seq_len=512)
+def test_two_hosts_get_disjoint_covering_shards(shakespeare, char_tok, token_cache):
+    cfg = _cfg(shakespeare, token_cache, batch_size=8, seq_len=512)
     single = make_iterator(cfg, char_tok, process_index=0, process_count=1)
     hosts = [make_iterator(cfg, char_tok, process_index=p, process_count=2) for p in (0, 1)]
     seen: list[list[int]] = [[], []]
@@ -220,9 +212,9 @@ def test_two_hosts_get_disjoint_covering_shards(shakespeare, char_tok, cache):
     assert set(both) <= set(range(n)) and n - len(both) < 8
 
 
-def test_batches_land_on_the_mesh_data_axes(shakespeare, char_tok, cache):
+def test_batches_land_on_the_mesh_data_axes(shakespeare, char_tok, token_cache):
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
-    cfg = _cfg(shakespeare, cache, batch_size=16)
+    cfg = _cfg(shakespeare, token_cache, batch_size=16)
     it = make_iterator(cfg, char_tok, mesh=mesh)
     host = make_iterator(cfg, char_tok)
     b, want = next(it), next(host)
@@ -239,24 +231,24 @@ def test_batches_land_on_the_mesh_data_axes(shakespeare, char_tok, cache):
     assert batch_sharding(dp).spec == PartitionSpec(("data",))
 
 
-def test_batch_not_dividing_the_mesh_errors(shakespeare, char_tok, cache):
+def test_batch_not_dividing_the_mesh_errors(shakespeare, char_tok, token_cache):
     mesh = jax.make_mesh((4, 2), ("data", "fsdp"))
     with pytest.raises(ValueError, match=r"batch_size=12 .* 8 data shards .* e\.g\. 8, 16, 24"):
-        make_iterator(_cfg(shakespeare, cache, batch_size=12), char_tok, mesh=mesh)
+        make_iterator(_cfg(shakespeare, token_cache, batch_size=12), char_tok, mesh=mesh)
     tp = jax.make_mesh((8,), ("tensor",))
     with pytest.raises(ValueError, match="none of the data axes"):
-        make_iterator(_cfg(shakespeare, cache), char_tok, mesh=tp)
+        make_iterator(_cfg(shakespeare, token_cache), char_tok, mesh=tp)
     with pytest.raises(ValueError, match="3 hosts"):
-        make_iterator(_cfg(shakespeare, cache), char_tok, process_index=0, process_count=3)
+        make_iterator(_cfg(shakespeare, token_cache), char_tok, process_index=0, process_count=3)
 
 
 # Corpus errors and warnings ---------------------------------------------------------------------
 
 
-def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path, char_tok, cache):
+def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path, char_tok, token_cache):
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"good line\nbad \xff byte and \xc3\x28 pair\n\nmore \x80 text\n")
-    cfg = _cfg(bad, cache, seq_len=16, batch_size=1)
+    cfg = _cfg(bad, token_cache, seq_len=16, batch_size=1)
     for _ in range(2):  # the cache hit warns the same as the first read
         with pytest.warns(InvalidUTF8Warning, match=r"replaced 3 invalid UTF-8 .*bad\.txt \(3\)"):
             it = make_iterator(cfg, char_tok)
@@ -266,32 +258,32 @@ def test_invalid_utf8_is_replaced_counted_and_warned(tmp_path, char_tok, cache):
     good.write_text("fine \ufffd already here\n")
     with warnings.catch_warnings():
         warnings.simplefilter("error", InvalidUTF8Warning)
-        make_iterator(_cfg(good, cache, seq_len=16, batch_size=1), char_tok)
+        make_iterator(_cfg(good, token_cache, seq_len=16, batch_size=1), char_tok)
 
 
-def test_empty_or_missing_corpus_errors(tmp_path, char_tok, cache):
+def test_empty_or_missing_corpus_errors(tmp_path, char_tok, token_cache):
     with pytest.raises(ValueError, match=r"no such file or folder.*missing\.txt"):
-        make_iterator(_cfg(tmp_path / "missing.txt", cache), char_tok)
+        make_iterator(_cfg(tmp_path / "missing.txt", token_cache), char_tok)
     (tmp_path / "empty.txt").write_text(" \n\n\t\n")
     with pytest.raises(ValueError, match="holds no text"):
-        make_iterator(_cfg(tmp_path / "empty.txt", cache), char_tok)
+        make_iterator(_cfg(tmp_path / "empty.txt", token_cache), char_tok)
     (tmp_path / "folder").mkdir()
     with pytest.raises(ValueError, match="has no files matching"):
-        make_iterator(_cfg(tmp_path / "folder", cache), char_tok)
+        make_iterator(_cfg(tmp_path / "folder", token_cache), char_tok)
     with pytest.raises(ValueError, match=r"DataConfig\.paths is empty"):
-        make_iterator(DataConfig(cache_dir=cache), char_tok)
+        make_iterator(DataConfig(cache_dir=token_cache), char_tok)
     (tmp_path / "tiny.txt").write_text("just a few words\n")
     with pytest.raises(ValueError, match=r"1 example.*batch_size=8"):
-        make_iterator(_cfg(tmp_path / "tiny.txt", cache), char_tok)
+        make_iterator(_cfg(tmp_path / "tiny.txt", token_cache), char_tok)
 
 
-def test_folder_input_reads_every_file_once(tmp_path, char_tok, cache):
+def test_folder_input_reads_every_file_once(tmp_path, char_tok, token_cache):
     root = tmp_path / "tree"
     (root / "sub").mkdir(parents=True)
     (root / "a.txt").write_text("alpha\n")
     (root / "sub" / "b.txt").write_text("beta\n")
     (root / ".hidden.txt").write_text("never\n")
-    cfg = _cfg(root, cache, doc_split="file", seq_len=16, batch_size=2, pack=False)
+    cfg = _cfg(root, token_cache, doc_split="file", seq_len=16, batch_size=2, pack=False)
     rows = next(make_iterator(cfg, char_tok))
     texts = [char_tok.decode(r, skip_special_tokens=True) for r in rows["tokens"]]
     assert "".join(texts).replace("\n", "") in ("alphabeta", "betaalpha")
@@ -300,8 +292,8 @@ def test_folder_input_reads_every_file_once(tmp_path, char_tok, cache):
 # Splits and caching -----------------------------------------------------------------------------
 
 
-def test_validation_fraction_is_disjoint_and_fixed(shakespeare, char_tok, cache):
-    cfg = _cfg(shakespeare, cache, validation_fraction=0.1, seq_len=128)
+def test_validation_fraction_is_disjoint_and_fixed(shakespeare, char_tok, token_cache):
+    cfg = _cfg(shakespeare, token_cache, validation_fraction=0.1, seq_len=128)
     train = load_source(cfg, char_tok, "train")
     val = load_source(cfg, char_tok, "validation")
 
@@ -322,9 +314,11 @@ def test_validation_fraction_is_disjoint_and_fixed(shakespeare, char_tok, cache)
         make_iterator(cfg.replace(validation_fraction=0.0), char_tok, split="validation")
 
 
-def test_validation_paths(shakespeare, tmp_path, char_tok, cache):
+def test_validation_paths(shakespeare, tmp_path, char_tok, token_cache):
     (tmp_path / "val.txt").write_text("Held-out text.\n\nAnother held-out paragraph.\n")
-    cfg = _cfg(shakespeare, cache, validation_paths=(str(tmp_path / "val.txt"),), batch_size=4)
+    cfg = _cfg(
+        shakespeare, token_cache, validation_paths=(str(tmp_path / "val.txt"),), batch_size=4
+    )
     b = next(make_iterator(cfg, char_tok, split="validation"))
     text = char_tok.decode(b["tokens"].reshape(-1), skip_special_tokens=True)
     assert "Held-out text." in text and "Another held-out paragraph." in text

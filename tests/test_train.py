@@ -64,6 +64,7 @@ def mlm_batch(b=8, t=16, seed=0, vocab=512):
         "token_type_ids": np.repeat([[0] * (t // 2) + [1] * (t // 2)], b, 0).astype(np.int32),
         "segment_ids": np.ones((b, t), np.int32),
         "nsp_labels": rng.integers(0, 2, (b,)).astype(np.int32),
+        "nsp_weights": np.ones((b,), np.float32),
     }
 
 

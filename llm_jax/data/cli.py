@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from llm_jax.data.tokenizer import MAX_SENTINELS, MODEL_TYPES, load_tokenizer, train_tokenizer
+from llm_jax.data.config import DataConfig
+from llm_jax.data.tokenize import train_tokenizer_from
+from llm_jax.data.tokenizer import MAX_SENTINELS, MODEL_TYPES, load_tokenizer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -86,17 +88,18 @@ def _train(args: argparse.Namespace) -> int:
     vocab = args.vocab_size
     if vocab is None and args.model_type != "char":
         vocab = 8000
-    tok = train_tokenizer(
-        args.input,
-        model_type=args.model_type,
+    config = DataConfig(
+        paths=tuple(args.input),
+        file_pattern=args.file_pattern,
+        tokenizer_path=args.out,
+        tokenizer_type=args.model_type,
         vocab_size=vocab,
         character_coverage=args.character_coverage,
         byte_fallback=args.byte_fallback,
         num_sentinels=args.num_sentinels,
-        max_sentences=args.max_sentences,
-        file_pattern=args.file_pattern,
-        out_dir=args.out,
+        tokenizer_max_sentences=args.max_sentences,
     )
+    tok = train_tokenizer_from(config, what="--input")
     specials = " ".join(f"{k}={v}" for k, v in tok.special_ids.items())
     sentinels = (
         f", sentinels <extra_id_0>={tok.sentinel_id(0)}..<extra_id_{tok.num_sentinels - 1}>="

@@ -10,20 +10,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from llm_jax.data.objectives import OBJECTIVES as _REGISTRY
+
 FORMATS = ("text", "tsv", "fasttext")
 DOC_SPLITS = ("file", "line", "blank_line")
 TOKENIZER_TYPES = ("unigram", "bpe", "char")
-OBJECTIVES = ("clm", "mlm", "span_corruption", "seq2seq", "classification")
 PAIR_TASKS = ("none", "nsp", "sop")
-# Which input formats each objective can read: running text for the pretraining
-# objectives, TSV columns or fastText `__label__` lines for the supervised ones.
-OBJECTIVE_FORMATS = {
-    "clm": ("text",),
-    "mlm": ("text",),
-    "span_corruption": ("text",),
-    "seq2seq": ("tsv",),
-    "classification": ("tsv", "fasttext"),
-}
+# Each objective declares which input formats it can read (see `llm_jax.data.objectives`).
+OBJECTIVES = tuple(_REGISTRY)
+OBJECTIVE_FORMATS = {name: spec.formats for name, spec in _REGISTRY.items()}
 _TUPLE_FIELDS = ("paths", "validation_paths", "text_columns", "label_names")
 
 

@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -88,11 +89,6 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     )
 
 
-def _axis_size(mesh: Mesh, axis) -> int:
-    names = axis if isinstance(axis, tuple) else (axis,)
-    return math.prod(mesh.shape[n] for n in names)
-
-
 def logical_axes(model: nnx.Module) -> dict:
     """The logical axis names of every parameter, as a pure dict shaped like the params."""
     state = nnx.state(model, nnx.Param)
@@ -114,13 +110,58 @@ def logical_to_sharding(abstract_params, axes_tree, mesh: Mesh, rules: str | dic
     return jax.tree.map(one, abstract_params, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batch arrays split on their leading axis over ('data', 'fsdp')."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+def data_shards(mesh: Mesh, data_axes: Sequence[str] = BATCH_AXES) -> tuple[tuple[str, ...], int]:
+    """The batch axes present in `mesh` and the number of batch shards they make."""
+    present = tuple(a for a in data_axes if a in mesh.axis_names)
+    if not present:
+        raise ValueError(
+            f"none of the data axes {list(data_axes)} is in the mesh axes "
+            f"{list(mesh.axis_names)}; name the batch axes of this mesh in `data_axes`."
+        )
+    return present, math.prod(mesh.shape[a] for a in present)
 
 
-def data_parallel_size(mesh: Mesh) -> int:
-    return _axis_size(mesh, BATCH_AXES)
+def data_parallel_size(mesh: Mesh, data_axes: Sequence[str] = BATCH_AXES) -> int:
+    """How many shards the batch is split into (the product of the present batch axes)."""
+    return data_shards(mesh, data_axes)[1]
+
+
+def batch_sharding(
+    mesh: Mesh, ndim: int = 1, *, data_axes: Sequence[str] = BATCH_AXES
+) -> NamedSharding:
+    """Batch arrays [B, ...] split on their leading axis over the batch axes of `mesh`.
+
+    Axes named in `data_axes` but absent from the mesh are left out, so the default
+    ('data', 'fsdp') serves DP-only and FSDP meshes alike. `ndim` only spells out the
+    replicated trailing axes of the spec; the sharding is the same for every rank.
+    """
+    present, _ = data_shards(mesh, data_axes)
+    return NamedSharding(mesh, PartitionSpec(present, *([None] * (ndim - 1))))
+
+
+def check_batch_size(
+    batch_size: int,
+    mesh: Mesh | None = None,
+    data_axes: Sequence[str] = BATCH_AXES,
+    process_count: int = 1,
+) -> None:
+    """ValueError unless the global batch divides over the mesh's batch shards and the hosts.
+
+    The message names the sizes that would work.
+    """
+    need, why = process_count, f"{process_count} hosts"
+    if mesh is not None:
+        present, shards = data_shards(mesh, data_axes)
+        sizes = ", ".join(f"{a}={mesh.shape[a]}" for a in present)
+        need, why = math.lcm(shards, process_count), f"{shards} data shards ({sizes})"
+        if process_count > 1:
+            why += f" and {process_count} hosts"
+    if batch_size % need:
+        options = ", ".join(str(need * k) for k in range(1, 5))
+        raise ValueError(
+            f"DataConfig.batch_size={batch_size} does not divide evenly over {why}; use a "
+            f"multiple of {need}, e.g. {options}."
+        )
 
 
 def initialize_distributed(

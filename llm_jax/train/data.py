@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llm_jax.data import DataConfig, Tokenizer, build_tokenizer, load_tokenizer, make_iterator
-from llm_jax.data.pipeline import DataIterator
+from llm_jax.data.iterator import DataIterator
 
 
 def stdlib_corpus() -> tuple[str, ...]:
@@ -36,6 +36,8 @@ class PreparedData:
     tokenizer: Tokenizer
     tokenizer_dir: Path
     _eval: DataIterator | None = None
+    # Where the validation iterator starts, so every evaluation sees the same batches.
+    _eval_start: dict[str, Any] | None = dataclasses.field(default=None, init=False, repr=False)
 
     def train_iterator(self, mesh: Mesh) -> DataIterator:
         return make_iterator(self.config, self.tokenizer, split="train", mesh=mesh)

@@ -25,10 +25,14 @@ Peak FLOP/s are dense (no 2:4 sparsity) tensor-core / MXU numbers **per JAX devi
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
 import jax
 
 from llm_jax.models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from llm_jax.data.objectives import ObjectiveSpec
 
 # Matmul-weight counts ----------------------------------------------------------------------
 
@@ -192,6 +196,19 @@ def model_flops_per_token(
     )
     tokens = enc_len + dec_len if cfg.family == "t5" else seq_len
     return per_sequence / tokens
+
+
+def flops_and_tokens(cfg: ModelConfig, spec: ObjectiveSpec, batch) -> tuple[float, int]:
+    """(training FLOPs per token, tokens per step) of `spec`'s batches shaped like `batch`.
+
+    Tokens are the elements of `spec.token_fields` (T5: source plus target tokens); two
+    fields are an encoder and a decoder sequence.
+    """
+    lengths = [batch[f].shape[1] for f in spec.token_fields]
+    tokens = sum(int(batch[f].size) for f in spec.token_fields)
+    if len(lengths) == 2:
+        return model_flops_per_token(cfg, enc_len=lengths[0], dec_len=lengths[1]), tokens
+    return model_flops_per_token(cfg, lengths[0], lm_head=spec.lm_head), tokens
 
 
 def inference_flops_per_token(

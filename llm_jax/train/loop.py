@@ -15,12 +15,13 @@ from typing import Any
 import jax
 
 from llm_jax.checkpoint import CheckpointManager
+from llm_jax.data.objectives import objective_spec
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
 from llm_jax.train.allocator import allocator_hint
 from llm_jax.train.config import RunConfig
-from llm_jax.train.flops import mfu, model_flops_per_token, peak_flops_per_device
+from llm_jax.train.flops import flops_and_tokens, mfu, peak_flops_per_device
 from llm_jax.train.metrics import MetricsWriter, Progress
 from llm_jax.train.step import LossConfig
 from llm_jax.train.trainer import Trainer
@@ -68,8 +69,8 @@ def _to_float(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
-    """Mean losses (and perplexity of the LM loss) over the given eval batches."""
+def evaluate(trainer: Trainer, params, batches, main_loss: str) -> dict[str, float]:
+    """Mean losses (and perplexity of `main_loss`, the spec's) over the given eval batches."""
     sums: dict[str, list[float]] = {}
     for batch in batches:
         for name, (s, c) in jax.device_get(trainer.eval_losses(params, batch)).items():
@@ -77,7 +78,7 @@ def evaluate(trainer: Trainer, params, batches) -> dict[str, float]:
             acc[0] += float(s)
             acc[1] += float(c)
     out = {f"{k}_loss": s / max(c, 1.0) for k, (s, c) in sums.items()}
-    main = out.get("lm_loss", out.get("mlm_loss", out.get("cls_loss")))
+    main = out.get(f"{main_loss}_loss")
     if main is not None:
         out["loss"] = sum(out.values())
         out["perplexity"] = math.exp(min(main, 50.0))
@@ -147,7 +148,8 @@ def train(cfg: RunConfig) -> RunResult:
             if hint:
                 print(hint, file=sys.stderr)
 
-    flops, tokens_per_step = _flops_and_tokens(model_config, first, cfg.data.objective)
+    spec = objective_spec(cfg.data.objective)
+    flops, tokens_per_step = flops_and_tokens(model_config, spec, first)
     peak = peak_flops_per_device()
     writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
     progress = Progress(tc.steps, initial_step=start, enabled=is_main and tc.progress)
@@ -182,7 +184,8 @@ def train(cfg: RunConfig) -> RunResult:
                     writer.write(step, {f"train/{k}": v for k, v in m.items()})
                     progress.update(step, m)
                 if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                    ev = evaluate(trainer, state.params, data.eval_batches(mesh, tc.eval_batches))
+                    batches = data.eval_batches(mesh, tc.eval_batches)
+                    ev = evaluate(trainer, state.params, batches, spec.main_loss)
                     if ev:
                         eval_losses[step] = ev["loss"]
                         writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
@@ -222,18 +225,6 @@ def train(cfg: RunConfig) -> RunResult:
             f"(TensorBoard: {workdir / 'tensorboard'})\nloss curve: {result.loss_curve}"
         )
     return result
-
-
-def _flops_and_tokens(model_config, batch, objective: str) -> tuple[float, int]:
-    """Training FLOPs per token and tokens per step (T5: source plus target tokens)."""
-    if "encoder_tokens" in batch:
-        b, enc = batch["encoder_tokens"].shape
-        dec = batch["decoder_tokens"].shape[1]
-        flops = model_flops_per_token(model_config, enc_len=enc, dec_len=dec)
-        return flops, b * (enc + dec)
-    b, t = batch["tokens"].shape
-    flops = model_flops_per_token(model_config, t, lm_head=objective != "classification")
-    return flops, b * t
 
 
 def _memory_line(mem) -> str:

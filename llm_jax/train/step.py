@@ -10,7 +10,6 @@ Shape letters: A accumulation steps, B batch, T length, V vocab.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -19,10 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
-from llm_jax import ops
-
-Batch = dict[str, jax.Array]
-Losses = dict[str, tuple[jax.Array, jax.Array]]
+from llm_jax.data.objectives import objective_spec
+from llm_jax.train.losses import LOSSES, Batch, LossConfig, loss_counts
 
 
 @struct.dataclass
@@ -40,115 +37,6 @@ class TrainState:
     params: Any
     opt_state: Any
     rng: jax.Array
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class LossConfig:
-    label_smoothing: float = 0.0
-    z_loss: float = 0.0
-
-
-# Objectives ----------------------------------------------------------------------------------
-# Each objective maps (model, batch, dropout_rng, loss config) to named (sum, count) losses;
-# `counts` gives the same counts from the batch alone (for exact accumulation).
-
-
-def _ce(logits, labels, weights, lc: LossConfig):
-    return ops.cross_entropy(
-        logits, labels, weights, label_smoothing=lc.label_smoothing, z_loss=lc.z_loss
-    )
-
-
-def _row_weights(batch: Batch) -> jax.Array:
-    """[B] 1 for real rows, 0 for the empty rows that pad a last validation batch."""
-    if "segment_ids" not in batch:
-        return jnp.ones(batch["tokens"].shape[:1], jnp.float32)
-    return (batch["segment_ids"][:, 0] > 0).astype(jnp.float32)
-
-
-def clm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    logits = model(
-        batch["tokens"],
-        positions=batch.get("positions"),
-        segment_ids=batch.get("segment_ids"),
-        dropout_rng=rng,
-    )
-    return {"lm": _ce(logits, batch["targets"], batch["weights"], lc)}
-
-
-def mlm_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    mlm, nsp = model.pretraining_logits(
-        batch["tokens"],
-        token_type_ids=batch.get("token_type_ids"),
-        segment_ids=batch.get("segment_ids"),
-        positions=batch.get("positions"),
-        dropout_rng=rng,
-    )
-    losses = {"mlm": _ce(mlm, batch["targets"], batch["weights"], lc)}
-    if nsp is not None and "nsp_labels" in batch:
-        losses["nsp"] = ops.cross_entropy(nsp, batch["nsp_labels"], _row_weights(batch))
-    return losses
-
-
-def seq2seq_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    logits = model(
-        batch["encoder_tokens"],
-        batch["decoder_tokens"],
-        encoder_segment_ids=batch.get("encoder_segment_ids"),
-        decoder_segment_ids=batch.get("decoder_segment_ids"),
-        encoder_positions=batch.get("encoder_positions"),
-        decoder_positions=batch.get("decoder_positions"),
-        dropout_rng=rng,
-    )
-    return {"lm": _ce(logits, batch["decoder_targets"], batch["decoder_weights"], lc)}
-
-
-def classification_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    logits = model.classify(
-        batch["tokens"],
-        token_type_ids=batch.get("token_type_ids"),
-        segment_ids=batch.get("segment_ids"),
-        positions=batch.get("positions"),
-        dropout_rng=rng,
-    )
-    return {"cls": _ce(logits, batch["labels"], _row_weights(batch), lc)}
-
-
-def _weight_count(key: str, name: str):
-    return lambda batch: {name: jnp.sum(batch[key].astype(jnp.float32))}
-
-
-def _mlm_counts(batch: Batch) -> dict[str, jax.Array]:
-    counts = {"mlm": jnp.sum(batch["weights"].astype(jnp.float32))}
-    if "nsp_labels" in batch:
-        counts["nsp"] = jnp.sum(_row_weights(batch))
-    return counts
-
-
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """A training objective: its (sum, count) losses, and the counts from the batch alone."""
-
-    losses: Callable[..., Losses]
-    counts: Callable[[Batch], dict[str, jax.Array]]
-
-
-OBJECTIVES: dict[str, Objective] = {
-    "clm": Objective(clm_losses, _weight_count("weights", "lm")),
-    "mlm": Objective(mlm_losses, _mlm_counts),
-    "span_corruption": Objective(seq2seq_losses, _weight_count("decoder_weights", "lm")),
-    "seq2seq": Objective(seq2seq_losses, _weight_count("decoder_weights", "lm")),
-    "classification": Objective(
-        classification_losses,
-        lambda batch: {"cls": jnp.sum(_row_weights(batch))},
-    ),
-}
-
-
-def objective_for(name: str) -> Objective:
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}.")
-    return OBJECTIVES[name]
 
 
 # Steps ----------------------------------------------------------------------------------------
@@ -172,7 +60,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     objective: str,
     *,
-    loss_config: LossConfig = LossConfig(),
+    loss_config: LossConfig | None = None,
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = False,
     learning_rate_fn: Callable | None = None,
@@ -183,25 +71,28 @@ def make_train_step(
     Args:
       graphdef: the model structure from `nnx.split(model)`.
       tx: the optax optimizer.
-      objective: a key of OBJECTIVES.
+      objective: a key of `llm_jax.data.objectives.OBJECTIVES`; its spec names the weight
+        array of each loss, whose sums over the whole batch are the counts.
       grad_accum_steps: split the batch into this many micro-batches, scanned.
       skip_nonfinite: keep the old parameters when the loss or gradient is not finite
         (else the update is applied and the loop stops on the reported `finite=0`).
       learning_rate_fn: the schedule, to report the learning rate.
       axis_name: set for the pmap path: sums and gradients are psum-reduced over it.
     """
-    obj = objective_for(objective)
+    spec = objective_spec(objective)
+    losses_fn = LOSSES[spec.name]
+    loss_config = loss_config or LossConfig()
 
     def psum(x):
         return x if axis_name is None else jax.lax.psum(x, axis_name)
 
     def train_step(state: TrainState, batch: Batch):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        counts = psum(obj.counts(batch))
+        counts = psum(loss_counts(spec, batch))
 
         def loss_fn(params, micro: Batch, micro_rng):
             model = nnx.merge(graphdef, params)
-            losses = obj.losses(model, micro, micro_rng, loss_config)
+            losses = losses_fn(model, micro, micro_rng, loss_config)
             total = sum(s / jnp.maximum(counts[k], 1.0) for k, (s, _) in losses.items())
             return total, losses
 
@@ -251,11 +142,11 @@ def make_eval_step(
     graphdef: nnx.GraphDef, objective: str, *, axis_name: str | None = None
 ) -> Callable[[Any, Batch], dict[str, jax.Array]]:
     """Build `eval_step(params, batch) -> {name: (sum, count)}`; no dropout, no smoothing."""
-    obj = objective_for(objective)
+    losses_fn = LOSSES[objective_spec(objective).name]
 
     def eval_step(params, batch: Batch):
         model = nnx.merge(graphdef, params)
-        losses = obj.losses(model, batch, None, LossConfig())
+        losses = losses_fn(model, batch, None, LossConfig())
         return losses if axis_name is None else jax.lax.psum(losses, axis_name)
 
     return eval_step

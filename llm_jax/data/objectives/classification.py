@@ -1,0 +1,146 @@
+"""Sequence classification (BERT fine-tuning): one label per `[CLS] text [SEP]` or
+`[CLS] a [SEP] b [SEP]` row, from TSV columns or fastText `__label__X text` lines.
+
+Batch (int32 unless noted): tokens, token_type_ids, segment_ids, positions [B, T]; labels
+and label_weights (f32, 1 on real rows, 0 on the rows that pad a last validation batch) [B].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from llm_jax.data import corpus as corpus_lib
+from llm_jax.data.objectives.base import ObjectiveSpec, RowSpec, Source, Split
+from llm_jax.data.objectives.mlm import pair_row
+
+if TYPE_CHECKING:
+    from llm_jax.data.config import DataConfig
+    from llm_jax.data.tokenizer import Tokenizer
+
+
+class ClassificationSource(Source):
+    """`[CLS] text [SEP]` or `[CLS] a [SEP] b [SEP]` rows with an integer label each."""
+
+    def __init__(self, text_a, text_b, labels: np.ndarray, T: int, tokenizer: Tokenizer):
+        tokenizer.require("cls", "sep", why="objective='classification'")
+        self.text_a, self.text_b, self.labels, self.T = text_a, text_b, labels, T
+        self.cls_id, self.sep_id = tokenizer.cls_id, tokenizer.sep_id
+        self.num_examples = len(labels)
+
+    def row_spec(self) -> RowSpec:
+        spec = {
+            k: ((self.T,), np.int32)
+            for k in ("tokens", "token_type_ids", "segment_ids", "positions")
+        }
+        return {**spec, "labels": ((), np.int32), "label_weights": ((), np.float32)}
+
+    def build(self, indices: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        out = self.empty(len(indices))
+        for i, ex in enumerate(indices.tolist()):
+            if ex < 0:
+                continue
+            b = None if self.text_b is None else self.text_b[ex]
+            tokens, types, n = pair_row(self.text_a[ex], b, self.T, self.cls_id, self.sep_id)
+            out["tokens"][i], out["token_type_ids"][i] = tokens, types
+            out["segment_ids"][i, :n] = 1
+            out["positions"][i, :n] = np.arange(n)
+            out["labels"][i] = self.labels[ex]
+            out["label_weights"][i] = 1.0
+        return out
+
+
+def read(
+    config: DataConfig, tokenizer: Tokenizer, files: Sequence[str], what: str
+) -> tuple[dict[str, Any], Callable[[], corpus_lib.TokenizedCorpus]]:
+    """Fields "text_a" [+ "text_b"], array "labels" (codes into meta "label_values", sorted)."""
+    params = {
+        "kind": config.format,
+        "label_column": config.label_column,
+        "text_columns": list(config.text_columns),
+    }
+
+    def build() -> corpus_lib.TokenizedCorpus:
+        if config.format == "fasttext":
+            labels, text_a, counts = corpus_lib.read_fasttext(files, config.file_pattern, what)
+            texts = [text_a]
+        else:
+            cells, counts = corpus_lib.read_tsv_columns(
+                files, [config.label_column, *config.text_columns], config.file_pattern, what
+            )
+            labels, texts = cells[0], cells[1:]
+        values = sorted(set(labels))
+        codes = np.searchsorted(values, labels).astype(np.int32)
+        fields = {
+            name: corpus_lib.encode_ragged(tokenizer, t)
+            for name, t in zip(("text_a", "text_b"), texts, strict=False)
+        }
+        return corpus_lib.TokenizedCorpus(
+            fields, {"labels": codes}, {"invalid_utf8": counts, "label_values": values}
+        )
+
+    return params, build
+
+
+def tokenizer_texts(config: DataConfig) -> list[str]:
+    """The text cells (never the labels): a tokenizer for a table learns from its texts."""
+    if config.format == "fasttext":
+        _, texts, _ = corpus_lib.read_fasttext(config.paths, config.file_pattern)
+        return texts
+    cells, _ = corpus_lib.read_tsv_columns(
+        config.paths, list(config.text_columns), config.file_pattern
+    )
+    return [c for col in cells for c in col]
+
+
+def label_codes(split: Split) -> np.ndarray:
+    """int32 [n]: each example's index in `label_names` (default: the training corpus's
+    sorted label values, so that ids mean the same in both splits)."""
+    values = split.corpus.meta["label_values"]
+    names = split.config.label_names
+    if names is None:
+        names = split.train_corpus().meta["label_values"]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"labels {unknown} in the data are not in DataConfig.label_names={list(names)}; "
+            "add them there."
+        )
+    remap = np.asarray([list(names).index(v) for v in values], np.int32)
+    return remap[split.corpus.arrays["labels"]]
+
+
+def _subset(r: corpus_lib.Ragged, index: np.ndarray) -> corpus_lib.Ragged:
+    lengths = r.lengths[index]
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    tokens = (
+        np.concatenate([r[i] for i in index.tolist()]).astype(np.int32)
+        if len(index)
+        else np.zeros(0, np.int32)
+    )
+    return corpus_lib.Ragged(tokens, offsets)
+
+
+def classification_source(split: Split) -> ClassificationSource:
+    labels = label_codes(split)
+    a = split.corpus.fields["text_a"]
+    b = split.corpus.fields.get("text_b")
+    keep = split.keep(len(a), "labelled examples")
+    if keep is not None:
+        a, b, labels = _subset(a, keep), None if b is None else _subset(b, keep), labels[keep]
+    return ClassificationSource(a, b, labels, split.config.seq_len, split.tokenizer)
+
+
+SPEC = ObjectiveSpec(
+    name="classification",
+    formats=("tsv", "fasttext"),
+    read=read,
+    source=classification_source,
+    loss_weights={"cls": "label_weights"},
+    main_loss="cls",
+    token_fields=("tokens",),
+    lm_head=False,
+    tokenizer_texts=tokenizer_texts,
+)
