@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from llm_jax.data import DataConfig, load_source, train_tokenizer
 from llm_jax.data import objectives as obj
+from llm_jax.data.objectives import OBJECTIVES, ObjectiveSpec, objective_spec
 from llm_jax.data.packing import row_pieces
 
 # Binomial tolerances: 5 standard deviations, so a correct builder fails ~never.
@@ -320,3 +321,85 @@ def test_classification_text_pairs_from_tsv(tmp_path, tok, token_cache):
     assert tok.decode(row[1:first_sep]) == "A man sleeps."
     assert tok.decode(row[first_sep + 1 : n - 1]) == "Someone rests."
     assert (types[: first_sep + 1] == 0).all() and (types[first_sep + 1 : n] == 1).all()
+
+
+# The registry ---------------------------------------------------------------------------------
+
+# One small corpus per input format, usable by any objective that reads that format with the
+# default DataConfig columns (tsv: text in columns 0 and 1; fastText: labelled lines), so a
+# newly registered objective is exercised here without editing this file.
+FORMATS = ("text", "tsv", "fasttext")
+CASES = [(name, fmt) for name, spec in OBJECTIVES.items() for fmt in spec.formats]
+
+
+@pytest.fixture(scope="module")
+def corpora(shared_data, shakespeare, tmp_path_factory):
+    rows = (shared_data / "bible-kjv-rv1909.en-es.tsv").read_text(encoding="utf-8")
+    pairs = tmp_path_factory.mktemp("tsv") / "pairs.tsv"
+    pairs.write_text(
+        # Cells cut short enough to fit seq_len=128 untruncated.
+        "".join(
+            "\t".join(c[:150] for c in r.split("\t")[1:3]) + "\n" for r in rows.splitlines()[:200]
+        ),
+        encoding="utf-8",
+    )
+    return {
+        "text": shakespeare,
+        "tsv": pairs,
+        "fasttext": shared_data / "sentiment-pang-lee-200.txt",
+    }
+
+
+def test_registry_is_complete():
+    from llm_jax.data import config as config_lib
+    from llm_jax.train.losses import LOSSES
+
+    assert list(OBJECTIVES) == ["clm", "mlm", "span_corruption", "seq2seq", "classification"]
+    assert config_lib.OBJECTIVES == tuple(OBJECTIVES)
+    assert set(LOSSES) == set(OBJECTIVES)
+    for name, spec in OBJECTIVES.items():
+        assert spec.name == name and isinstance(spec, ObjectiveSpec)
+        assert config_lib.OBJECTIVE_FORMATS[name] == spec.formats
+        assert set(spec.formats) <= set(FORMATS)
+        assert spec.main_loss in spec.loss_weights
+    with pytest.raises(ValueError, match=r"unknown objective 'gan'; choose one of \['clm'"):
+        objective_spec("gan")
+
+
+ROUND_TRIPS = [
+    *[(name, fmt, {}) for name, fmt in CASES],
+    ("mlm", "text", {"pair_task": "nsp"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("objective", "fmt", "extra"),
+    ROUND_TRIPS,
+    ids=[f"{o}-{f}" + "".join(f"-{k}={v}" for k, v in e.items()) for o, f, e in ROUND_TRIPS],
+)
+def test_every_objective_round_trips_through_load_source(
+    corpora, tok, token_cache, objective, fmt, extra
+):
+    """Each registered spec reads its formats, and its batches hold the arrays the spec
+    names: the token fields, the weights of its main loss (and of any other loss it has),
+    with zero weight on the empty rows that pad a last validation batch."""
+    spec = objective_spec(objective)
+    cfg = _cfg(corpora[fmt], token_cache, objective=objective, format=fmt, **extra)
+    src = load_source(cfg, tok)
+    assert src.num_examples > 0
+    b = src.build(np.concatenate([np.arange(min(src.num_examples, 6)), [-1, -1]]), 0)
+    assert {k: (v.shape[1:], v.dtype) for k, v in b.items()} == {
+        k: (s, np.dtype(d)) for k, (s, d) in src.row_spec().items()
+    }
+    assert set(spec.token_fields) <= set(b)
+    assert spec.loss_weights[spec.main_loss] in b
+    present = {k: w for k, w in spec.loss_weights.items() if w in b}
+    if extra.get("pair_task"):
+        assert present == dict(spec.loss_weights)
+    for w in present.values():
+        weights = b[w]
+        assert weights.dtype == np.float32 and weights[:-2].sum() > 0
+        assert not weights[-2:].any()
+        if weights.ndim == 1:  # row weights: 1 exactly on real rows
+            np.testing.assert_array_equal(weights, b["segment_ids"][:, 0] > 0)
+    assert all(b[f][-2:].sum() == 0 for f in spec.token_fields)

@@ -93,6 +93,28 @@ def test_bert_mlm_head_and_classification():
     assert expected - no_head == 3 * 2 * t * mlm_head
 
 
+def test_flops_and_tokens_read_the_objective_spec():
+    from llm_jax.data.objectives import objective_spec
+
+    b, s, t = 4, 32, 12
+    t5 = ModelConfig.preset("t5-small")
+    enc_dec = {"encoder_tokens": np.zeros((b, s)), "decoder_tokens": np.zeros((b, t))}
+    for name in ("seq2seq", "span_corruption"):  # source plus target tokens
+        got = flops.flops_and_tokens(t5, objective_spec(name), enc_dec)
+        assert got == (flops.model_flops_per_token(t5, enc_len=s, dec_len=t), b * (s + t))
+    bert = ModelConfig.preset("bert-base")
+    rows = {"tokens": np.zeros((b, s)), "labels": np.zeros((b,))}
+    assert flops.flops_and_tokens(bert, objective_spec("mlm"), rows) == (
+        flops.model_flops_per_token(bert, s),
+        b * s,
+    )
+    # Classification runs no vocabulary projection.
+    assert flops.flops_and_tokens(bert, objective_spec("classification"), rows) == (
+        flops.model_flops_per_token(bert, s, lm_head=False),
+        b * s,
+    )
+
+
 def _kernel_sizes(module) -> int:
     """Weights of every dense (Einsum) layer of an abstractly initialised model."""
     state = nnx.state(module, nnx.Param)

@@ -9,11 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from llm_jax.checkpoint import CheckpointManager
-from llm_jax.models import ModelConfig
+from llm_jax.data.objectives import objective_spec
+from llm_jax.models import ModelConfig, build
 from llm_jax.parallel import MeshConfig, activation_sharding, make_mesh
+from llm_jax.train.losses import loss_counts
 from llm_jax.train.optimizer import OptimizerConfig, decay_mask, make_schedule
+from llm_jax.train.step import make_eval_step
 from llm_jax.train.trainer import Trainer
 
 LLAMA = ModelConfig.preset("llama-tiny", d_model=64, num_layers=2, d_ff=128)
@@ -279,3 +283,22 @@ def test_nonfinite_step_is_skipped_when_asked():
         for x in jax.tree.leaves(state.opt_state)
         if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)
     )
+
+
+def test_loss_counts_are_the_sums_of_the_weights_the_spec_names():
+    spec = objective_spec("mlm")
+    batch = mlm_batch()
+    counts = jax.device_get(loss_counts(spec, batch))
+    assert counts == {"mlm": batch["weights"].sum(), "nsp": 8.0}
+    # Without a pair task there are no NSP rows, hence no NSP loss to count.
+    no_pairs = {k: v for k, v in batch.items() if not k.startswith("nsp")}
+    assert set(loss_counts(spec, no_pairs)) == {"mlm"}
+    with pytest.raises(ValueError, match=r"weights its 'lm' loss by batch\['decoder_weights'\]"):
+        loss_counts(objective_spec("seq2seq"), clm_batch())
+    # NSP labels without their row weights would silently weigh padding rows: refused.
+    bert = ModelConfig.preset("bert-tiny")
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build(bert, rngs=nnx.Rngs(0))))
+    eval_step = make_eval_step(graphdef, "mlm")
+    unweighted = {k: v for k, v in batch.items() if k != "nsp_weights"}
+    with pytest.raises(ValueError, match="nsp_labels but no nsp_weights"):
+        jax.eval_shape(eval_step, nnx.to_pure_dict(params), unweighted)
