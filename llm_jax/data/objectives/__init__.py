@@ -1,8 +1,9 @@
 """The training objectives, one module each, and the registry the pipeline dispatches on.
 
 Each module holds its objective's pure, seeded NumPy batch builders, its corpus reader, its
-`Source` and its `ObjectiveSpec` (see `base`). Adding an objective is one new module and one
-line in `OBJECTIVES` (plus its loss in `llm_jax.train.losses` if none fits).
+`Source` and its `ObjectiveSpec` (see `base`). Adding an objective is one new module, one
+line in `OBJECTIVES`, and the model-facing half: one line in `llm_jax.train.losses.LOSSES`
+(and a loss function there if no existing one fits).
 
 Batch dict contracts (int32 unless noted; names shared with the models and the trainer):
     clm:   tokens, targets, weights (f32), segment_ids, positions               [B, T]
