@@ -70,3 +70,21 @@ def test_to_hf_destination_kinds(tmp_path, bad):
     else:
         out.mkdir()
         assert main(["convert", "--from-hf", str(HF / "gpt2"), "--to-hf", str(out)]) == 0
+
+
+@pytest.mark.parametrize("add_bos", [True, False])
+def test_exported_sentencepiece_tokenizer_frames_text_as_in_training(tmp_path, add_bos):
+    import json
+
+    from llm_jax.convert.tokenizer import save_hf_tokenizer
+    from llm_jax.data import train_tokenizer
+
+    text = (Path(__file__).parent / "test_convert_cli.py").read_text(encoding="utf-8")
+    tok = train_tokenizer(texts=[text], model_type="bpe", vocab_size=400, num_sentinels=0)
+    save_hf_tokenizer(tok, tmp_path, add_bos=add_bos)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (add_bos, False)
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ids = tok.encode("def test(tmp_path):")
+    assert hf("def test(tmp_path):").input_ids == ([tok.bos_id] if add_bos else []) + ids
