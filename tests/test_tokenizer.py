@@ -212,3 +212,24 @@ def test_cli_char_tokenizer(shared_data, tmp_path, capsys):
     assert "vocab 72" in capsys.readouterr().out
     tok = load_tokenizer(out)
     assert tok.decode(tok.encode("ROMEO:\nO, she doth teach")) == "ROMEO:\nO, she doth teach"
+
+
+def test_vocab_limit_is_quoted_in_the_callers_vocab_size_terms():
+    # SentencePiece is asked for vocab_size - num_sentinels pieces; its "<= N" counts pieces.
+    text = ["To be, or not to be, that is the question.\n", "Whether 'tis nobler in the mind.\n"]
+    with pytest.raises(ValueError, match=r"use vocab_size <= (\d+)") as info:
+        train_tokenizer(texts=text, model_type="unigram", vocab_size=2000, num_sentinels=100)
+    most = int(info.value.args[0].split("vocab_size <= ")[1].split()[0])
+    assert train_tokenizer(texts=text, vocab_size=most, num_sentinels=100).vocab_size == most
+    with pytest.raises(ValueError, match=f"use vocab_size <= {most}"):
+        train_tokenizer(texts=text, vocab_size=most + 1, num_sentinels=100)
+
+
+def test_lines_over_sentencepiece_limit_are_cut_for_training_not_refused():
+    from llm_jax.data.tokenizer import LongLinesWarning
+
+    text = "The cafe is very good. Él comió piñas. " * 4000  # ~160 KB, no newline
+    with pytest.warns(LongLinesWarning, match="64 KiB"):
+        tok = train_tokenizer(texts=[text], model_type="bpe", vocab_size=300, num_sentinels=0)
+    assert tok.decode(tok.encode(text)) == text
+    assert len(tok.encode("The cafe is very good.")) < len("The cafe is very good.")

@@ -11,20 +11,49 @@ checkpoint's `tokenizer/` folder).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
+# The optional modules `convert` needs (the `convert` extra), by import name.
+_EXTRA_MODULES = ("safetensors", "tokenizers")
+
+
+def _check_extra() -> None:
+    missing = [m for m in _EXTRA_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(
+            f"llm-jax convert needs {' and '.join(missing)}: install them with "
+            '`pip install -e ".[convert]"` (or `pip install safetensors tokenizers`).'
+        )
+
+
+def _check_destination(args: argparse.Namespace) -> None:
+    if args.to_hf is None:
+        return  # our checkpoints refuse an existing step themselves
+    out = Path(args.to_hf)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder: choose another destination.")
+    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
+        raise ValueError(
+            f"{out} exists and is not empty: choose a new folder, or pass --overwrite to "
+            "replace the files of the same names."
+        )
+
 
 def _convert(args: argparse.Namespace) -> int:
+    if (args.from_hf is None) == (args.from_checkpoint is None):
+        raise ValueError("give exactly one source: --from-hf DIR or --from-checkpoint DIR.")
+    if (args.to is None) == (args.to_hf is None):
+        raise ValueError("give exactly one destination: --to CHECKPOINT_DIR or --to-hf OUT_DIR.")
+    _check_extra()
+    _check_destination(args)
+    # Imported after the checks: they pull in JAX and the optional extra.
     from llm_jax.convert.checkpoint import restore_model, save_checkpoint
     from llm_jax.convert.hf import hf_spec, load_hf, save_hf
     from llm_jax.convert.tokenizer import load_hf_tokenizer
     from llm_jax.models import count_params
 
-    if (args.from_hf is None) == (args.from_checkpoint is None):
-        raise ValueError("give exactly one source: --from-hf DIR or --from-checkpoint DIR.")
-    if (args.to is None) == (args.to_hf is None):
-        raise ValueError("give exactly one destination: --to CHECKPOINT_DIR or --to-hf OUT_DIR.")
     spec = None
     if args.from_hf is not None:
         src = Path(args.from_hf)
@@ -80,5 +109,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     dst = parser.add_argument_group("destination (one of)")
     dst.add_argument("--to", metavar="CHECKPOINT_DIR", help="write our checkpoint (step 0)")
     dst.add_argument("--to-hf", metavar="OUT_DIR", help="write a Hugging Face folder")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--to-hf into a folder that already has files (files of the same names replaced)",
+    )
     parser.set_defaults(func=_convert)
     return parser

@@ -143,6 +143,7 @@ def save_hf(
     *,
     tokenizer: Tokenizer | str | os.PathLike | None = None,
     spec: HFSpec | None = None,
+    add_bos: bool | None = None,
 ) -> Path:
     """Write `config.json` + `model.safetensors` (+ tokenizer files) for transformers.
 
@@ -153,6 +154,8 @@ def save_hf(
       tokenizer: a `Tokenizer` or a tokenizer folder to write beside the model.
       spec: special ids to record in config.json; by default taken from `tokenizer`
         (bos/eos/pad), else the family's defaults.
+      add_bos: whether the exported tokenizer puts BOS before a text, as the model saw in
+        training (see `save_hf_tokenizer`).
 
     Returns:
       The output folder.
@@ -187,5 +190,5 @@ def save_hf(
     write_safetensors(tensors, out / WEIGHTS_NAME)
     (out / CONFIG_NAME).write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
-        save_hf_tokenizer(tokenizer, out, t5=cfg.family == "t5")
+        save_hf_tokenizer(tokenizer, out, t5=cfg.family == "t5", add_bos=add_bos)
     return out

@@ -75,4 +75,9 @@ def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -
     path = Path(path)
     contiguous = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
     save_file(contiguous, str(path), metadata={"format": "pt"})
+    # safetensors writes through a private temporary file (mode 0600); a model folder is
+    # meant to be shared like the config.json beside it, so apply the umask as open() does.
+    umask = os.umask(0)
+    os.umask(umask)
+    path.chmod(0o666 & ~umask)
     return path

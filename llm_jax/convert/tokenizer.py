@@ -240,7 +240,11 @@ def load_hf_tokenizer(path: str | os.PathLike) -> Tokenizer:
 
 
 def save_hf_tokenizer(
-    tokenizer: Tokenizer | str | os.PathLike, directory: str | os.PathLike, *, t5: bool = False
+    tokenizer: Tokenizer | str | os.PathLike,
+    directory: str | os.PathLike,
+    *,
+    t5: bool = False,
+    add_bos: bool | None = None,
 ) -> Path:
     """Write tokenizer files that transformers' `AutoTokenizer` reads.
 
@@ -250,6 +254,10 @@ def save_hf_tokenizer(
       directory: the output folder (created).
       t5: a SentencePiece model is written as T5's `spiece.model` (with `extra_ids`) rather
         than LLaMA's `tokenizer.model`.
+      add_bos: for a SentencePiece model written as LLaMA's: whether `AutoTokenizer` puts
+        BOS before the text, as the model saw in training (`data.add_bos`); None leaves the
+        transformers default. EOS is never appended (a prompt must not end a document),
+        as in LLaMA's own tokenizers even though documents ended with EOS in training.
 
     Raises:
       ValueError: a character tokenizer (no Hugging Face equivalent).
@@ -280,5 +288,7 @@ def save_hf_tokenizer(
         config[f"{special}_token"] = tokenizer.id_to_piece(i)
     if t5:
         config["extra_ids"] = tokenizer.num_sentinels
+    elif add_bos is not None:
+        config.update(add_bos_token=add_bos, add_eos_token=False)
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out

@@ -27,6 +27,8 @@ import hashlib
 import io
 import json
 import os
+import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -400,6 +402,41 @@ def _training_lines(
     return lines
 
 
+class LongLinesWarning(UserWarning):
+    """Lines longer than SentencePiece's sentence limit were cut for tokenizer training."""
+
+
+# SentencePiece silently drops training sentences longer than this many bytes (its
+# `max_sentence_length`); a corpus without newlines would leave it nothing to learn from.
+MAX_SENTENCE_BYTES = 1 << 16
+
+
+def _cut_long_line(line: str, limit: int) -> list[str]:
+    """`line` cut into pieces of at most `limit` UTF-8 bytes, at spaces where possible."""
+    pieces = []
+    while len(line.encode("utf-8")) > limit:
+        # Characters take at most 4 bytes: limit // 4 characters always fit.
+        head = line[: limit // 4]
+        cut = head.rfind(" ") + 1 or len(head)
+        pieces.append(line[:cut])
+        line = line[cut:]
+    return [*pieces, line] if line else pieces
+
+
+def _fit_sentences(lines: list[str], limit: int = MAX_SENTENCE_BYTES) -> list[str]:
+    long = sum(1 for line in lines if len(line) * 4 > limit and len(line.encode()) > limit)
+    if not long:
+        return lines
+    warnings.warn(
+        f"{long} line(s) are longer than SentencePiece's {limit // 1024} KiB sentence limit; "
+        "they were cut at spaces into shorter pieces for tokenizer training (the corpus "
+        "itself is unchanged).",
+        LongLinesWarning,
+        stacklevel=3,
+    )
+    return [piece for line in lines for piece in _cut_long_line(line, limit)]
+
+
 def _sample(lines: list[str], max_sentences: int, seed: int) -> list[str]:
     if len(lines) <= max_sentences:
         return lines
@@ -453,7 +490,7 @@ def train_tokenizer(
         )
     else:
         tok = _train_sentencepiece(
-            lines,
+            _fit_sentences(lines),
             model_type,
             vocab_size,
             0.9995 if character_coverage is None else character_coverage,
@@ -537,17 +574,35 @@ def _train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
-        reason = str(e).rstrip(".")
-        raise ValueError(
-            f"SentencePiece could not train a {model_type} vocabulary of {pieces} pieces "
-            f"(vocab_size={vocab_size} minus {num_sentinels} sentinels): {reason}. Change "
-            "vocab_size (or give more text)."
-        ) from e
+        raise ValueError(_training_failure(str(e), model_type, vocab_size, num_sentinels)) from e
     return SentencePieceTokenizer(
         model.getvalue(),
         model_type=model_type,
         special_ids={n: i for i, n in enumerate(SPECIAL_NAMES)},
         num_sentinels=num_sentinels,
+    )
+
+
+def _training_failure(reason: str, model_type: str, vocab_size: int, num_sentinels: int) -> str:
+    """SentencePiece's error restated in the caller's `vocab_size` terms.
+
+    SentencePiece is asked for `vocab_size - num_sentinels` pieces, so the limit it quotes
+    ("Please set it to a value <= N") is short by the sentinels appended afterwards.
+    """
+    too_high = re.search(
+        r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", reason
+    )
+    if too_high:
+        most = int(too_high.group(2)) + num_sentinels
+        return (
+            f"the text is too small for a {model_type} vocabulary of vocab_size={vocab_size}: "
+            f"use vocab_size <= {most} (that counts the named specials, byte pieces"
+            f"{f' and {num_sentinels} sentinels' if num_sentinels else ''}), or give more text."
+        )
+    short = reason.split("] ")[-1].rstrip(".")
+    return (
+        f"SentencePiece could not train a {model_type} vocabulary of vocab_size={vocab_size} "
+        f"({num_sentinels} of them sentinels): {short}. Change vocab_size (or give more text)."
     )
 
 

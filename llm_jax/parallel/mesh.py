@@ -9,6 +9,7 @@ import dataclasses
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llm_jax.parallel.rules import logical_to_spec
+from llm_jax.parallel.rules import logical_to_spec, unused_mesh_axes
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,30 @@ def make_mesh(cfg: MeshConfig | None = None, devices=None) -> Mesh:
     cfg = cfg or MeshConfig()
     devices = jax.devices() if devices is None else list(devices)
     shape = cfg.shape(len(devices))
+    idle = unused_mesh_axes(dict(zip(MESH_AXES, shape, strict=True)), RULES[cfg.rules])
+    if idle:
+        sizes = ", ".join(f"{n}={shape[MESH_AXES.index(n)]}" for n in idle)
+        warnings.warn(
+            f"mesh axis {sizes} has no logical axis mapped to it under rules={cfg.rules!r}: "
+            "its devices all repeat the same computation. Set that axis to 1 (and data=-1), "
+            f"or use rules that shard over it ({_rules_using(idle)}).",
+            UnusedMeshAxisWarning,
+            stacklevel=2,
+        )
     return jax.make_mesh(
         shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices
     )
+
+
+class UnusedMeshAxisWarning(UserWarning):
+    """A mesh axis of size > 1 that the sharding rules never use."""
+
+
+def _rules_using(axes: list[str]) -> str:
+    names = [
+        name for name, rules in RULES.items() if not unused_mesh_axes(dict.fromkeys(axes, 2), rules)
+    ]
+    return " or ".join(f"rules={n!r}" for n in names) or "custom rules"
 
 
 def logical_axes(model: nnx.Module) -> dict:

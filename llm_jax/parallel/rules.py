@@ -47,6 +47,16 @@ def logical_to_spec(
     return PartitionSpec(*spec)
 
 
+def unused_mesh_axes(mesh_shape: dict[str, int], rules: dict[str, Any]) -> list[str]:
+    """Mesh axes of size > 1 that no logical axis maps to.
+
+    Every array is replicated along such an axis, so its devices all repeat the same work
+    (e.g. `tensor=8` with data-parallel rules computes the whole step 8 times).
+    """
+    used = {n for axis in rules.values() for n in _mesh_names(axis)}
+    return [n for n, size in mesh_shape.items() if size > 1 and n not in used]
+
+
 @contextlib.contextmanager
 def activation_sharding(mesh: Mesh, rules: dict[str, Any]) -> Iterator[None]:
     """Within this context (while tracing), `constrain` pins activations to the mesh."""
