@@ -458,10 +458,10 @@ def test_config_loads_and_initialises(path):
 
 
 BAD_OVERRIDES = [
-    (["train.stepz=3"], r"unknown keys \['stepz'\].*'steps'"),
+    (["train.stepz=3"], r"unknown TrainConfig keys \['stepz'\] in section 'train'.*'steps'"),
     (["trian.steps=3"], r"unknown section 'trian'.*'train'"),
     (["train.steps"], r"must look like section.key=value"),
-    (["train.steps=0"], r"train.steps=0 must be >= 1"),
+    (["train.steps=0"], r"train.steps=0 must be an integer >= 1"),
     (["train.steps=10.5"], r"train.steps=10.5 must be a whole number"),
     (["train.checkpoint_every=often"], r"train.checkpoint_every='often' must be a number"),
     (["train.on_nonfinite=halt"], r"'halt' is not one of \['stop', 'skip'\]"),
@@ -470,11 +470,11 @@ BAD_OVERRIDES = [
     (["mesh.rules=zero3"], r"'zero3' is not one of \['dp', 'fsdp', 'fsdp_tp'\]"),
     (["mesh.data=0"], r"must be positive"),
     (["data.tokenizer_type=wordpiece"], r"'wordpiece' is not one of \['unigram'"),
-    (["data.batch_size=2.5"], r"batch_size=2.5 must be an integer >= 1"),
+    (["data.batch_size=2.5"], r"data.batch_size=2.5 must be a whole number"),
     (["model.d_modle=64"], r"unknown ModelConfig keys \['d_modle'\].*'d_model'"),
     (["model.preset=gpt5"], r"unknown preset 'gpt5'.*'gpt2-tiny'"),
     (["model.num_heads=3"], r"num_heads=3 does not divide d_model=128"),
-    (["distributed.port=1"], r"unknown keys \['port'\].*'coordinator_address'"),
+    (["distributed.port=1"], r"unknown DistributedConfig keys \['port'\].*'coordinator_address'"),
 ]
 
 
@@ -496,7 +496,9 @@ def test_bad_yaml_key_fails_at_load(tmp_path):
     d["trainer"] = {"steps": 3}
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(d))
-    with pytest.raises(ValueError, match=r"unknown top-level keys \['trainer'\].*'train'"):
+    with pytest.raises(
+        ValueError, match=r"unknown RunConfig keys \['trainer'\] at the top level.*'train'"
+    ):
         load_config(path)
     with pytest.raises(ValueError, match=r"does not exist"):
         load_config(tmp_path / "missing.yaml")
@@ -512,7 +514,7 @@ def test_cli_reports_a_bad_override_without_a_traceback(tmp_path):
         timeout=TIMEOUT,
     )
     assert proc.returncode == 2
-    assert "error: unknown keys ['stepz'] in section 'train'" in proc.stderr
+    assert "error: unknown TrainConfig keys ['stepz'] in section 'train'" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "checkpoints").exists()
 
