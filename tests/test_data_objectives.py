@@ -25,8 +25,8 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shared_data, tmp_path_factory):
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:400_000]
+def shakespeare(corpora, tmp_path_factory):
+    text = (corpora / "shakespeare.txt").read_text(encoding="utf-8")
     path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
     path.write_text(text, encoding="utf-8")
     return path
@@ -258,8 +258,8 @@ def test_shift_right_literal():
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_seq2seq_pairs_from_tsv(shared_data, tmp_path, cache, pack):
-    rows = (shared_data / "bible-kjv-rv1909.en-es.tsv").read_text(encoding="utf-8")
+def test_seq2seq_pairs_from_tsv(corpora, tmp_path, cache, pack):
+    rows = (corpora / "bible-en-es.tsv").read_text(encoding="utf-8")
     rows = rows.splitlines()[:300]
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")

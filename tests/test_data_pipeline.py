@@ -26,9 +26,9 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shared_data, tmp_path_factory):
-    """The first ~60% of tiny-Shakespeare (keeps the tests fast), as its own file."""
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:600_000]
+def shakespeare(corpora, tmp_path_factory):
+    """The tests/data excerpt of tiny-Shakespeare (~200 KB), as its own file."""
+    text = (corpora / "shakespeare.txt").read_text(encoding="utf-8")
     path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
     path.write_text(text, encoding="utf-8")
     return path
