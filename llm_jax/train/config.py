@@ -104,13 +104,14 @@ class RunConfig(Config):
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
 
     def __post_init__(self) -> None:
-        # The tokenizer, and with it the final vocab_size, exists only once the run starts.
-        # The model section is checked now with the size the data section asks for (a char
-        # tokenizer's is known only after it reads the corpus; vocab_size only has to be >= 1,
-        # so any size checks the other fields).
+        # The tokenizer, and with it the final vocab_size, exists only once the run starts, so
+        # the model section is checked now with the size the data section asks for. A char
+        # tokenizer's size is known only after it reads the corpus; no check reads vocab_size
+        # beyond >= 1, so the byte count stands in.
         model = self.model_config(self.data.vocab_size or 256)
         if model.position in ("learned", "sinusoidal"):  # a table with one row per position
-            for name in ("seq_len", "target_seq_len"):
+            lengths = ("seq_len", "target_seq_len") if model.family == "t5" else ("seq_len",)
+            for name in lengths:
                 length = getattr(self.data, name)
                 if length is not None and length > model.max_position_embeddings:
                     raise ValueError(
