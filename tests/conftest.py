@@ -23,16 +23,13 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 TEST_DATA = Path(__file__).resolve().parent / "data"
-_NO_SHARED = (
-    f"the whole corpora are not at {SHARED_DATA} (a bare clone); the tests that need them "
-    "skip, and fail when CI is set"
-)
+_NO_SHARED = f"the whole corpora are not at {SHARED_DATA} (a bare clone)"
 
 
 def pytest_sessionstart(session) -> None:
     # CI always has ../shared beside the clone: its absence there is a broken setup.
     if os.environ.get("CI") and not SHARED_DATA.is_dir():
-        raise pytest.UsageError(f"CI is set but {_NO_SHARED}.")
+        raise pytest.UsageError(f"CI is set but {_NO_SHARED}; CI runs with ../shared beside it.")
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +45,6 @@ def shared_data() -> Path:
     them entire: skipped on a bare clone, a failure when CI is set."""
     if not SHARED_DATA.is_dir():
         if os.environ.get("CI"):
-            pytest.fail(f"CI is set but {_NO_SHARED}.")
-        pytest.skip(_NO_SHARED)
+            pytest.fail(f"CI is set but {_NO_SHARED}; CI runs with ../shared beside it.")
+        pytest.skip(f"{_NO_SHARED}; this test needs them whole")
     return SHARED_DATA
