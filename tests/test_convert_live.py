@@ -26,10 +26,10 @@ SEED = 1
 
 
 @pytest.fixture(scope="module")
-def live(tmp_path_factory, shared_data):
+def live(tmp_path_factory, corpora):
     """Fresh fixtures (seed 1) written by transformers into a temporary folder."""
     out = tmp_path_factory.mktemp("hf_live")
-    text = (shared_data / "tinyshakespeare.txt").read_text()[: make.TEXT_BYTES]
+    text = (corpora / "shakespeare.txt").read_text()[: make.TEXT_BYTES]
     return {name: make.build_fixture(name, out, seed=SEED, text=text) for name in ALL}
 
 

@@ -20,11 +20,6 @@ def _tol(p, n):
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shakespeare_prefix):
-    return shakespeare_prefix(400_000)
-
-
-@pytest.fixture(scope="module")
 def tok(shakespeare):
     return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000)
 
@@ -250,8 +245,8 @@ def test_shift_right_literal():
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_seq2seq_pairs_from_tsv(shared_data, tmp_path, token_cache, pack):
-    rows = (shared_data / "bible-kjv-rv1909.en-es.tsv").read_text(encoding="utf-8")
+def test_seq2seq_pairs_from_tsv(corpora, tmp_path, token_cache, pack):
+    rows = (corpora / "bible-en-es.tsv").read_text(encoding="utf-8")
     rows = rows.splitlines()[:300]
     path = tmp_path / "pairs.tsv"
     path.write_text("\n".join(rows) + "\n", encoding="utf-8")
@@ -333,21 +328,25 @@ CASES = [(name, fmt) for name, spec in OBJECTIVES.items() for fmt in spec.format
 
 
 @pytest.fixture(scope="module")
-def corpora(shared_data, shakespeare, tmp_path_factory):
-    rows = (shared_data / "bible-kjv-rv1909.en-es.tsv").read_text(encoding="utf-8")
-    pairs = tmp_path_factory.mktemp("tsv") / "pairs.tsv"
+def format_files(corpora, shakespeare, tmp_path_factory):
+    rows = (corpora / "bible-en-es.tsv").read_text(encoding="utf-8").splitlines()[:200]
+    folder = tmp_path_factory.mktemp("formats")
+    pairs = folder / "pairs.tsv"
+    # Cells cut short enough to fit seq_len=128 untruncated.
     pairs.write_text(
-        # Cells cut short enough to fit seq_len=128 untruncated.
+        "".join("\t".join(c[:150] for c in r.split("\t")[1:3]) + "\n" for r in rows),
+        encoding="utf-8",
+    )
+    # fastText lines: the English verse labelled by whether it mentions the LORD.
+    labelled = folder / "labelled.txt"
+    labelled.write_text(
         "".join(
-            "\t".join(c[:150] for c in r.split("\t")[1:3]) + "\n" for r in rows.splitlines()[:200]
+            f"__label__{'lord' if 'LORD' in r else 'other'} {r.split(chr(9))[1][:150]}\n"
+            for r in rows
         ),
         encoding="utf-8",
     )
-    return {
-        "text": shakespeare,
-        "tsv": pairs,
-        "fasttext": shared_data / "sentiment-pang-lee-200.txt",
-    }
+    return {"text": shakespeare, "tsv": pairs, "fasttext": labelled}
 
 
 def test_registry_is_complete():
@@ -378,13 +377,13 @@ ROUND_TRIPS = [
     ids=[f"{o}-{f}" + "".join(f"-{k}={v}" for k, v in e.items()) for o, f, e in ROUND_TRIPS],
 )
 def test_every_objective_round_trips_through_load_source(
-    corpora, tok, token_cache, objective, fmt, extra
+    format_files, tok, token_cache, objective, fmt, extra
 ):
     """Each registered spec reads its formats, and its batches hold the arrays the spec
     names: the token fields, the weights of its main loss (and of any other loss it has),
     with zero weight on the empty rows that pad a last validation batch."""
     spec = objective_spec(objective)
-    cfg = _cfg(corpora[fmt], token_cache, objective=objective, format=fmt, **extra)
+    cfg = _cfg(format_files[fmt], token_cache, objective=objective, format=fmt, **extra)
     src = load_source(cfg, tok)
     assert src.num_examples > 0
     b = src.build(np.concatenate([np.arange(min(src.num_examples, 6)), [-1, -1]]), 0)

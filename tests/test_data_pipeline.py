@@ -21,12 +21,6 @@ from llm_jax.data import (
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shakespeare_prefix):
-    """The first ~60% of tiny-Shakespeare (keeps the tests fast)."""
-    return shakespeare_prefix(600_000)
-
-
-@pytest.fixture(scope="module")
 def char_tok(shakespeare):
     return train_tokenizer(shakespeare, model_type="char", vocab_size=None)
 

@@ -227,7 +227,7 @@ def test_sequence_longer_than_position_table(family):
         (dict(num_kv_heads=3), "num_kv_heads=3 does not divide num_heads=4"),
         (dict(norm="batchnorm"), r"norm='batchnorm' is not one of \['layernorm', 'rmsnorm'\]"),
         (dict(activation="tanh"), "activation='tanh' is not one of"),
-        (dict(d_model=0), "d_model=0 must be a positive integer"),
+        (dict(d_model=0), "d_model=0 must be an integer >= 1"),
         (dict(dropout_rate=1.5), r"dropout_rate=1.5 must be in \[0, 1\)"),
         (dict(position="relative"), "only implemented for family='t5'"),
         (dict(use_pooler=True), "BERT options"),

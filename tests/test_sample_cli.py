@@ -53,10 +53,10 @@ CONFIG = {
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, shared_data):
+def workdir(tmp_path_factory, corpora):
     root = tmp_path_factory.mktemp("sample_cli")
     corpus = root / "corpus.txt"
-    corpus.write_text((shared_data / "tinyshakespeare.txt").read_text()[:3000])
+    corpus.write_text((corpora / "shakespeare.txt").read_text()[:3000])
     cfg = {**CONFIG, "workdir": str(root / "run")}
     cfg["data"] = {**CONFIG["data"], "paths": [str(corpus)]}
     train(config_from_dict(cfg))

@@ -28,15 +28,14 @@ TRICKY = [
 
 
 @pytest.fixture(scope="module")
-def shakespeare(shared_data):
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")
-    return text[:200_000]
+def shakespeare(corpora):
+    return (corpora / "shakespeare.txt").read_text(encoding="utf-8")
 
 
 @pytest.fixture(scope="module")
-def spanish(shared_data):
-    rows = (shared_data / "bible-kjv-rv1909.en-es.tsv").read_text(encoding="utf-8")
-    return "\n".join(line.split("\t")[2] for line in rows.splitlines()[:3000]) + "\n"
+def spanish(corpora):
+    rows = (corpora / "bible-en-es.tsv").read_text(encoding="utf-8")
+    return "\n".join(line.split("\t")[2] for line in rows.splitlines()) + "\n"
 
 
 def _train(kind, text, vocab=800, **kw):
@@ -173,13 +172,13 @@ def test_training_errors_name_the_fix(tmp_path):
         load_tokenizer(tmp_path / "nothing")
 
 
-def test_cli_train_encode_decode(shared_data, tmp_path, capsys):
+def test_cli_train_encode_decode(corpora, tmp_path, capsys):
     from llm_jax.cli import main
 
     out = tmp_path / "tok"
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    text = (shared_data / "tinyshakespeare.txt").read_text(encoding="utf-8")[:100_000]
+    text = (corpora / "shakespeare.txt").read_text(encoding="utf-8")[:100_000]
     (corpus / "a.txt").write_text(text)
     rc = main(
         ["tokenizer", "train", "--input", str(corpus), "--vocab-size", "600",

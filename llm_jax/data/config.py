@@ -8,7 +8,9 @@ loaded from the `data:` section of a YAML run config with `DataConfig.from_dict`
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import ClassVar
+
+from llm_jax.config import Config, at_least, in_interval, one_of
 
 from llm_jax.data.objectives import OBJECTIVES as _REGISTRY
 
@@ -23,12 +25,14 @@ _TUPLE_FIELDS = ("paths", "validation_paths", "text_columns", "label_names")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DataConfig:
+class DataConfig(Config):
     """Data side of a run: corpus, tokenizer, shapes, order, objective.
 
     Shapes: B = `batch_size` (global, over all hosts), T = `seq_len` (encoder / decoder-only
     length), and for seq2seq and span corruption the decoder length `target_seq_len`.
     """
+
+    section: ClassVar[str] = "data"
 
     # Corpus ----------------------------------------------------------------------------------
     paths: tuple[str, ...] = ()  # files or folders (folders are walked recursively).
@@ -94,46 +98,25 @@ class DataConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would be valid."""
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"DataConfig.{name}={value!r} is not one of {list(allowed)}.")
-
-        def at_least(name: str, low: int) -> None:
-            value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < low
-            ):
-                raise ValueError(f"DataConfig.{name}={value!r} must be an integer >= {low}.")
-
-        def fraction(name: str, low_open: bool = False, high_open: bool = False) -> None:
-            value = getattr(self, name)
-            lo_ok = value > 0 if low_open else value >= 0
-            hi_ok = value < 1 if high_open else value <= 1
-            if not (isinstance(value, int | float) and lo_ok and hi_ok):
-                lo, hi = "(0" if low_open else "[0", "1)" if high_open else "1]"
-                raise ValueError(f"DataConfig.{name}={value!r} must be in {lo}, {hi}.")
-
         for name in _TUPLE_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 raise ValueError(
                     f"DataConfig.{name}={value!r} must be a tuple (from_dict accepts lists)."
                 )
-        choice("format", FORMATS)
-        choice("doc_split", DOC_SPLITS)
-        choice("tokenizer_type", TOKENIZER_TYPES)
-        choice("objective", OBJECTIVES)
-        choice("pair_task", PAIR_TASKS)
-        at_least("seq_len", 4)
-        at_least("target_seq_len", 2)
-        at_least("batch_size", 1)
-        at_least("vocab_size", 8)
-        at_least("num_sentinels", 0)
-        at_least("tokenizer_max_sentences", 1)
-        at_least("num_workers", 0)
-        at_least("prefetch", 1)
+        one_of(self, "format", FORMATS)
+        one_of(self, "doc_split", DOC_SPLITS)
+        one_of(self, "tokenizer_type", TOKENIZER_TYPES)
+        one_of(self, "objective", OBJECTIVES)
+        one_of(self, "pair_task", PAIR_TASKS)
+        at_least(self, "seq_len", 4)
+        at_least(self, "target_seq_len", 2)
+        at_least(self, "batch_size", 1)
+        at_least(self, "vocab_size", 8)
+        at_least(self, "num_sentinels", 0)
+        at_least(self, "tokenizer_max_sentences", 1)
+        at_least(self, "num_workers", 0)
+        at_least(self, "prefetch", 1)
         for name in (
             "source_column",
             "target_column",
@@ -141,7 +124,7 @@ class DataConfig:
             "shuffle_seed",
             "split_seed",
         ):
-            at_least(name, 0)
+            at_least(self, name, 0)
         for col in self.text_columns:
             if isinstance(col, bool) or not isinstance(col, int) or col < 0:
                 raise ValueError(
@@ -149,12 +132,12 @@ class DataConfig:
                     "indices (integers >= 0)."
                 )
         if self.character_coverage is not None:
-            fraction("character_coverage", low_open=True)
-        fraction("validation_fraction", high_open=True)
-        fraction("mlm_probability", low_open=True, high_open=True)
-        fraction("mask_token_fraction")
-        fraction("random_token_fraction")
-        fraction("noise_density", low_open=True, high_open=True)
+            in_interval(self, "character_coverage", 0, 1, low_open=True)
+        in_interval(self, "validation_fraction", 0, 1, high_open=True)
+        in_interval(self, "mlm_probability", 0, 1, low_open=True, high_open=True)
+        in_interval(self, "mask_token_fraction", 0, 1)
+        in_interval(self, "random_token_fraction", 0, 1)
+        in_interval(self, "noise_density", 0, 1, low_open=True, high_open=True)
         if self.num_sentinels > 100:
             raise ValueError(
                 f"DataConfig.num_sentinels={self.num_sentinels} must be in [0, 100] "
@@ -201,40 +184,3 @@ class DataConfig:
             )
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ValueError(f"DataConfig.label_names={self.label_names} has duplicates.")
-
-    # Construction ----------------------------------------------------------------------------
-
-    def replace(self, **changes: Any) -> DataConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DataConfig:
-        """Build from a mapping (e.g. the `data:` section of a YAML file).
-
-        Lists become tuples; a single string is accepted for `paths` and
-        `validation_paths`. Unknown keys raise ValueError listing the valid ones.
-        """
-        unknown = sorted(set(d) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown DataConfig keys {unknown}; valid keys are {cls.field_names()}."
-            )
-        kwargs = dict(d)
-        for name in _TUPLE_FIELDS:
-            value = kwargs.get(name)
-            if isinstance(value, str) and name in ("paths", "validation_paths"):
-                kwargs[name] = (value,)
-            elif isinstance(value, list | tuple):
-                kwargs[name] = tuple(value)
-        return cls(**kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain mapping (tuples become lists) that `from_dict` reads back."""
-        return {
-            k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()
-        }

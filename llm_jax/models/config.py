@@ -8,7 +8,9 @@ derives the few quantities layers need (`head_dim`, `num_kv_heads`, ...).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
+
+from llm_jax.config import Config, at_least, in_interval, one_of
 
 FAMILIES = ("gpt", "bert", "t5")
 POSITIONS = ("learned", "rope", "sinusoidal", "relative")
@@ -21,12 +23,15 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class ModelConfig:
+class ModelConfig(Config):
     """Architecture of a GPT (decoder-only), BERT (encoder) or T5 (encoder–decoder) model.
 
     Shape letters used in the field docs: V vocab, D d_model, F d_ff, N num_heads,
     K num_kv_heads, H head_dim, L num_layers.
     """
+
+    section: ClassVar[str] = "model"
+    extra_keys: ClassVar[tuple[str, ...]] = ("preset",)  # from_dict starts from that preset
 
     family: str
     vocab_size: int
@@ -120,28 +125,16 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would be valid."""
-
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"ModelConfig.{name}={value!r} is not one of {list(allowed)}.")
-
-        def positive(*names: str) -> None:
-            for name in names:
-                value = getattr(self, name)
-                if value is not None and (not isinstance(value, int) or value < 1):
-                    raise ValueError(f"ModelConfig.{name}={value!r} must be a positive integer.")
-
-        choice("family", FAMILIES)
-        choice("position", POSITIONS)
-        choice("norm", NORMS)
-        choice("rope_type", ROPE_TYPES)
-        choice("norm_position", NORM_POSITIONS)
-        choice("activation", ACTIVATIONS)
-        choice("remat_policy", REMAT_POLICIES)
-        choice("dtype", DTYPES)
-        choice("param_dtype", DTYPES)
-        positive(
+        one_of(self, "family", FAMILIES)
+        one_of(self, "position", POSITIONS)
+        one_of(self, "norm", NORMS)
+        one_of(self, "rope_type", ROPE_TYPES)
+        one_of(self, "norm_position", NORM_POSITIONS)
+        one_of(self, "activation", ACTIVATIONS)
+        one_of(self, "remat_policy", REMAT_POLICIES)
+        one_of(self, "dtype", DTYPES)
+        one_of(self, "param_dtype", DTYPES)
+        for name in (
             "vocab_size",
             "d_model",
             "num_layers",
@@ -153,15 +146,15 @@ class ModelConfig:
             "max_position_embeddings",
             "embedding_dim",
             "rope_original_max_position",
-        )
+        ):
+            at_least(self, name, 1)
         if self.rope_type != "default":
             if self.position != "rope":
                 raise ValueError(
                     f"ModelConfig.rope_type={self.rope_type!r} rescales RoPE; it needs "
                     f"position='rope' (got {self.position!r}), or set rope_type='default'."
                 )
-            if self.rope_factor < 1:
-                raise ValueError(f"ModelConfig.rope_factor={self.rope_factor} must be >= 1.")
+            at_least(self, "rope_factor", 1)
             if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
                 raise ValueError(
                     "ModelConfig: llama3 RoPE needs 0 < rope_low_freq_factor < "
@@ -198,11 +191,8 @@ class ModelConfig:
         if self.family == "bert" and self.position != "learned":
             raise ValueError("ModelConfig.position must be 'learned' for family='bert'.")
         for name in ("dropout_rate", "attention_dropout_rate"):
-            value = getattr(self, name)
-            if not 0.0 <= value < 1.0:
-                raise ValueError(f"ModelConfig.{name}={value} must be in [0, 1).")
-        if self.norm_eps <= 0:
-            raise ValueError(f"ModelConfig.norm_eps={self.norm_eps} must be > 0.")
+            in_interval(self, name, 0, 1, high_open=True)
+        at_least(self, "norm_eps", 0, strict=True)
         if self.family != "bert" and (
             self.use_pooler or self.use_nsp or self.use_mlm_head or self.type_vocab_size
         ):
@@ -224,38 +214,23 @@ class ModelConfig:
 
     # Construction --------------------------------------------------------------------------
 
-    def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
-        return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Build from a mapping; a `preset` key starts from that preset. Unknown keys fail."""
+        cls.check_keys(d)
         d = dict(d)
         preset = d.pop("preset", None)
-        unknown = sorted(set(d) - set(cls.field_names()))
-        if unknown:
-            raise ValueError(
-                f"unknown ModelConfig keys {unknown}; valid keys are {cls.field_names()} "
-                "(and 'preset')."
-            )
         if preset is not None:
-            return cls.preset(preset, **d)
-        return cls(**d)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+            if preset not in PRESETS:
+                raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+            d = {**PRESETS[preset], **d}
+        return super().from_dict(d)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
-        """A named published architecture, optionally with some fields overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}.")
-        return cls(**{**PRESETS[name], **overrides})
+        """A named published architecture, optionally with some fields overridden (unknown
+        field names raise ValueError listing the valid ones)."""
+        return cls.from_dict({"preset": name, **overrides})
 
     @staticmethod
     def preset_names() -> list[str]:

@@ -11,13 +11,14 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from llm_jax.config import Config, one_of
 from llm_jax.parallel.rules import logical_to_spec, unused_mesh_axes
 
 log = logging.getLogger(__name__)
@@ -43,8 +44,10 @@ RULES: dict[str, dict[str, Any]] = {
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MeshConfig:
+class MeshConfig(Config):
     """Mesh shape and sharding rules. A size of -1 takes the devices left over."""
+
+    section: ClassVar[str] = "mesh"
 
     data: int = -1
     fsdp: int = 1
@@ -52,12 +55,11 @@ class MeshConfig:
     rules: str = "dp"
 
     def __post_init__(self) -> None:
-        if self.rules not in RULES:
-            raise ValueError(f"MeshConfig.rules={self.rules!r} is not one of {sorted(RULES)}.")
+        one_of(self, "rules", sorted(RULES))
         sizes = (self.data, self.fsdp, self.tensor)
         if sum(s == -1 for s in sizes) > 1 or any(s == 0 or s < -1 for s in sizes):
             raise ValueError(
-                f"MeshConfig sizes {dict(zip(MESH_AXES, sizes, strict=True))} must be positive, "
+                f"mesh sizes {dict(zip(MESH_AXES, sizes, strict=True))} must be positive, "
                 "with at most one -1 (the remaining devices)."
             )
 

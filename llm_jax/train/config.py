@@ -13,10 +13,11 @@ import dataclasses
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from llm_jax.config import Config, at_least, in_interval, nearest_first, one_of
 from llm_jax.data.config import DataConfig
 from llm_jax.models.config import ModelConfig
 from llm_jax.parallel.mesh import MeshConfig
@@ -41,8 +42,10 @@ def _yaml(text: str):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class TrainConfig:
+class TrainConfig(Config):
     """The training loop."""
+
+    section: ClassVar[str] = "train"
 
     steps: int = 200
     seed: int = 0
@@ -67,96 +70,76 @@ class TrainConfig:
             "checkpoint_every",
             "keep_checkpoints",
         ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1.")
-        if self.eval_every < 0:
-            raise ValueError(f"train.eval_every={self.eval_every} must be >= 0 (0 disables).")
-        if self.on_nonfinite not in NONFINITE:
-            raise ValueError(
-                f"train.on_nonfinite={self.on_nonfinite!r} is not one of {list(NONFINITE)}."
-            )
-        if not 0.0 <= self.label_smoothing < 1.0 or self.z_loss < 0:
-            raise ValueError("train.label_smoothing must be in [0, 1) and train.z_loss >= 0.")
+            at_least(self, name, 1)
+        at_least(self, "eval_every", 0, note="0 disables")
+        one_of(self, "on_nonfinite", NONFINITE)
+        in_interval(self, "label_smoothing", 0, 1, high_open=True)
+        at_least(self, "z_loss", 0)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class DistributedConfig:
+class DistributedConfig(Config):
     """Multi-host setup; all None reads JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
     JAX_PROCESS_ID, and a single process needs nothing."""
+
+    section: ClassVar[str] = "distributed"
 
     coordinator_address: str | None = None
     num_processes: int | None = None
     process_id: int | None = None
 
 
-SECTIONS = {
-    "data": DataConfig,
-    "train": TrainConfig,
-    "optimizer": OptimizerConfig,
-    "mesh": MeshConfig,
-    "distributed": DistributedConfig,
-}
-TOP_LEVEL = ("name", "workdir", "model", *SECTIONS)
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class RunConfig:
+class RunConfig(Config):
     """A whole run. `model` stays a mapping until the tokenizer is known: a missing
     `vocab_size` is filled with the tokenizer's (see `model_config`)."""
 
     name: str
     workdir: str
     model: dict[str, Any]
-    data: DataConfig
-    train: TrainConfig
-    optimizer: OptimizerConfig
-    mesh: MeshConfig
-    distributed: DistributedConfig
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+
+    def __post_init__(self) -> None:
+        # The tokenizer, and with it the final vocab_size, exists only once the run starts, so
+        # the model section is checked now with the size the data section asks for. A char
+        # tokenizer's size is known only after it reads the corpus; no check reads vocab_size
+        # beyond >= 1, so the byte count stands in.
+        model = self.model_config(self.data.vocab_size or 256)
+        if model.position in ("learned", "sinusoidal"):  # a table with one row per position
+            lengths = ("seq_len", "target_seq_len") if model.family == "t5" else ("seq_len",)
+            for name in lengths:
+                length = getattr(self.data, name)
+                if length is not None and length > model.max_position_embeddings:
+                    raise ValueError(
+                        f"data.{name}={length} is longer than model.max_position_embeddings="
+                        f"{model.max_position_embeddings} ({model.position} positions); lower "
+                        f"data.{name} or raise model.max_position_embeddings."
+                    )
 
     def model_config(self, vocab_size: int | None = None) -> ModelConfig:
         """The ModelConfig. Unless the config sets `model.vocab_size` itself, the
         tokenizer's `vocab_size` is used (a preset's own vocabulary size is replaced)."""
         d = dict(self.model)
-        if "vocab_size" not in d:
-            if vocab_size is not None:
-                d["vocab_size"] = vocab_size
-            elif "preset" not in d:
-                d["vocab_size"] = 1  # placeholder to validate the other fields early
+        if "vocab_size" not in d and vocab_size is not None:
+            d["vocab_size"] = vocab_size
         return ModelConfig.from_dict(d)
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {"name": self.name, "workdir": self.workdir, "model": dict(self.model)}
-        for key in SECTIONS:
-            out[key] = dataclasses.asdict(getattr(self, key))
-        return out
+
+TOP_LEVEL = tuple(RunConfig.field_names())
 
 
-def _section(cls, name: str, d: Any):
-    if d is None:
-        d = {}
-    if not isinstance(d, dict):
-        raise ValueError(f"config section {name!r} must be a mapping; got {d!r}.")
-    if hasattr(cls, "from_dict"):
-        return cls.from_dict(d)
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(d) - set(valid))
-    if unknown:
-        raise ValueError(f"unknown keys {unknown} in section {name!r}; valid keys are {valid}.")
-    hints = {f.name: f.type for f in dataclasses.fields(cls)}
-    for key, value in d.items():
-        kinds = set(re.findall(r"\b(int|float)\b", str(hints[key]).split("[")[0]))
-        if not kinds or value is None:
-            continue
-        if isinstance(value, float) and kinds == {"int"} and value.is_integer():
-            d = {**d, key: int(value)}  # `1e3` from YAML or an override
-        elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{name}.{key}={value!r} must be a number ({hints[key]}).")
-        elif kinds == {"int"} and not isinstance(value, int):
-            raise ValueError(f"{name}.{key}={value!r} must be a whole number ({hints[key]}).")
-    try:
-        return cls(**d)
-    except TypeError as e:
-        raise ValueError(f"section {name!r}: {e}") from None
+def _yaml_error(e: yaml.YAMLError, where: str, column_offset: int = 0) -> ValueError:
+    """One line naming where the YAML is malformed (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    at = "" if mark is None else f", line {mark.line + 1}, column {mark.column + 1 + column_offset}"
+    context = f" ({context})" if context else ""
+    return ValueError(f"{where}{at}: malformed YAML: {problem}{context}")
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -166,11 +149,15 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.key=value.")
         key, raw = item.split("=", 1)
-        value = _yaml(raw) if raw else None
+        try:
+            value = _yaml(raw) if raw else None
+        except yaml.YAMLError as e:
+            raise _yaml_error(e, f"override {item!r}", column_offset=len(key) + 1) from None
         parts = key.strip().split(".")
         if parts[0] not in TOP_LEVEL:
             raise ValueError(
-                f"override {key!r}: unknown section {parts[0]!r}; valid: {list(TOP_LEVEL)}."
+                f"override {key!r}: unknown section {parts[0]!r}; valid: "
+                f"{nearest_first([parts[0]], TOP_LEVEL)}."
             )
         node = d
         for p in parts[:-1]:
@@ -183,29 +170,43 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
     """Validate and build a RunConfig from a mapping (the YAML's content)."""
-    unknown = sorted(set(d) - set(TOP_LEVEL))
-    if unknown:
-        raise ValueError(f"{source}: unknown top-level keys {unknown}; valid: {list(TOP_LEVEL)}.")
-    model = d.get("model")
-    if not isinstance(model, dict):
+    if not isinstance(d, dict):
+        raise ValueError(f"{source}: the top level must be a mapping of sections.")
+    try:
+        RunConfig.check_keys(d)
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
+    if not isinstance(d.get("model"), dict):
         raise ValueError(f"{source}: a 'model' section (e.g. 'preset: gpt2-tiny') is required.")
     name = str(d.get("name") or Path(source).stem)
-    cfg = RunConfig(
-        name=name,
-        workdir=str(d.get("workdir") or os.path.join("runs", name)),
-        model=dict(model),
-        **{key: _section(cls, key, d.get(key)) for key, cls in SECTIONS.items()},
-    )
-    cfg.model_config()  # validates the model section now, before any work
-    return cfg
+    workdir = str(d.get("workdir") or os.path.join("runs", name))
+    return RunConfig.from_dict({**d, "name": name, "workdir": workdir})
+
+
+def check_data_paths(cfg: RunConfig) -> None:
+    """Raise ValueError naming the first `data.paths` / `data.validation_paths` entry that
+    does not exist (relative to the working directory, where runs read them)."""
+    for key in ("paths", "validation_paths"):
+        for path in getattr(cfg.data, key):
+            if not Path(path).exists():
+                raise ValueError(
+                    f"data.{key}: {path} not found (relative paths are read from "
+                    f"{os.getcwd()!r}); set data.{key}=[your corpus], e.g. "
+                    f"data.{key}=[my_text.txt] or a folder."
+                )
 
 
 def load_config(path: str | os.PathLike, overrides: list[str] | None = None) -> RunConfig:
-    """Read a YAML run config and apply dotted overrides."""
+    """Read a YAML run config, apply dotted overrides and check that the corpus exists."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist; see the configs/ folder.")
-    d = _yaml(path.read_text(encoding="utf-8")) or {}
+    try:
+        d = _yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise _yaml_error(e, str(path)) from None
     if not isinstance(d, dict):
         raise ValueError(f"{path}: the top level must be a mapping of sections.")
-    return config_from_dict(apply_overrides(d, overrides or []), source=str(path))
+    cfg = config_from_dict(apply_overrides(d, overrides or []), source=str(path))
+    check_data_paths(cfg)
+    return cfg

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import optax
+
+from llm_jax.config import Config, at_least, one_of
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("cosine", "linear", "inverse_sqrt", "constant")
@@ -13,8 +16,10 @@ NO_DECAY = ("bias", "scale", "mlm_bias")  # biases and norm scales are not decay
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class OptimizerConfig:
+class OptimizerConfig(Config):
     """Optimizer, schedule and clipping. `learning_rate` is the peak after warmup."""
+
+    section: ClassVar[str] = "optimizer"
 
     name: str = "adamw"
     learning_rate: float = 3e-4
@@ -29,16 +34,12 @@ class OptimizerConfig:
     clip_grad_norm: float = 1.0  # 0 disables
 
     def __post_init__(self) -> None:
-        if self.name not in OPTIMIZERS:
-            raise ValueError(f"optimizer.name={self.name!r} is not one of {list(OPTIMIZERS)}.")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"optimizer.schedule={self.schedule!r} is not one of {list(SCHEDULES)}."
-            )
-        if self.learning_rate <= 0:
-            raise ValueError(f"optimizer.learning_rate={self.learning_rate} must be > 0.")
-        if self.warmup_steps < 0 or self.clip_grad_norm < 0 or self.weight_decay < 0:
-            raise ValueError("optimizer.warmup_steps, clip_grad_norm, weight_decay must be >= 0.")
+        one_of(self, "name", OPTIMIZERS)
+        one_of(self, "schedule", SCHEDULES)
+        at_least(self, "learning_rate", 0, strict=True)
+        at_least(self, "warmup_steps", 0)
+        at_least(self, "clip_grad_norm", 0, note="0 disables")
+        at_least(self, "weight_decay", 0)
 
 
 def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
