@@ -21,7 +21,7 @@ def _tol(p, n):
 
 @pytest.fixture(scope="module")
 def tok(shakespeare):
-    return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000)
+    return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000, num_sentinels=100)
 
 
 def _cfg(path, token_cache, **kw):

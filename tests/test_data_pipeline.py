@@ -27,7 +27,7 @@ def char_tok(shakespeare):
 
 @pytest.fixture(scope="module")
 def sp_tok(shakespeare):
-    return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000)
+    return train_tokenizer(shakespeare, model_type="unigram", vocab_size=1000, num_sentinels=100)
 
 
 def _cfg(path, token_cache, **kw):

@@ -40,7 +40,11 @@ def spanish(corpora):
 
 def _train(kind, text, vocab=800, **kw):
     return train_tokenizer(
-        texts=[text], model_type=kind, vocab_size=None if kind == "char" else vocab, **kw
+        texts=[text],
+        model_type=kind,
+        vocab_size=None if kind == "char" else vocab,
+        num_sentinels=100,  # T5's layout, checked below
+        **kw,
     )
 
 
@@ -148,12 +152,16 @@ def test_char_tokenizer_is_the_classic_char_level_vocabulary(shared_data):
 
 
 def test_char_byte_fallback_and_vocab_cap():
-    tok = train_tokenizer(texts=["abcabcabd\n"], model_type="char", vocab_size=None)
+    tok = train_tokenizer(
+        texts=["abcabcabd\n"], model_type="char", vocab_size=None, num_sentinels=100
+    )
     assert tok.vocab_size == 7 + 256 + 5 + 100  # specials, bytes, a b c d \n, sentinels
     ids = tok.encode("aé")
     assert ids[0] == tok.encode("a")[0] and len(ids) == 3  # é is two UTF-8 bytes
     assert [tok.id_to_piece(i) for i in ids[1:]] == ["<0xC3>", "<0xA9>"]
-    capped = train_tokenizer(texts=["aaab\n"], model_type="char", vocab_size=7 + 256 + 100 + 1)
+    capped = train_tokenizer(
+        texts=["aaab\n"], model_type="char", vocab_size=7 + 256 + 100 + 1, num_sentinels=100
+    )
     assert capped.chars == ["a"]  # only the most frequent character fits
     assert capped.decode(capped.encode("ab\n")) == "ab\n"
 
@@ -222,6 +230,18 @@ def test_vocab_limit_is_quoted_in_the_callers_vocab_size_terms():
     assert train_tokenizer(texts=text, vocab_size=most, num_sentinels=100).vocab_size == most
     with pytest.raises(ValueError, match=f"use vocab_size <= {most}"):
         train_tokenizer(texts=text, vocab_size=most + 1, num_sentinels=100)
+
+
+def test_sentinels_are_reserved_only_for_objectives_that_use_them():
+    from llm_jax.data import DataConfig
+
+    assert train_tokenizer(texts=["a b c d\n"], model_type="char").num_sentinels == 0
+    assert DataConfig(objective="clm").num_sentinels == 0
+    assert DataConfig(objective="mlm").num_sentinels == 0
+    assert DataConfig(objective="span_corruption").num_sentinels == 100
+    assert DataConfig(objective="clm", num_sentinels=3).num_sentinels == 3
+    with pytest.raises(ValueError, match="num_sentinels=100"):
+        DataConfig(objective="span_corruption", num_sentinels=0)
 
 
 def test_lines_over_sentencepiece_limit_are_cut_for_training_not_refused():

@@ -53,8 +53,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--num-sentinels",
         type=int,
-        default=MAX_SENTINELS,
-        help="T5 <extra_id_i> sentinels at the end of the vocabulary",
+        default=0,
+        help=f"T5 <extra_id_i> sentinels at the end of the vocabulary (T5 span corruption "
+        f"uses {MAX_SENTINELS}; default 0)",
     )
     train.add_argument(
         "--max-sentences",

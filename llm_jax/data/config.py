@@ -11,7 +11,6 @@ import dataclasses
 from typing import ClassVar
 
 from llm_jax.config import Config, at_least, in_interval, one_of
-
 from llm_jax.data.objectives import OBJECTIVES as _REGISTRY
 
 FORMATS = ("text", "tsv", "fasttext")
@@ -51,7 +50,9 @@ class DataConfig(Config):
     vocab_size: int | None = 8000  # total V, sentinels included; char: an upper bound.
     character_coverage: float | None = None  # None: 0.9995 (SentencePiece), 1.0 (char).
     byte_fallback: bool = True  # unseen characters become UTF-8 byte tokens, never <unk>.
-    num_sentinels: int = 100  # T5's <extra_id_0..N-1>, the last ids of the vocabulary.
+    # T5's <extra_id_0..N-1>, the last ids of the vocabulary. None: what the objective
+    # uses (100 for span_corruption, else 0).
+    num_sentinels: int | None = None
     tokenizer_max_sentences: int = 1_000_000  # lines sampled to train the tokenizer.
 
     # Shapes ----------------------------------------------------------------------------------
@@ -86,6 +87,8 @@ class DataConfig(Config):
     use_cache: bool = True
 
     def __post_init__(self) -> None:
+        if self.num_sentinels is None and self.objective in _REGISTRY:
+            object.__setattr__(self, "num_sentinels", _REGISTRY[self.objective].sentinels)
         self.validate()
 
     # Derived quantities ----------------------------------------------------------------------

@@ -453,7 +453,7 @@ def train_tokenizer(
     vocab_size: int | None = 8000,
     character_coverage: float | None = None,
     byte_fallback: bool = True,
-    num_sentinels: int = MAX_SENTINELS,
+    num_sentinels: int = 0,
     max_sentences: int = 1_000_000,
     file_pattern: str = "*",
     seed: int = 0,
@@ -468,7 +468,8 @@ def train_tokenizer(
         character_coverage: fraction of character occurrences the vocabulary must cover;
             the rest go through byte fallback. Default 0.9995 (SentencePiece), 1.0 (char).
         byte_fallback: unknown characters become UTF-8 byte ids instead of <unk>.
-        num_sentinels: T5 sentinels appended at the end of the vocabulary (0..100).
+        num_sentinels: T5 sentinels appended at the end of the vocabulary (0..100; T5's
+            span corruption uses 100).
         max_sentences: at most this many lines (a seeded sample) are used for training.
         out_dir: if given, the tokenizer is also saved there.
 

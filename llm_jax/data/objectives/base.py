@@ -165,6 +165,8 @@ class ObjectiveSpec:
         lm_head: whether the model's vocabulary projection runs (FLOP counting).
         tokenizer_texts: the texts a tokenizer learns from when the corpus is a table
             (TSV / fastText); None for running text, which trains on the files.
+        sentinels: how many T5 sentinels a tokenizer trained for it reserves by default
+            (`DataConfig.num_sentinels=None`); 0 for objectives that never use them.
     """
 
     name: str
@@ -176,6 +178,7 @@ class ObjectiveSpec:
     token_fields: tuple[str, ...]
     lm_head: bool = True
     tokenizer_texts: Callable[[DataConfig], list[str]] | None = None
+    sentinels: int = 0
 
     def __post_init__(self) -> None:
         if self.main_loss not in self.loss_weights:

@@ -267,4 +267,5 @@ SPEC = ObjectiveSpec(
     loss_weights={"lm": "decoder_weights"},
     main_loss="lm",
     token_fields=("encoder_tokens", "decoder_tokens"),
+    sentinels=100,  # T5's <extra_id_0..99>
 )
