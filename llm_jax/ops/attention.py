@@ -28,6 +28,8 @@ def big_neg(dtype) -> float:
     return float(jnp.finfo(dtype).min)
 
 
+# Longer than 60 lines on purpose: the argument checks that name the fix, then the equation
+# with a shape per intermediate, read top to bottom as one formula.
 def dot_product_attention(
     q: Float[Array, "B T N H"],
     k: Float[Array, "B S K H"],
