@@ -22,9 +22,11 @@ from tests.reference.ops_ref import (
     kl_divergence_ref,
     layer_norm_ref,
     log_softmax_ref,
+    logsumexp_ref,
     relu_ref,
     rms_norm_ref,
     silu_ref,
+    softmax_ref,
     swiglu_ref,
     t5_layer_norm_ref,
 )
@@ -184,6 +186,49 @@ def ce_inputs():
     weights = rng.random((2, 5)).astype(np.float32)
     weights[1, 3:] = 0.0  # padding
     return logits, labels, weights
+
+
+def test_softmax_pair_matches_twins_along_any_axis():
+    rng = np.random.default_rng(6)
+    x = (3.0 * rng.standard_normal((2, 5, 11))).astype(np.float32)
+    for axis in (-1, 1, 0):
+        moved = np.moveaxis(x, axis, -1)
+        _close(ops.softmax(x, axis=axis), np.moveaxis(softmax_ref(moved), -1, axis))
+        _close(ops.log_softmax(x, axis=axis), np.moveaxis(log_softmax_ref(moved), -1, axis))
+        _close(ops.logsumexp(x, axis=axis), logsumexp_ref(moved))
+    _close(np.sum(np.asarray(ops.softmax(x), np.float64), axis=-1), np.ones((2, 5)))
+
+
+def test_softmax_pair_runs_in_float32():
+    rng = np.random.default_rng(7)
+    small = (0.5 * rng.standard_normal((3, 13))).astype(np.float32)
+    for fn, ref in (
+        (ops.softmax, softmax_ref),
+        (ops.log_softmax, log_softmax_ref),
+        (ops.logsumexp, logsumexp_ref),
+    ):
+        out = fn(_bf16(small))
+        assert out.dtype == jnp.float32
+        _close(out, ref(_as_f32(_bf16(small))))
+
+
+def test_softmax_huge_logits_is_stable_and_logsumexp_of_minus_inf_is_minus_inf():
+    rng = np.random.default_rng(8)
+    logits = (1e4 * rng.standard_normal((3, 50))).astype(np.float32)
+    logits[1] += 3e4
+    out = np.asarray(ops.softmax(logits))
+    assert np.isfinite(out).all()
+    _close(out, softmax_ref(logits))
+    _close(ops.logsumexp(logits), logsumexp_ref(logits))
+    assert np.asarray(ops.logsumexp(jnp.full((2, 4), -jnp.inf))).tolist() == [-np.inf] * 2
+
+
+def test_softmax_gradient_matches_the_jacobian():
+    # d p_i / d x_j = p_i (delta_ij - p_j), from the twin in float64.
+    x = np.array([[0.3, -1.2, 2.0, 0.5]], np.float32)
+    p = softmax_ref(x)[0]
+    jac = np.asarray(jax.jacobian(lambda x: ops.softmax(x)[0])(jnp.asarray(x)))[:, 0, :]
+    _close(jac, np.diag(p) - np.outer(p, p))
 
 
 def test_log_softmax_huge_logits_is_stable():

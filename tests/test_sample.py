@@ -24,6 +24,7 @@ from test_sample_toys import (
 
 import llm_jax.sample as sample
 from llm_jax.sample import Beam, FunctionDecoder, Greedy, Sample
+from llm_jax.sample.generate import Request, check_fits
 
 V = 12
 TABLE = random_table(0, HISTORY_MODULUS, V)
@@ -98,12 +99,57 @@ UNTRACEABLE = FunctionDecoder(_untraceable, _untraceable, max_length=24, vocab_s
         ([[1, 2]], {"eos_id": -1}, "eos_id"),
         ([[1, 2]], {"stop_sequences": [[3], []]}, r"stop_sequences\[1\]"),
         ([[1, 2]], {"pad_id": -1}, "pad_id"),
+        ([[1, 2]], {"max_length": 1}, "max_length must be"),
+        ([[1] * 24], {}, "shorten the longest prompt to at most 23 tokens"),
     ],
 )
 def test_bad_arguments_raise_before_compiling(prompts, kwargs, match):
     kwargs = {"max_new_tokens": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
         sample.generate(UNTRACEABLE, prompts, **kwargs)
+
+
+def test_unknown_or_missing_keywords_are_type_errors_naming_the_valid_ones():
+    with pytest.raises(TypeError, match=r"\['max_new_token'\].*'max_new_tokens'"):
+        sample.generate(UNTRACEABLE, [[1]], max_new_token=4)
+    with pytest.raises(TypeError, match="needs max_new_tokens="):
+        sample.generate(UNTRACEABLE, [[1]])
+    with pytest.raises(TypeError, match="return_log_probs"):
+        sample.stream(UNTRACEABLE, [[1]], max_new_tokens=4, return_log_probs=True)
+
+
+def test_request_normalises_the_strategy():
+    assert Request(max_new_tokens=3).strategy == Greedy()
+    assert Request(max_new_tokens=3, strategy=Sample(temperature=0.0)).strategy == Greedy()
+    sampled = Sample(temperature=0.7)
+    assert Request(max_new_tokens=3, strategy=sampled).strategy == sampled
+
+
+def test_length_errors_name_the_fix_in_the_callers_words():
+    check_fits(20, 4, 24)  # fits exactly
+    check_fits(99, 4, None)  # no limit
+    check_fits(24, 0, 24)  # an encoder input uses every position
+    with pytest.raises(ValueError) as e:
+        check_fits(20, 8, 24)
+    assert str(e.value) == (
+        "the longest prompt has 20 tokens and max_new_tokens is 8, 28 positions in all, but "
+        "max_length is 24; lower max_new_tokens to at most 4 or shorten the longest prompt to "
+        "at most 16 tokens."
+    )
+    with pytest.raises(ValueError) as e:
+        check_fits(24, 1, 24, prompt="--prompt", limit="the model has {} positions")
+    assert str(e.value) == (
+        "--prompt has 24 tokens but the model has 24 positions; shorten --prompt to at most "
+        "23 tokens."
+    )
+    with pytest.raises(ValueError) as e:
+        check_fits(25, 0, 24, prompt="the input")
+    assert str(e.value) == (
+        "the input has 25 tokens but max_length is 24; shorten the input to at most 24 tokens."
+    )
+    with pytest.raises(ValueError) as e:
+        check_fits(1, 30, 24, prompt="the start token")
+    assert str(e.value).endswith("lower max_new_tokens to at most 23.")
 
 
 def test_stream_rejects_beam_search():

@@ -96,17 +96,7 @@ def test_cache_is_split_over_batch_and_kv_heads():
     """The prefilled cache (the while-loop carry) follows CACHE_AXES under fsdp_tp."""
     _, sharded = models("gpt2-tiny")
     decoder, prompt, controls, rng, spec = generate_module._check_and_pad(
-        sharded,
-        PROMPTS,
-        max_new_tokens=N,
-        strategy=None,
-        eos_id=None,
-        rng=None,
-        min_new_tokens=0,
-        stop_sequences=(),
-        pad_id=0,
-        return_log_probs=False,
-        max_length=None,
+        sharded, PROMPTS, generate_module.Request(max_new_tokens=N), rng=None
     )
     sharding = generate_module.MeshRules.make(mesh(), RULES)
     state = generate_module._stream_prefill(decoder, prompt, controls, rng, spec, sharding)

@@ -521,6 +521,184 @@ def hf_architecture(cfg: ModelConfig) -> str:
     )
 
 
+# What each transformers class hard-codes, checked before export (D7: one table, one check).
+_REQUIRED: dict[str, dict[str, Any]] = {
+    "gpt2": dict(
+        norm="layernorm",
+        norm_position="pre",
+        final_norm=True,
+        gated_mlp=False,
+        use_bias=True,
+    ),
+    "llama": dict(
+        position="rope",
+        norm="rmsnorm",
+        norm_position="pre",
+        final_norm=True,
+        gated_mlp=True,
+        attention_scale=True,
+    ),
+    "bert": dict(
+        position="learned",
+        norm="layernorm",
+        norm_position="post",
+        final_norm=False,
+        gated_mlp=False,
+        use_bias=True,
+        attention_scale=True,
+    ),
+    "t5": dict(
+        position="relative",
+        norm="rmsnorm",
+        norm_position="pre",
+        final_norm=True,
+        use_bias=False,
+        attention_scale=False,
+    ),
+}
+
+
+def _gpt2_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    _plain_heads(cfg, arch)
+    return {
+        "model_type": "gpt2",
+        "n_embd": cfg.d_model,
+        "n_layer": cfg.num_layers,
+        "n_head": cfg.num_heads,
+        "n_inner": None if cfg.d_ff == 4 * cfg.d_model else cfg.d_ff,
+        "n_positions": cfg.max_position_embeddings,
+        "n_ctx": cfg.max_position_embeddings,
+        "activation_function": _HF_ACTIVATION[cfg.activation],
+        "layer_norm_epsilon": cfg.norm_eps,
+        "scale_attn_weights": cfg.attention_scale,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "resid_pdrop": cfg.dropout_rate,
+        "embd_pdrop": cfg.dropout_rate,
+        "attn_pdrop": cfg.attention_dropout_rate,
+        "initializer_range": cfg.initializer_range,
+    }
+
+
+def _llama_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    return {
+        "model_type": "llama",
+        "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.d_ff,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_size,
+        "hidden_act": _HF_ACTIVATION[cfg.activation],
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rms_norm_eps": cfg.norm_eps,
+        # 4.x reads the top-level rope_theta, 5.x rope_parameters.
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": _rope_scaling_out(cfg),
+        "rope_parameters": {
+            "rope_theta": cfg.rope_theta,
+            "rope_type": "default",
+            **(_rope_scaling_out(cfg) or {}),
+        },
+        "attention_bias": cfg.use_bias,
+        "mlp_bias": cfg.use_bias,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_dropout": cfg.attention_dropout_rate,
+        "initializer_range": cfg.initializer_range,
+    }
+
+
+def _bert_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    _plain_heads(cfg, arch)
+    if cfg.type_vocab_size < 1:
+        raise UnsupportedConfigError(f"{arch} needs type_vocab_size >= 1.")
+    out = {
+        "model_type": "bert",
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.d_ff,
+        "hidden_act": _HF_ACTIVATION[cfg.activation],
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "type_vocab_size": cfg.type_vocab_size,
+        "layer_norm_eps": cfg.norm_eps,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+        "hidden_dropout_prob": cfg.dropout_rate,
+        "attention_probs_dropout_prob": cfg.attention_dropout_rate,
+        "initializer_range": cfg.initializer_range,
+    }
+    if cfg.num_labels:
+        labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+        out["id2label"] = labels
+        out["label2id"] = {v: int(k) for k, v in labels.items()}
+    return out
+
+
+def _t5_feed_forward_proj(cfg: ModelConfig) -> str:
+    """T5's `feed_forward_proj`: the activation's HF name, with a "gated-" prefix if gated."""
+    act = _HF_ACTIVATION[cfg.activation]
+    if not cfg.gated_mlp:
+        return act
+    if cfg.activation == "gelu":
+        raise UnsupportedConfigError(
+            "T5's feed_forward_proj 'gated-gelu' means the tanh GELU; a gated exact "
+            "GELU has no transformers name."
+        )
+    return "gated-gelu" if cfg.activation == "gelu_tanh" else f"gated-{act}"
+
+
+def _t5_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
+    if cfg.kv_heads != cfg.num_heads:
+        raise UnsupportedConfigError(f"{arch} has no grouped-query attention (num_kv_heads).")
+    proj = _t5_feed_forward_proj(cfg)
+    # A tied head without scaling is written untied (lm_head = a copy of the embedding):
+    # 4.x cannot say "tied, unscaled", and the copy reads the same in 4.x and 5.x.
+    tied_scaled = cfg.tie_embeddings and cfg.scale_tied_logits
+    return {
+        "model_type": "t5",
+        "d_model": cfg.d_model,
+        "d_kv": cfg.head_size,
+        "d_ff": cfg.d_ff,
+        "num_layers": cfg.num_layers,
+        "num_decoder_layers": cfg.decoder_layers,
+        "num_heads": cfg.num_heads,
+        "relative_attention_num_buckets": cfg.relative_num_buckets,
+        "relative_attention_max_distance": cfg.relative_max_distance,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "feed_forward_proj": proj,
+        "is_encoder_decoder": True,
+        "tie_word_embeddings": tied_scaled,
+        "scale_decoder_outputs": tied_scaled,
+        "dropout_rate": cfg.dropout_rate,
+        "initializer_factor": cfg.initializer_range,
+    }
+
+
+# model_type -> the family's fields, the mirror of the import side's `_gpt2_config` etc.
+_TO_HF = {"gpt2": _gpt2_to_hf, "llama": _llama_to_hf, "bert": _bert_to_hf, "t5": _t5_to_hf}
+
+
+def _special_ids(cfg: ModelConfig, arch: str, model_type: str, spec: HFSpec | None) -> dict:
+    """bos/eos/pad (and T5's decoder start) ids; None keeps the family's defaults."""
+    if cfg.family == "t5":
+        defaults = HFSpec(arch, "t5", eos_ids=(1,), pad_id=0, decoder_start_id=0)
+    else:
+        defaults = HFSpec(arch, model_type, pad_id=0 if cfg.family == "bert" else None)
+    spec = spec or defaults
+    eos = list(spec.eos_ids)
+    out = {
+        "bos_token_id": spec.bos_id,
+        "eos_token_id": None if not eos else eos[0] if len(eos) == 1 else eos,
+        "pad_token_id": spec.pad_id,
+    }
+    if cfg.family == "t5":
+        start = spec.decoder_start_id
+        out["decoder_start_token_id"] = start if start is not None else 0
+    return out
+
+
 def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]:
     """A `config.json` dict that transformers 4.x and 5.x both read as `cfg`.
 
@@ -533,178 +711,18 @@ def config_to_hf(cfg: ModelConfig, spec: HFSpec | None = None) -> dict[str, Any]
       UnsupportedConfigError: `cfg` uses a feature the transformers class lacks (named).
     """
     arch = hf_architecture(cfg)
+    model_type = SUPPORTED_ARCHITECTURES[arch]
     if cfg.embedding_dim is not None or cfg.share_layers:
         raise UnsupportedConfigError(
             "ALBERT-style factorized embeddings / shared layers cannot be written as BERT."
         )
     if cfg.activation not in _HF_ACTIVATION:
         raise UnsupportedConfigError(f"activation {cfg.activation!r} has no transformers name.")
-    act = _HF_ACTIVATION[cfg.activation]
-    common: dict[str, Any] = {"architectures": [arch], "vocab_size": cfg.vocab_size}
-    if cfg.family == "gpt" and cfg.position == "learned":
-        _require(
-            cfg,
-            arch,
-            norm="layernorm",
-            norm_position="pre",
-            final_norm=True,
-            gated_mlp=False,
-            use_bias=True,
-        )
-        _plain_heads(cfg, arch)
-        out = {
-            **common,
-            "model_type": "gpt2",
-            "n_embd": cfg.d_model,
-            "n_layer": cfg.num_layers,
-            "n_head": cfg.num_heads,
-            "n_inner": None if cfg.d_ff == 4 * cfg.d_model else cfg.d_ff,
-            "n_positions": cfg.max_position_embeddings,
-            "n_ctx": cfg.max_position_embeddings,
-            "activation_function": act,
-            "layer_norm_epsilon": cfg.norm_eps,
-            "scale_attn_weights": cfg.attention_scale,
-            "scale_attn_by_inverse_layer_idx": False,
-            "reorder_and_upcast_attn": False,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "resid_pdrop": cfg.dropout_rate,
-            "embd_pdrop": cfg.dropout_rate,
-            "attn_pdrop": cfg.attention_dropout_rate,
-            "initializer_range": cfg.initializer_range,
-        }
-    elif cfg.family == "gpt":
-        _require(
-            cfg,
-            arch,
-            position="rope",
-            norm="rmsnorm",
-            norm_position="pre",
-            final_norm=True,
-            gated_mlp=True,
-            attention_scale=True,
-        )
-        out = {
-            **common,
-            "model_type": "llama",
-            "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.d_ff,
-            "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads,
-            "num_key_value_heads": cfg.kv_heads,
-            "head_dim": cfg.head_size,
-            "hidden_act": act,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "rms_norm_eps": cfg.norm_eps,
-            # 4.x reads the top-level rope_theta, 5.x rope_parameters.
-            "rope_theta": cfg.rope_theta,
-            "rope_scaling": _rope_scaling_out(cfg),
-            "rope_parameters": {
-                "rope_theta": cfg.rope_theta,
-                "rope_type": "default",
-                **(_rope_scaling_out(cfg) or {}),
-            },
-            "attention_bias": cfg.use_bias,
-            "mlp_bias": cfg.use_bias,
-            "tie_word_embeddings": cfg.tie_embeddings,
-            "attention_dropout": cfg.attention_dropout_rate,
-            "initializer_range": cfg.initializer_range,
-        }
-    elif cfg.family == "bert":
-        _require(
-            cfg,
-            arch,
-            position="learned",
-            norm="layernorm",
-            norm_position="post",
-            final_norm=False,
-            gated_mlp=False,
-            use_bias=True,
-            attention_scale=True,
-        )
-        _plain_heads(cfg, arch)
-        if cfg.type_vocab_size < 1:
-            raise UnsupportedConfigError(f"{arch} needs type_vocab_size >= 1.")
-        out = {
-            **common,
-            "model_type": "bert",
-            "hidden_size": cfg.d_model,
-            "num_hidden_layers": cfg.num_layers,
-            "num_attention_heads": cfg.num_heads,
-            "intermediate_size": cfg.d_ff,
-            "hidden_act": act,
-            "max_position_embeddings": cfg.max_position_embeddings,
-            "type_vocab_size": cfg.type_vocab_size,
-            "layer_norm_eps": cfg.norm_eps,
-            "position_embedding_type": "absolute",
-            "tie_word_embeddings": True,
-            "hidden_dropout_prob": cfg.dropout_rate,
-            "attention_probs_dropout_prob": cfg.attention_dropout_rate,
-            "initializer_range": cfg.initializer_range,
-        }
-        if cfg.num_labels:
-            labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-            out["id2label"] = labels
-            out["label2id"] = {v: int(k) for k, v in labels.items()}
-    else:
-        _require(
-            cfg,
-            arch,
-            position="relative",
-            norm="rmsnorm",
-            norm_position="pre",
-            final_norm=True,
-            use_bias=False,
-            attention_scale=False,
-        )
-        if cfg.kv_heads != cfg.num_heads:
-            raise UnsupportedConfigError(f"{arch} has no grouped-query attention (num_kv_heads).")
-        if cfg.gated_mlp:
-            if cfg.activation == "gelu":
-                raise UnsupportedConfigError(
-                    "T5's feed_forward_proj 'gated-gelu' means the tanh GELU; a gated exact "
-                    "GELU has no transformers name."
-                )
-            proj = "gated-gelu" if cfg.activation == "gelu_tanh" else f"gated-{act}"
-        else:
-            proj = act
-        # A tied head without scaling is written untied (lm_head = a copy of the embedding):
-        # 4.x cannot say "tied, unscaled", and the copy reads the same in 4.x and 5.x.
-        tied_scaled = cfg.tie_embeddings and cfg.scale_tied_logits
-        out = {
-            **common,
-            "model_type": "t5",
-            "d_model": cfg.d_model,
-            "d_kv": cfg.head_size,
-            "d_ff": cfg.d_ff,
-            "num_layers": cfg.num_layers,
-            "num_decoder_layers": cfg.decoder_layers,
-            "num_heads": cfg.num_heads,
-            "relative_attention_num_buckets": cfg.relative_num_buckets,
-            "relative_attention_max_distance": cfg.relative_max_distance,
-            "layer_norm_epsilon": cfg.norm_eps,
-            "feed_forward_proj": proj,
-            "is_encoder_decoder": True,
-            "tie_word_embeddings": tied_scaled,
-            "scale_decoder_outputs": tied_scaled,
-            "dropout_rate": cfg.dropout_rate,
-            "initializer_factor": cfg.initializer_range,
-        }
+    _require(cfg, arch, **_REQUIRED[model_type])
+    out = {"architectures": [arch], "vocab_size": cfg.vocab_size, **_TO_HF[model_type](cfg, arch)}
     if cfg.embed_scale:
         raise UnsupportedConfigError(f"embed_scale=True has no {arch} equivalent.")
-    if cfg.family == "t5":
-        defaults = HFSpec(arch, "t5", eos_ids=(1,), pad_id=0, decoder_start_id=0)
-    else:
-        defaults = HFSpec(arch, out["model_type"], pad_id=0 if cfg.family == "bert" else None)
-    spec = spec or defaults
-    out["bos_token_id"] = spec.bos_id
-    eos = list(spec.eos_ids)
-    out["eos_token_id"] = None if not eos else eos[0] if len(eos) == 1 else eos
-    out["pad_token_id"] = spec.pad_id
-    if cfg.family == "t5":
-        out["decoder_start_token_id"] = (
-            spec.decoder_start_id if spec.decoder_start_id is not None else 0
-        )
-    return out
+    return {**out, **_special_ids(cfg, arch, model_type, spec)}
 
 
 def t5_export_untied(cfg: ModelConfig) -> bool:

@@ -21,7 +21,7 @@ from llm_jax.ops.attention import (
     segment_mask,
 )
 from llm_jax.ops.dropout import dropout
-from llm_jax.ops.losses import accuracy, cross_entropy, kl_divergence, log_softmax
+from llm_jax.ops.losses import accuracy, cross_entropy, kl_divergence
 from llm_jax.ops.norms import layer_norm, rms_norm, t5_layer_norm
 from llm_jax.ops.positions import (
     apply_rope,
@@ -33,6 +33,7 @@ from llm_jax.ops.positions import (
     t5_relative_position_bias,
     t5_relative_position_bucket,
 )
+from llm_jax.ops.softmax import log_softmax, logsumexp, softmax
 
 __all__ = [
     "accuracy",
@@ -56,6 +57,7 @@ __all__ = [
     "learned_positions",
     "llama3_rope_frequencies",
     "log_softmax",
+    "logsumexp",
     "padding_mask",
     "relu",
     "rms_norm",
@@ -63,6 +65,7 @@ __all__ = [
     "segment_mask",
     "silu",
     "sinusoidal_positions",
+    "softmax",
     "swiglu",
     "t5_layer_norm",
     "t5_relative_position_bias",

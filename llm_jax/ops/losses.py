@@ -6,16 +6,10 @@ Shape letters: "..." any leading dims (e.g. B T), V vocabulary / number of class
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-
-def log_softmax(logits: Float[Array, "... V"]) -> Float[Array, "... V"]:
-    """Numerically stable log-softmax in float32: x - max - log(sum(exp(x - max)))."""
-    x = logits.astype(jnp.float32)
-    x = x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
-    return x - jnp.log(jnp.sum(jnp.exp(x), axis=-1, keepdims=True))
+from llm_jax.ops.softmax import log_softmax, logsumexp
 
 
 def _weights(labels: Array, weights: Array | None) -> Array:
@@ -58,7 +52,7 @@ def cross_entropy(
         raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}.")
     w = _weights(labels, weights)
     x = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(x, axis=-1)  # [...]
+    lse = logsumexp(x)  # [...]
     label_logit = jnp.take_along_axis(x, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
     nll = lse - label_logit
     if label_smoothing:

@@ -1,15 +1,20 @@
 """Beam search in the canonical shape (flax examples/wmt/decode.py, t5x decoding.py), with
 the scores and stopping rules of Hugging Face `generate(num_beams=k, do_sample=False)`.
 
-Per prompt, K = num_beams live hypotheses and K finished ones are kept. One step:
+Per prompt, K = num_beams live hypotheses and K finished ones are kept. One step
+(`beam_emit`) composes four sub-steps:
 
     log p  = log_softmax(logits) (EOS at -inf before min_new_tokens)          [B, K, V]
+  expand:
     cand   = live_score + log p, flattened over (beam, token)                 [B, K*V]
     top C  = top_k(cand, C), C = max(2, 1 + #EOS) * K ("2 x beams")           [B, C]
     hit    = token is EOS | completes a stop sequence | last allowed token
+  select_live:
     live   <- the K best candidates that did not hit (hits pushed down by 1e9)
+  merge_finished:
     finished <- best K of (finished, hits ranked < K among the C), each scored
                sum(log p) / (generated tokens, counting EOS) ** length_penalty
+  still_improvable:
     a prompt stops improving once its best live beam, scored at the current length
     (early_stopping=False) or at the maximum length ("never", length_penalty > 0),
     cannot beat its worst finished hypothesis; early_stopping=True stops adding once K
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from llm_jax.ops import log_softmax
 from llm_jax.sample.decoder import (
     Cache,
     Decoder,
@@ -89,50 +95,76 @@ def _length_norm(length: Array | int, length_penalty: float) -> Array:
     return jnp.asarray(length, jnp.float32) ** length_penalty
 
 
-def beam_emit(
-    spec: LoopSpec,
-    controls: Controls,
-    state: BeamState,
-    logits: Float[Array, "BK V"],
-    axes: tuple[int | None, ...],
-) -> BeamState:
-    """Chooses the next live beams and updates the finished hypotheses from [B*K, V] logits."""
-    beam: Beam = spec.strategy  # type: ignore[assignment]
-    k, n = beam.num_beams, spec.max_new_tokens
-    b, _, _ = state.live_tokens.shape
-    vocab = logits.shape[-1]
-    t = state.step
-    generated = t + 1  # tokens generated once this step's token is appended
+@struct.dataclass
+class Candidates:
+    """One step's C best continuations per prompt, best first (C = 2 x beams, or more).
 
-    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    log_probs = suppress_eos(log_probs, controls, t).reshape(b, k, vocab)  # [B, K, V]
+    B prompts, C candidates, N = max_new_tokens, W = longest stop sequence.
+    """
+
+    scores: Float[Array, "B C"]  # [B, C] parent's sum of log p + the new token's log p
+    beam: Int[Array, "B C"]  # [B, C] parent live beam
+    token: Int[Array, "B C"]  # [B, C] the new token
+    tokens: Int[Array, "B C N"]  # [B, C, N] parent's tokens with the new one at column step
+    log_probs: Float[Array, "B C N"]  # [B, C, N] per-token log p, likewise
+    recent: Int[Array, "B C W"]  # [B, C, W] last W tokens, the new one last
+    ended: Bool[Array, "B C"]  # [B, C] the new token is EOS or completes a stop sequence
+    hit: Bool[Array, "B C"]  # [B, C] ended, or the last token allowed (max length, as HF)
+
+
+def expand(
+    state: BeamState, log_probs: Float[Array, "B K V"], controls: Controls, n: int
+) -> Candidates:
+    """The top C of all K x V continuations of the live beams, written out in full."""
+    b, k, vocab = log_probs.shape
+    t = state.step
     cand = (state.live_scores[:, :, None] + log_probs).reshape(b, k * vocab)  # [B, K*V]
     num_cand = min(max(2, 1 + controls.eos_ids.shape[0]) * k, k * vocab)
-    top_scores, top_index = jax.lax.top_k(cand, num_cand)  # [B, C], best first
-    top_beam = top_index // vocab  # [B, C] parent live beam
-    top_token = (top_index % vocab).astype(jnp.int32)  # [B, C]
-
-    # The C candidate hypotheses, written out: parent's tokens plus the new one at column t.
-    top_tokens = jax.lax.dynamic_update_slice(
-        gather_beams(state.live_tokens, top_beam), top_token[:, :, None], (0, 0, t)
+    scores, index = jax.lax.top_k(cand, num_cand)  # [B, C], best first
+    parent = index // vocab  # [B, C]
+    token = (index % vocab).astype(jnp.int32)  # [B, C]
+    tokens = jax.lax.dynamic_update_slice(
+        gather_beams(state.live_tokens, parent), token[:, :, None], (0, 0, t)
     )  # [B, C, N]
-    token_lp = jnp.take_along_axis(log_probs.reshape(b, k * vocab), top_index, axis=1)
-    token_lp = token_lp[:, :, None]  # [B, C, 1] log p of each candidate's new token
-    top_log_probs = jax.lax.dynamic_update_slice(
-        gather_beams(state.live_log_probs, top_beam), token_lp, (0, 0, t)
+    token_lp = jnp.take_along_axis(log_probs.reshape(b, k * vocab), index, axis=1)  # [B, C]
+    token_log_probs = jax.lax.dynamic_update_slice(
+        gather_beams(state.live_log_probs, parent), token_lp[:, :, None], (0, 0, t)
     )  # [B, C, N]
-    top_recent = push_recent(gather_beams(state.live_recent, top_beam), top_token)  # [B, C, W]
-    ended = hits_stop(top_token, top_recent, controls)  # [B, C]
-    hit = ended | (generated >= n)  # max length is a stopping criterion too (HF)
+    recent = push_recent(gather_beams(state.live_recent, parent), token)  # [B, C, W]
+    ended = hits_stop(token, recent, controls)  # [B, C]
+    return Candidates(
+        scores=scores,
+        beam=parent,
+        token=token,
+        tokens=tokens,
+        log_probs=token_log_probs,
+        recent=recent,
+        ended=ended,
+        hit=ended | (t + 1 >= n),
+    )
 
-    # Live beams for the next step: the best K candidates that did not stop.
-    running = top_scores + jnp.where(hit, NEG, 0.0)  # [B, C]
-    live_scores, live_pick = jax.lax.top_k(running, k)  # [B, K]
-    live_parent = jnp.take_along_axis(top_beam, live_pick, axis=1)  # [B, K]
 
-    # Finished: merge the candidates that stopped at rank < K into the best K so far.
-    normed = top_scores / _length_norm(generated, beam.length_penalty)  # [B, C]
-    just_finished = hit & (jnp.arange(num_cand) < k)  # [B, C]
+def select_live(
+    c: Candidates, k: int
+) -> tuple[Float[Array, "B K"], Int[Array, "B K"], Int[Array, "B K"]]:
+    """The K best candidates that did not stop: (scores, pick into C, parent beam), [B, K]."""
+    running = c.scores + jnp.where(c.hit, NEG, 0.0)  # [B, C]
+    scores, pick = jax.lax.top_k(running, k)  # [B, K]
+    return scores, pick, jnp.take_along_axis(c.beam, pick, axis=1)
+
+
+def merge_finished(
+    state: BeamState, c: Candidates, beam: Beam, generated: Int[Array, ""]
+) -> BeamState:
+    """Merges the candidates that stopped at rank < K into the best K finished so far.
+
+    A candidate is barred (pushed down by 1e9) when early_stopping=True and the prompt has
+    K finished already, or when the prompt can no longer improve.
+    """
+    k = beam.num_beams
+    b, num_cand = c.scores.shape
+    normed = c.scores / _length_norm(generated, beam.length_penalty)  # [B, C]
+    just_finished = c.hit & (jnp.arange(num_cand) < k)  # [B, C]
     full = jnp.all(state.is_finished, axis=-1, keepdims=True) & (beam.early_stopping is True)
     normed = normed + jnp.where(full, NEG, 0.0)
     normed = normed + jnp.where(state.improvable[:, None], 0.0, NEG)
@@ -143,41 +175,65 @@ def beam_emit(
     def merge(finished: Array, candidates: Array) -> Array:
         return gather_beams(jnp.concatenate([finished, candidates], axis=1), pick)
 
-    lengths = jnp.full((b, num_cand), generated, jnp.int32)
-    is_finished = merge(state.is_finished, just_finished)
-    finished_tokens = merge(state.finished_tokens, top_tokens)
-    finished_log_probs = merge(state.finished_log_probs, top_log_probs)
-    finished_lengths = merge(state.finished_lengths, lengths)
-    finished_ended = merge(state.finished_ended, ended)
+    return state.replace(
+        finished_tokens=merge(state.finished_tokens, c.tokens),
+        finished_log_probs=merge(state.finished_log_probs, c.log_probs),
+        finished_scores=finished_scores,
+        finished_lengths=merge(state.finished_lengths, jnp.full((b, num_cand), generated)),
+        finished_ended=merge(state.finished_ended, c.ended),
+        is_finished=merge(state.is_finished, just_finished),
+    )
 
-    # HF's early-stop heuristic with the updated live scores (best first).
+
+def still_improvable(
+    state: BeamState,
+    live_scores: Float[Array, "B K"],
+    beam: Beam,
+    generated: Int[Array, ""],
+    n: int,
+) -> Bool[Array, " B"]:
+    """HF's early-stop heuristic: can the best live beam still beat the worst finished one?
+
+    `state` holds this step's finished hypotheses and the previous step's `improvable`;
+    `live_scores` are this step's, best first.
+    """
     if beam.early_stopping == "never" and beam.length_penalty > 0.0:
         best_length = n
     else:
         best_length = generated
     best_possible = live_scores[:, :1] / _length_norm(best_length, beam.length_penalty)
     worst_finished = jnp.where(
-        is_finished, jnp.min(finished_scores, axis=-1, keepdims=True), NEG
+        state.is_finished, jnp.min(state.finished_scores, axis=-1, keepdims=True), NEG
     )  # [B, K]
-    improvable = state.improvable & jnp.any(best_possible > worst_finished, axis=-1)
+    return state.improvable & jnp.any(best_possible > worst_finished, axis=-1)
 
-    cache = take_batch(state.cache, axes, _flat_rows(live_parent, k))
+
+def beam_emit(
+    spec: LoopSpec,
+    controls: Controls,
+    state: BeamState,
+    logits: Float[Array, "BK V"],
+    axes: tuple[int | None, ...],
+) -> BeamState:
+    """Chooses the next live beams and updates the finished hypotheses from [B*K, V] logits."""
+    beam: Beam = spec.strategy  # type: ignore[assignment]
+    k, n = beam.num_beams, spec.max_new_tokens
+    b = state.live_tokens.shape[0]
+    generated = state.step + 1  # tokens generated once this step's token is appended
+    log_probs = suppress_eos(log_softmax(logits), controls, state.step)  # [B*K, V]
+    c = expand(state, log_probs.reshape(b, k, -1), controls, n)
+    live_scores, live_pick, live_parent = select_live(c, k)
+    state = merge_finished(state, c, beam, generated)
     return state.replace(
         step=generated,
-        live_tokens=gather_beams(top_tokens, live_pick),
-        live_log_probs=gather_beams(top_log_probs, live_pick),
+        live_tokens=gather_beams(c.tokens, live_pick),
+        live_log_probs=gather_beams(c.log_probs, live_pick),
         live_scores=live_scores,
-        live_recent=gather_beams(top_recent, live_pick),
+        live_recent=gather_beams(c.recent, live_pick),
         positions=state.positions + 1,
-        finished_tokens=finished_tokens,
-        finished_log_probs=finished_log_probs,
-        finished_scores=finished_scores,
-        finished_lengths=finished_lengths,
-        finished_ended=finished_ended,
-        is_finished=is_finished,
-        improvable=improvable,
-        all_hit=jnp.all(hit),
-        cache=cache,
+        improvable=still_improvable(state, live_scores, beam, generated, n),
+        all_hit=jnp.all(c.hit),
+        cache=take_batch(state.cache, axes, _flat_rows(live_parent, k)),
     )
 
 

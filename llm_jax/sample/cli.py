@@ -120,25 +120,6 @@ def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_
     return ids
 
 
-def _check_length(n: int, max_new_tokens: int, max_positions: int | None) -> None:
-    """`n` prompt tokens and `max_new_tokens` (0 for an encoder input) must fit the model's
-    `max_positions`, checked here to name the flag to change."""
-    if max_positions is None:
-        return
-    room = max_positions - (1 if max_new_tokens else 0)  # a decoder needs a slot to write
-    if n > room:
-        raise ValueError(
-            f"the prompt is {n} tokens but the model has {max_positions} positions; shorten "
-            f"--prompt to at most {room} tokens."
-        )
-    if n + max_new_tokens > max_positions:
-        raise ValueError(
-            f"the prompt is {n} tokens and --max-new-tokens is {max_new_tokens}, but the model "
-            f"has {max_positions} positions; lower --max-new-tokens to {max_positions - n} or "
-            "shorten --prompt."
-        )
-
-
 def _sample(args: argparse.Namespace) -> int:
     name = _strategy_name(args)
     if args.max_new_tokens < 1:
@@ -150,6 +131,7 @@ def _sample(args: argparse.Namespace) -> int:
     import llm_jax.sample as sample
     from llm_jax.models import count_params
     from llm_jax.sample.checkpoint import load_checkpoint, load_hf_folder
+    from llm_jax.sample.generate import check_fits
 
     if args.hf is not None:
         if args.step is not None:
@@ -161,12 +143,15 @@ def _sample(args: argparse.Namespace) -> int:
     decoder = sample.as_decoder(model)
     encoder_decoder = getattr(decoder, "is_encoder_decoder", False)
     ids = prompt_ids(tokenizer, args.prompt, loaded.run_config, encoder_decoder)
+    # generate's length check, run before the banner and naming the flags to change.
+    flags = dict(new="--max-new-tokens", limit="the model has {} positions")
     limit = getattr(decoder, "max_length", None)
     if encoder_decoder:
-        _check_length(len(ids), 0, getattr(decoder, "max_encoder_length", None))
-        _check_length(1, args.max_new_tokens, limit)
+        encoder_limit = getattr(decoder, "max_encoder_length", None)
+        check_fits(len(ids), 0, encoder_limit, prompt="--prompt", **flags)
+        check_fits(1, args.max_new_tokens, limit, prompt="the decoder's start token", **flags)
     else:
-        _check_length(len(ids), args.max_new_tokens, limit)
+        check_fits(len(ids), args.max_new_tokens, limit, prompt="--prompt", **flags)
     what = "Hugging Face model" if loaded.step is None else f"step {loaded.step}"
     print(
         f"loaded {what} from {loaded.source} ({model.cfg.family}, "

@@ -232,96 +232,204 @@ def _stop_array(stop_sequences: Sequence[Sequence[int]], vocab_size: int | None)
     return out
 
 
-def _check_and_pad(
-    model: Any,
-    prompt_ids: Any,
-    *,
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """Every knob of one `generate` / `stream` call, checked when it is built.
+
+    The checks that need the model (token ids against its vocabulary, lengths against its
+    cache) run later, in `_check_and_pad`; all of them run before anything is compiled.
+
+    Attributes:
+      max_new_tokens: N, the most tokens generated per prompt.
+      strategy: `Greedy()` (the default; None means it), `Sample(temperature, top_k,
+        top_p)` or `Beam(...)`. `Sample(temperature=0)` is stored as `Greedy()`.
+      eos_id: one id or several ids that end a row; None for no EOS.
+      min_new_tokens: EOS is forbidden until this many tokens were generated.
+      stop_sequences: token sequences; a row ends once its generated tokens end with one
+        (the sequence stays in the output, like EOS).
+      pad_id: fills the output after a row's end (and the prompt padding).
+      return_log_probs: also return per-token log-probs (see `GenerateOutput`).
+      max_length: longest prompt + generation the model supports; defaults to the
+        decoder's `max_length` attribute (None: no limit).
+    """
+
+    max_new_tokens: int
+    strategy: Greedy | Sample | Beam | None = None
+    eos_id: int | Sequence[int] | None = None
+    min_new_tokens: int = 0
+    stop_sequences: Sequence[Sequence[int]] = ()
+    pad_id: int = 0
+    return_log_probs: bool = False
+    max_length: int | None = None
+
+    def __post_init__(self) -> None:
+        strategy = Greedy() if self.strategy is None else self.strategy
+        if not isinstance(strategy, (Greedy, Sample, Beam)):
+            raise ValueError(
+                f"strategy must be Greedy(), Sample(...) or Beam(...); got {strategy!r}."
+            )
+        if isinstance(strategy, Sample) and strategy.is_greedy:
+            strategy = Greedy()  # temperature 0: the same program as Greedy()
+        object.__setattr__(self, "strategy", strategy)
+        n = self.max_new_tokens
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1; got {n!r}.")
+        if not isinstance(self.min_new_tokens, int) or not 0 <= self.min_new_tokens <= n:
+            raise ValueError(
+                f"min_new_tokens must be an int in [0, max_new_tokens={n}]; "
+                f"got {self.min_new_tokens!r}."
+            )
+        if not isinstance(self.pad_id, int) or self.pad_id < 0:
+            raise ValueError(f"pad_id must be an int >= 0; got {self.pad_id!r}.")
+        if self.max_length is not None and (
+            not isinstance(self.max_length, (int, np.integer)) or self.max_length < 2
+        ):
+            raise ValueError(
+                f"max_length must be None or an int >= 2 (a prompt token and a generated "
+                f"one); got {self.max_length!r}."
+            )
+
+
+_REQUEST_FIELDS = tuple(f.name for f in dataclasses.fields(Request))
+
+
+def _request(caller: str, knobs: dict[str, Any], refused: tuple[str, ...] = ()) -> Request:
+    """The `Request` of a `generate` / `stream` call from its keyword arguments."""
+    allowed = [name for name in _REQUEST_FIELDS if name not in refused]
+    unknown = sorted(set(knobs) - set(allowed))
+    if unknown:
+        raise TypeError(
+            f"{caller}() got unexpected keyword arguments {unknown}; it takes rng, mesh, "
+            f"rules and {allowed}."
+        )
+    if "max_new_tokens" not in knobs:
+        raise TypeError(f"{caller}() needs max_new_tokens=, the most tokens per prompt.")
+    return Request(**knobs)
+
+
+def check_fits(
+    length: int,
     max_new_tokens: int,
-    strategy: Greedy | Sample | Beam | None,
-    eos_id: int | Sequence[int] | None,
-    rng: jax.Array | int | None,
-    min_new_tokens: int,
-    stop_sequences: Sequence[Sequence[int]],
-    pad_id: int,
-    return_log_probs: bool,
     max_length: int | None,
+    *,
+    prompt: str = "the longest prompt",
+    new: str = "max_new_tokens",
+    limit: str = "max_length is {}",
+) -> None:
+    """Raises `ValueError` naming what to change unless a prompt and its generation fit.
+
+    The one length check of decoding (the CLI calls it with its flag names).
+
+    Args:
+      length: prompt tokens.
+      max_new_tokens: tokens to generate after them; 0 for an encoder input, which only
+        has to fit `max_length` itself.
+      max_length: positions the model has; None for no limit.
+      prompt, new, limit: how the message names the prompt, max_new_tokens and the limit
+        (`limit` is formatted with `max_length`).
+    """
+    room = None if max_length is None else max_length - (1 if max_new_tokens else 0)
+    if room is None or length + max_new_tokens <= max_length:
+        return
+    bound = limit.format(max_length)
+    if length > room and (length > 1 or not max_new_tokens):
+        # The prompt alone leaves no slot to write (or the encoder input is too long).
+        raise ValueError(
+            f"{prompt} has {length} tokens but {bound}; shorten {prompt} to at most {room} tokens."
+        )
+    shorten = max_length - max_new_tokens
+    fix = f" or shorten {prompt} to at most {shorten} tokens" if length > 1 and shorten > 0 else ""
+    raise ValueError(
+        f"{prompt} has {length} tokens and {new} is {max_new_tokens}, "
+        f"{length + max_new_tokens} positions in all, but {bound}; lower {new} to at most "
+        f"{max_length - length}{fix}."
+    )
+
+
+def _sampling_key(
+    strategy: Greedy | Sample | Beam, rng: jax.Array | int | None
+) -> jax.Array | None:
+    """The PRNG key of a `Sample` call; None otherwise, so greedy and beam search (which are
+    deterministic) compile one program with or without a key."""
+    if not isinstance(strategy, Sample):
+        return None
+    if rng is None:
+        raise ValueError("Sample(...) needs a PRNG key: pass rng=jax.random.key(seed).")
+    return jax.random.key(rng) if isinstance(rng, int) else rng
+
+
+def _controls(req: Request, vocab_size: int | None) -> Controls:
+    return Controls(
+        eos_ids=_token_list("eos_id", req.eos_id, vocab_size),
+        stop_sequences=_stop_array(req.stop_sequences, vocab_size),
+        min_new_tokens=np.int32(req.min_new_tokens),
+        pad_id=np.int32(req.pad_id),
+    )
+
+
+def _max_length(decoder: Decoder, req: Request) -> int | None:
+    return req.max_length if req.max_length is not None else getattr(decoder, "max_length", None)
+
+
+def _pad_decoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Request) -> Prompt:
+    """Decoder-only prompts, left-padded to their bucket (see `pad_prompts`)."""
+    limit = _max_length(decoder, req)
+    longest = max(len(p) for p in prompts)
+    check_fits(longest, req.max_new_tokens, limit)
+    room = None if limit is None else limit - req.max_new_tokens
+    return pad_prompts(prompts, bucket_length(longest, room), req.pad_id)
+
+
+def _pad_encoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Request) -> Prompt:
+    """Encoder inputs, right-padded to their bucket; the decoder starts from its start id."""
+    encoder_limit = getattr(decoder, "max_encoder_length", None)
+    longest = max(len(p) for p in prompts)
+    check_fits(
+        longest,
+        0,
+        encoder_limit,
+        prompt="the longest encoder input",
+        limit="the model takes at most {}",
+    )
+    check_fits(
+        1,
+        req.max_new_tokens,
+        _max_length(decoder, req),
+        prompt="the decoder's start token",
+        limit="the decoder's max_length is {}",
+    )
+    encoder_tokens, encoder_segments = _right_pad(
+        prompts, bucket_length(longest, encoder_limit), req.pad_id
+    )
+    start = np.full((len(prompts), 1), decoder.decoder_start_id, np.int32)
+    return Prompt(
+        tokens=start,
+        positions=np.zeros_like(start),
+        segment_ids=np.ones_like(start),
+        lengths=np.ones((len(prompts),), np.int32),
+        encoder_tokens=encoder_tokens,
+        encoder_segment_ids=encoder_segments,
+    )
+
+
+def _check_and_pad(
+    model: Any, prompt_ids: Any, req: Request, rng: jax.Array | int | None
 ) -> tuple[Decoder, Prompt, Controls, jax.Array | None, LoopSpec]:
     """All host-side checks and padding shared by `generate` and `stream`."""
-    strategy = Greedy() if strategy is None else strategy
-    if not isinstance(strategy, (Greedy, Sample, Beam)):
-        raise ValueError(f"strategy must be Greedy(), Sample(...) or Beam(...); got {strategy!r}.")
-    if isinstance(strategy, Sample) and strategy.is_greedy:
-        strategy = Greedy()  # temperature 0: the same program as Greedy()
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an int >= 1; got {max_new_tokens!r}.")
-    if not isinstance(min_new_tokens, int) or not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(
-            f"min_new_tokens must be an int in [0, max_new_tokens={max_new_tokens}]; "
-            f"got {min_new_tokens!r}."
-        )
-    if not isinstance(pad_id, int) or pad_id < 0:
-        raise ValueError(f"pad_id must be an int >= 0; got {pad_id!r}.")
-    if isinstance(strategy, Sample):
-        if rng is None:
-            raise ValueError("Sample(...) needs a PRNG key: pass rng=jax.random.key(seed).")
-        rng = jax.random.key(rng) if isinstance(rng, int) else rng
-    else:
-        rng = None  # greedy and beam search are deterministic: one program with or without
-
+    rng = _sampling_key(req.strategy, rng)
     decoder = as_decoder(model)
     vocab_size = getattr(decoder, "vocab_size", None)
-    eos_ids = _token_list("eos_id", eos_id, vocab_size)
-    stops = _stop_array(stop_sequences, vocab_size)
+    controls = _controls(req, vocab_size)
     prompts = _as_prompts(prompt_ids, vocab_size)
-    limit = max_length if max_length is not None else getattr(decoder, "max_length", None)
-    longest = max(len(p) for p in prompts)
-
     if getattr(decoder, "is_encoder_decoder", False):
-        encoder_limit = getattr(decoder, "max_encoder_length", None)
-        if encoder_limit is not None and longest > encoder_limit:
-            raise ValueError(
-                f"an encoder input has {longest} tokens but the model takes at most "
-                f"{encoder_limit}; shorten or split the input."
-            )
-        if limit is not None and 1 + max_new_tokens > limit:
-            raise ValueError(
-                f"1 start token + max_new_tokens={max_new_tokens} exceeds the decoder's "
-                f"max_length={limit}; lower max_new_tokens to at most {limit - 1}."
-            )
-        encoder_tokens, encoder_segments = _right_pad(
-            prompts, bucket_length(longest, encoder_limit), pad_id
-        )
-        start = np.full((len(prompts), 1), decoder.decoder_start_id, np.int32)
-        prompt = Prompt(
-            tokens=start,
-            positions=np.zeros_like(start),
-            segment_ids=np.ones_like(start),
-            lengths=np.ones((len(prompts),), np.int32),
-            encoder_tokens=encoder_tokens,
-            encoder_segment_ids=encoder_segments,
-        )
+        prompt = _pad_encoder_prompts(prompts, decoder, req)
     else:
-        room = None if limit is None else limit - max_new_tokens
-        if room is not None and longest > room:
-            raise ValueError(
-                f"the longest prompt has {longest} tokens; with max_new_tokens="
-                f"{max_new_tokens} that needs {longest + max_new_tokens} cache slots but "
-                f"max_length is {limit}. Shorten the prompt to at most {max(room, 0)} tokens "
-                "or lower max_new_tokens."
-            )
-        prompt = pad_prompts(prompts, bucket_length(longest, room), pad_id)
-
+        prompt = _pad_decoder_prompts(prompts, decoder, req)
     spec = LoopSpec(
-        strategy=strategy,
-        max_new_tokens=max_new_tokens,
-        cache_length=prompt.tokens.shape[1] + max_new_tokens,
-        return_log_probs=bool(return_log_probs),
-    )
-    controls = Controls(
-        eos_ids=eos_ids,
-        stop_sequences=stops,
-        min_new_tokens=np.int32(min_new_tokens),
-        pad_id=np.int32(pad_id),
+        strategy=req.strategy,
+        max_new_tokens=req.max_new_tokens,
+        cache_length=prompt.tokens.shape[1] + req.max_new_tokens,
+        return_log_probs=bool(req.return_log_probs),
     )
     return decoder, prompt, controls, rng, spec
 
@@ -345,17 +453,10 @@ def generate(
     model: Any,
     prompt_ids: Any,
     *,
-    max_new_tokens: int,
-    strategy: Greedy | Sample | Beam | None = None,
-    eos_id: int | Sequence[int] | None = None,
     rng: jax.Array | int | None = None,
-    min_new_tokens: int = 0,
-    stop_sequences: Sequence[Sequence[int]] = (),
-    pad_id: int = 0,
-    return_log_probs: bool = False,
-    max_length: int | None = None,
     mesh: Mesh | None = None,
     rules: str | dict[str, Any] | None = None,
+    **request: Any,
 ) -> GenerateOutput:
     """Generates up to `max_new_tokens` tokens after each prompt, as one compiled call.
 
@@ -365,43 +466,25 @@ def generate(
       prompt_ids: one prompt (a flat sequence of ids), a list of prompts of any lengths,
         or a [B, T] int array (every row T real tokens). Encoder–decoder models: the
         encoder inputs (the decoder starts from the decoder's `decoder_start_id`).
-      max_new_tokens: N, the most tokens generated per prompt.
-      strategy: `Greedy()` (the default), `Sample(temperature, top_k, top_p)` or
-        `Beam(...)`.
-      eos_id: one id or several ids that end a row; None for no EOS.
       rng: PRNG key (or int seed) for `Sample`; ignored by greedy and beam search.
-      min_new_tokens: EOS is forbidden until this many tokens were generated.
-      stop_sequences: token sequences; a row ends once its generated tokens end with one
-        (the sequence stays in the output, like EOS).
-      pad_id: fills the output after a row's end (and the prompt padding).
-      return_log_probs: also return per-token log-probs (see `GenerateOutput`).
-      max_length: longest prompt + generation the model supports; defaults to the
-        decoder's `max_length` attribute (None: no limit).
       mesh: decode sharded on this mesh (the parameters should already live on it);
         None runs wherever the parameters are.
       rules: with `mesh`: a `llm_jax.parallel.RULES` name ("dp", "fsdp", "fsdp_tp") or a
         logical-axis rules dict, applied to activations and the KV cache.
+      **request: the fields of `Request`, which documents them: max_new_tokens
+        (required), strategy, eos_id, min_new_tokens, stop_sequences, pad_id,
+        return_log_probs, max_length.
 
     Returns:
       A `GenerateOutput`; greedy / sample fields are [B, ...], beam fields [B, R, ...].
 
     Raises:
       ValueError: bad arguments, empty prompts, token ids < 0 or >= vocab_size, or
-        prompt bucket + max_new_tokens > max_length; raised before compiling.
+        prompt + max_new_tokens > max_length; raised before compiling.
+      TypeError: an unknown keyword, or no max_new_tokens.
     """
-    decoder, prompt, controls, rng, spec = _check_and_pad(
-        model,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        strategy=strategy,
-        eos_id=eos_id,
-        rng=rng,
-        min_new_tokens=min_new_tokens,
-        stop_sequences=stop_sequences,
-        pad_id=pad_id,
-        return_log_probs=return_log_probs,
-        max_length=max_length,
-    )
+    req = _request("generate", request)
+    decoder, prompt, controls, rng, spec = _check_and_pad(model, prompt_ids, req, rng)
     sharding = MeshRules.make(mesh, rules)
     fields = _generate_jit(decoder, prompt, controls, rng, spec, sharding)
     return GenerateOutput(**fields)
@@ -471,16 +554,10 @@ def stream(
     model: Any,
     prompt_ids: Any,
     *,
-    max_new_tokens: int,
-    strategy: Greedy | Sample | None = None,
-    eos_id: int | Sequence[int] | None = None,
     rng: jax.Array | int | None = None,
-    min_new_tokens: int = 0,
-    stop_sequences: Sequence[Sequence[int]] = (),
-    pad_id: int = 0,
-    max_length: int | None = None,
     mesh: Mesh | None = None,
     rules: str | dict[str, Any] | None = None,
+    **request: Any,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields each step's tokens as soon as they exist.
 
@@ -489,30 +566,19 @@ def stream(
     tokens interactively. With the same arguments the yielded tokens equal
     `generate(...).tokens` column by column (sampling draws the same random numbers).
 
-    Arguments are those of `generate` (beam search is not streamable: its best hypothesis
-    changes after the fact). The arguments are checked when `stream` is called, before
-    the first token is requested.
+    Arguments are those of `generate`, less return_log_probs (beam search is not
+    streamable either: its best hypothesis changes after the fact). The arguments are
+    checked when `stream` is called, before the first token is requested.
 
     Returns:
       An iterator of [B] int32 arrays: token t of every row, pad_id for rows that ended.
     """
-    if isinstance(strategy, Beam):
+    req = _request("stream", request, refused=("return_log_probs",))
+    if isinstance(req.strategy, Beam):
         raise ValueError(
             "stream() supports Greedy() and Sample(...); use generate() for Beam(...)."
         )
-    decoder, prompt, controls, rng, spec = _check_and_pad(
-        model,
-        prompt_ids,
-        max_new_tokens=max_new_tokens,
-        strategy=strategy,
-        eos_id=eos_id,
-        rng=rng,
-        min_new_tokens=min_new_tokens,
-        stop_sequences=stop_sequences,
-        pad_id=pad_id,
-        return_log_probs=False,
-        max_length=max_length,
-    )
+    decoder, prompt, controls, rng, spec = _check_and_pad(model, prompt_ids, req, rng)
     sharding = MeshRules.make(mesh, rules)
 
     def tokens() -> Iterator[np.ndarray]:

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
+from llm_jax.ops import log_softmax
 from llm_jax.sample.decoder import Cache, Decoder, init_cache, loop_form
 from llm_jax.sample.sampling import choose_token
 from llm_jax.sample.strategies import Beam, Greedy, Sample
@@ -125,7 +126,7 @@ def emit(
     tokens = jax.lax.dynamic_update_slice(state.tokens, token[:, None], (0, t))
     log_probs = state.log_probs
     if log_probs is not None:
-        token_lp = jnp.take_along_axis(jax.nn.log_softmax(logits), token[:, None], axis=-1)
+        token_lp = jnp.take_along_axis(log_softmax(logits), token[:, None], axis=-1)
         token_lp = jnp.where(state.done[:, None], 0.0, token_lp)  # [B, 1]
         log_probs = jax.lax.dynamic_update_slice(log_probs, token_lp, (0, t))
     recent = push_recent(state.recent, token)

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from llm_jax.ops import softmax
 from llm_jax.sample.strategies import Greedy, Sample
 
 
@@ -48,7 +49,7 @@ def filter_logits(
     # Sorted descending: the top-k set, or the whole vocabulary for top-p's sort.
     values, ids = jax.lax.top_k(scaled, min(top_k, vocab) if top_k else vocab)  # [B, C]
     if top_p < 1.0:
-        probs = jax.nn.softmax(values, axis=-1)  # [B, C], renormalised over the top-k set
+        probs = softmax(values, axis=-1)  # [B, C], renormalised over the top-k set
         mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, C]
         keep = mass_before < top_p
         keep = keep.at[:, 0].set(True)  # the most likely token always survives

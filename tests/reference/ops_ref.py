@@ -393,6 +393,17 @@ def log_softmax_ref(logits):
     return x - logsumexp_ref(x)[..., None]
 
 
+def softmax_ref(logits):
+    """[..., V]: p_v = exp(x_v) / sum_u exp(x_u), each row summed exactly (math.fsum)."""
+    x = np.asarray(logits, np.float64)
+    out = np.zeros(x.shape)
+    for idx in np.ndindex(x.shape[:-1]):
+        e = [math.exp(v - float(np.max(x[idx]))) for v in x[idx]]
+        total = math.fsum(e)
+        out[idx] = [v / total for v in e]
+    return out
+
+
 def cross_entropy_ref(logits, labels, weights=None, label_smoothing=0.0, z_loss=0.0):
     """(sum_i w_i loss_i, sum_i w_i) with PyTorch's label smoothing and PaLM's z-loss.
 
