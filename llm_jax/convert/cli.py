@@ -38,10 +38,9 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         loaded = restore_model(args.from_checkpoint)
         model = loaded.model
-        tokenizer = (
-            None if loaded.tokenizer_dir is None else load_hf_tokenizer(loaded.tokenizer_dir)
-        )
-        source = f"checkpoint step {loaded.step} from {loaded.step_dir}"
+        tok_dir = loaded.ref.tokenizer_dir()
+        tokenizer = None if tok_dir is None else load_hf_tokenizer(tok_dir)
+        source = f"checkpoint step {loaded.ref.step} from {loaded.ref.dir}"
     cfg = model.cfg
     if args.to is not None:
         out = save_checkpoint(model, args.to, tokenizer=tokenizer)
