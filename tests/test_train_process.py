@@ -86,17 +86,28 @@ def pause():
 
 
 if where == "before_step":
-    from llm_jax.train.compile import check_batch_size, state_layout
+    import dataclasses
 
-    step, calls = Trainer.step, [0]
+    from llm_jax.train import loop
 
-    def paused_step(self, state, batch):
-        calls[0] += 1
-        if calls[0] == n:
-            pause()
-        return step(self, state, batch)
+    compile_steps, calls = loop.compile_steps, [0]
 
-    Trainer.step = paused_step
+    def paused_compile(*args, **kwargs):
+        steps = compile_steps(*args, **kwargs)
+
+        def paused_step(state, batch):
+            calls[0] += 1
+            if calls[0] == n:
+                pause()
+            return steps.train(state, batch)
+
+        return dataclasses.replace(steps, train=paused_step)
+
+    loop.compile_steps = paused_compile
+elif where == "in_prepare":
+    from llm_jax.train import data
+
+    data.prepare = lambda *args, **kwargs: pause()
 else:
     from llm_jax.checkpoint import manager
 
