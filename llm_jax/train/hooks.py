@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import signal
+import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
@@ -146,6 +147,8 @@ class CheckpointEvery:
     throughput: Throughput
 
     def __call__(self, run: Run, step: int, metrics: dict[str, float]) -> None:
+        import jax
+
         if not (run.ckpt.should_save(step) or step == self.last or self.stop.signal is not None):
             return
         run.ckpt.save(
@@ -157,5 +160,9 @@ class CheckpointEvery:
             force=True,
         )
         if self.stop.signal is not None:
-            run.progress.write(f"received signal {self.stop.signal}: saved step {step}, exiting")
+            message = f"received signal {self.stop.signal}: saved step {step}, exiting"
+            if run.progress.enabled:  # above the bar, without breaking it
+                run.progress.write(message)
+            elif jax.process_index() == 0:  # said even with train.progress=false
+                print(message, file=sys.stderr, flush=True)
         self.throughput.reset()
