@@ -109,22 +109,21 @@ def make_llm_jax_step(cfg, batch: dict):
     import jax
 
     from llm_jax.parallel import MeshConfig, make_mesh
+    from llm_jax.train.compile import compile_steps, state_layout
     from llm_jax.train.optimizer import OptimizerConfig
-    from llm_jax.train.trainer import Trainer
 
     opt = OptimizerConfig(
         learning_rate=1e-4, warmup_steps=0, schedule="constant", weight_decay=0.01, b2=0.999
     )
-    trainer = Trainer(
-        cfg, opt, make_mesh(MeshConfig(), jax.devices()[:1]), total_steps=100, objective="clm"
-    )
-    holder = {"state": trainer.init_state()}
+    layout = state_layout(cfg, opt, make_mesh(MeshConfig(), jax.devices()[:1]), total_steps=100)
+    holder = {"state": layout.init()}
     t0 = time.perf_counter()
-    trainer.compile_step(batch)
+    steps = compile_steps(layout, "clm", batch)
     compile_s = time.perf_counter() - t0
+    batch = layout.put_batch(batch)
 
     def step() -> float:
-        holder["state"], metrics = trainer.step(holder["state"], batch)
+        holder["state"], metrics = steps.train(holder["state"], batch)
         return float(metrics["loss"])
 
     return step, compile_s

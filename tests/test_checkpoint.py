@@ -17,10 +17,14 @@ from llm_jax.checkpoint import (
     MANIFEST_NAME,
     CheckpointIntegrityWarning,
     CheckpointManager,
+    StepRef,
+    locate,
+    read_params,
     verify_step_dir,
     write_manifest,
 )
 from llm_jax.checkpoint import manager as manager_module
+from llm_jax.checkpoint.trees import tree_mismatch
 
 
 @flax.struct.dataclass
@@ -312,7 +316,11 @@ def test_mismatched_restore_target_names_the_leaf(tmp_path, mesh8):
     wider = make_state(1, mesh8).replace(
         params={**state.params, "embed": jnp.zeros((16, 12), jnp.float32)}
     )
-    with pytest.raises(ValueError, match=r"'params\.embed' was saved as \(16, 8\).*different"):
+    with pytest.raises(
+        ValueError,
+        match=r"'params\.embed' is \(16, 8\) float32 in the checkpoint but \(16, 12\) "
+        r"float32 in the restore target.*different",
+    ):
         ckpt.restore(abstract_of(wider))
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x, state)
     with pytest.raises(ValueError, match=r"bfloat16.*use a new workdir or the same config"):
@@ -370,3 +378,62 @@ def test_manifest_detects_each_kind_of_damage(tmp_path, damage, words):
     damage(tmp_path)
     check = verify_step_dir(tmp_path, 9)
     assert not check.ok and words in check.reason
+
+
+def test_locate_picks_the_newest_good_step_and_leaves_the_workdir_alone(tmp_path, mesh8):
+    """`locate` accepts a run dir, its checkpoints/ folder or a step folder, falls back past a
+    corrupted step with a warning, and never opens an orbax manager: a running job's
+    in-flight (temporary) step folder survives."""
+    root = tmp_path / "run" / "checkpoints"
+    with CheckpointManager(root, save_interval_steps=1, async_save=False) as ckpt:
+        ckpt.save(1, make_state(1, mesh8), config={"model": {"x": 1}})
+        ckpt.save(2, make_state(2, mesh8))
+    in_flight = root / "3.orbax-checkpoint-tmp"
+    in_flight.mkdir()
+    assert locate(tmp_path / "run") == StepRef(root, 2)
+    assert locate(root, step=1).dir == root / "1"
+    assert locate(root / "1").config() == {"model": {"x": 1}}
+    assert locate(root / "1").tokenizer_dir() is None
+    _flip(largest_file(root / "2"))
+    with pytest.warns(CheckpointIntegrityWarning, match=r"step 2 .*falling back to step 1"):
+        assert locate(root).step == 1
+    with pytest.raises(ValueError, match=r"checkpoint step 2 .* sha256"):
+        locate(root / "2")
+    with pytest.raises(ValueError, match=r"no checkpoint step 5 .* steps \[1, 2\]"):
+        locate(root, step=5)
+    assert in_flight.is_dir()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        locate(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no verified checkpoint step"):
+        locate(tmp_path)
+
+
+def test_read_params_reads_only_the_parameters(tmp_path, mesh8):
+    state = make_state(1, mesh8)
+    with CheckpointManager(tmp_path, async_save=False) as ckpt:
+        ckpt.save(0, state, force=True)
+    want = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state.params)
+    params = read_params(tmp_path / "0", want)
+    assert_same(params, state.params)
+    wrong = {**want, "embed": jax.ShapeDtypeStruct((16, 12), jnp.float32)}
+    with pytest.raises(ValueError, match=r"'embed' is \(16, 8\) in the checkpoint but \(16, 12\)"):
+        read_params(tmp_path / "0", wrong)
+
+
+def test_tree_mismatch_lists_missing_extra_and_wrong_shapes():
+    have = {"a": np.zeros((2, 3)), "b": np.zeros(4), "extra": np.zeros(1)}
+    want = {"a": jax.ShapeDtypeStruct((2, 3), jnp.float32), "b": np.zeros(5), "c": np.zeros(1)}
+    assert tree_mismatch(have, have) == []
+    assert tree_mismatch(have, want) == [
+        "the model has leaves the checkpoint lacks: 'c'",
+        "the checkpoint has leaves the model lacks: 'extra'",
+        "leaf 'b' is (4,) in the checkpoint but (5,) in the model",
+    ]
+    assert tree_mismatch(have, {**have, "a": np.zeros((2, 3), np.int32)}) == []
+    assert tree_mismatch(have, {**have, "a": np.zeros((2, 3), np.int32)}, dtypes=True) == [
+        "leaf 'a' is (2, 3) float64 in the checkpoint but (2, 3) int32 in the model"
+    ]
+    many = {f"k{i}": np.zeros(1) for i in range(5)}
+    assert tree_mismatch({}, many, limit=2) == [
+        "the model has leaves the checkpoint lacks: 'k0', 'k1' and 3 more"
+    ]

@@ -472,7 +472,7 @@ def test_checkpoint_round_trip_with_tokenizer(models, tmp_path):
         loaded = convert.restore_model(where)
         assert loaded.step == 0 and loaded.model.cfg == models["gpt2"].cfg
         _params_equal(convert.params_of(loaded.model), convert.params_of(models["gpt2"]))
-        again = convert.load_hf_tokenizer(loaded.tokenizer_dir)
+        again = convert.load_hf_tokenizer(loaded.ref.tokenizer_dir())
         assert again.encode("First Citizen") == tok.encode("First Citizen")
     with pytest.raises(ValueError, match="step 0"):
         convert.save_checkpoint(models["gpt2"], tmp_path / "ckpt")

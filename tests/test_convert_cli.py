@@ -88,3 +88,25 @@ def test_exported_sentencepiece_tokenizer_frames_text_as_in_training(tmp_path, a
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
     ids = tok.encode("def test(tmp_path):")
     assert hf("def test(tmp_path):").input_ids == ([tok.bos_id] if add_bos else []) + ids
+
+
+def test_export_of_a_training_run_keeps_its_bos_framing(tmp_path, corpora):
+    import json
+
+    from llm_jax.train.config import config_from_dict
+    from llm_jax.train.loop import train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((corpora / "shakespeare.txt").read_text(encoding="utf-8")[:20_000])
+    cfg = {
+        "model": {"preset": "gpt2-tiny", "d_model": 32, "num_layers": 1, "num_heads": 2},
+        "data": {"paths": [str(corpus)], "tokenizer_type": "bpe", "vocab_size": 400},
+        "train": {"steps": 1, "eval_every": 0, "progress": False},
+        "workdir": str(tmp_path / "run"),
+    }
+    cfg["data"].update(seq_len=32, batch_size=8, use_cache=False, doc_split="line")
+    train(config_from_dict(cfg))
+    out = tmp_path / "hf"
+    assert main(["convert", "--from-checkpoint", str(tmp_path / "run"), "--to-hf", str(out)]) == 0
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)

@@ -5,7 +5,9 @@ directly on the restored model; bad arguments fail with a one-line error before 
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import pytest
@@ -13,7 +15,6 @@ import pytest
 import llm_jax as lj
 import llm_jax.sample as sample
 from llm_jax.cli import main
-from llm_jax.sample.checkpoint import load_checkpoint
 from llm_jax.train.config import config_from_dict
 from llm_jax.train.loop import train
 
@@ -61,6 +62,22 @@ def workdir(tmp_path_factory, corpora):
     cfg["data"] = {**CONFIG["data"], "paths": [str(corpus)]}
     train(config_from_dict(cfg))
     return root / "run"
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What the CLI loads: the restored model, its step and the step's tokenizer."""
+
+    model: Any
+    tokenizer: Any
+    step: int
+    source: Path
+
+
+def load_checkpoint(path, step=None) -> Loaded:
+    restored = lj.convert.restore_model(path, step)
+    tokenizer = lj.convert.load_hf_tokenizer(restored.ref.tokenizer_dir())
+    return Loaded(restored.model, tokenizer, restored.step, restored.ref.dir)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,16 @@ from llm_jax.checkpoint import CheckpointManager
 from llm_jax.data.objectives import objective_spec
 from llm_jax.models import ModelConfig, build
 from llm_jax.parallel import MeshConfig, activation_sharding, make_mesh
+from llm_jax.train.compile import (
+    check_batch_size,
+    compile_steps,
+    pmap_train_step,
+    replicate,
+    state_layout,
+)
 from llm_jax.train.losses import loss_counts
 from llm_jax.train.optimizer import OptimizerConfig, decay_mask, make_schedule
 from llm_jax.train.step import make_eval_step
-from llm_jax.train.trainer import Trainer
 
 LLAMA = ModelConfig.preset("llama-tiny", d_model=64, num_layers=2, d_ff=128)
 OPT = OptimizerConfig(learning_rate=3e-3, warmup_steps=1, schedule="constant")
@@ -72,13 +78,21 @@ def mlm_batch(b=8, t=16, seed=0, vocab=512):
     }
 
 
+def make_trainer(cfg, opt, mesh, *, total_steps, objective, rules="dp", **step_kwargs):
+    """(layout, objective, step kwargs): what `run_steps` compiles."""
+    layout = state_layout(cfg, opt, mesh, total_steps=total_steps, rules=rules)
+    return layout, objective, step_kwargs
+
+
 def run_steps(trainer, batch, n):
-    with activation_sharding(trainer.mesh, trainer.rules):
-        state = trainer.init_state()
-        batch = jax.device_put(batch, trainer.batch_sharding(batch))
+    layout, objective, step_kwargs = trainer
+    with activation_sharding(layout.mesh, layout.rules):
+        steps = compile_steps(layout, objective, batch, **step_kwargs)
+        state = steps.init()
+        batch = layout.put_batch(batch)
         losses = []
         for _ in range(n):
-            state, m = trainer.step(state, batch)
+            state, m = steps.train(state, batch)
             losses.append(float(m["loss"]))
     return losses, state
 
@@ -89,7 +103,7 @@ def one_device_mesh():
 
 def test_overfits_one_batch():
     opt = OptimizerConfig(learning_rate=1e-2, warmup_steps=1, schedule="constant")
-    trainer = Trainer(LLAMA, opt, one_device_mesh(), total_steps=80, objective="clm")
+    trainer = make_trainer(LLAMA, opt, one_device_mesh(), total_steps=80, objective="clm")
     losses, _ = run_steps(trainer, clm_batch(b=4), 80)
     assert losses[0] > 5.5 and losses[-1] < 0.05, (losses[0], losses[-1])
 
@@ -115,9 +129,9 @@ def test_sharded_equals_single_device(objective, mesh_config):
     cfg, make_batch = CASES[objective]
     batch = make_batch()
     ref_losses, ref_state = run_steps(
-        Trainer(cfg, SGD, one_device_mesh(), total_steps=3, objective=objective), batch, 3
+        make_trainer(cfg, SGD, one_device_mesh(), total_steps=3, objective=objective), batch, 3
     )
-    trainer = Trainer(
+    trainer = make_trainer(
         cfg,
         SGD,
         make_mesh(mesh_config),
@@ -137,14 +151,16 @@ def test_sharded_equals_single_device(objective, mesh_config):
 def test_pmap_equals_jit():
     batch = clm_batch()
     mesh = make_mesh(MeshConfig(rules="dp"))
-    trainer = Trainer(LLAMA, SGD, mesh, total_steps=3, objective="clm")
+    trainer = make_trainer(LLAMA, SGD, mesh, total_steps=3, objective="clm")
     jit_losses, jit_state = run_steps(trainer, batch, 3)
+    layout = trainer[0]
     n = jax.local_device_count()
-    state = trainer.replicate(trainer.init_state())
+    state = replicate(layout.init())
     shards = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    step = pmap_train_step(layout.graphdef, layout.tx, "clm", learning_rate_fn=layout.schedule)
     losses = []
     for _ in range(3):
-        state, m = trainer.pmap_step(state, shards)
+        state, m = step(state, shards)
         losses.append(float(m["loss"][0]))
     np.testing.assert_allclose(losses, jit_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(jit_state.params), strict=True):
@@ -160,8 +176,8 @@ def test_gradient_accumulation_equals_large_batch(objective):
     batch = make_batch()
     if objective == "clm":  # uneven weights: the (sum, count) reduction must be global
         batch["weights"][:, :5] = 0.0
-    big = Trainer(cfg, sgd, one_device_mesh(), total_steps=2, objective=objective)
-    acc = Trainer(
+    big = make_trainer(cfg, sgd, one_device_mesh(), total_steps=2, objective=objective)
+    acc = make_trainer(
         cfg, sgd, one_device_mesh(), total_steps=2, objective=objective, grad_accum_steps=4
     )
     big_losses, big_state = run_steps(big, batch, 2)
@@ -177,7 +193,7 @@ def test_gradient_accumulation_equals_large_batch(objective):
 def test_every_optimizer_reduces_the_loss(name):
     lr = {"adamw": 3e-3, "adafactor": 0.1, "lion": 3e-4, "sgd": 0.3}[name]
     opt = OptimizerConfig(name=name, learning_rate=lr, warmup_steps=0, schedule="constant")
-    trainer = Trainer(LLAMA, opt, one_device_mesh(), total_steps=10, objective="clm")
+    trainer = make_trainer(LLAMA, opt, one_device_mesh(), total_steps=10, objective="clm")
     losses, _ = run_steps(trainer, clm_batch(b=4), 10)
     assert losses[-1] < losses[0] - 0.3, losses
 
@@ -227,16 +243,22 @@ def test_bad_optimizer_config_names_the_choices():
 
 
 def test_batch_not_divisible_by_mesh_is_a_clear_error():
-    trainer = Trainer(LLAMA, OPT, make_mesh(MeshConfig(rules="dp")), total_steps=1, objective="clm")
-    with pytest.raises(ValueError, match=r"not divisible by the 8 data-parallel shards.*16"):
-        trainer.check_batch_size(12)
+    mesh = make_mesh(MeshConfig(rules="dp"))
+    msg = r"batch_size=12 does not divide evenly over 8 data shards .*e\.g\. 8, 16, 24, 32\."
+    with pytest.raises(ValueError, match=msg):
+        check_batch_size(12, mesh)
+    with pytest.raises(ValueError, match=msg):
+        trainer = make_trainer(LLAMA, OPT, mesh, total_steps=1, objective="clm")
+        run_steps(trainer, clm_batch(b=12), 1)
+    with pytest.raises(ValueError, match=r"batch size 8 is not divisible by grad_accum_steps=3"):
+        check_batch_size(8, mesh, 3)
     with pytest.raises(ValueError, match=r"mesh .* needs 6 devices but 8"):
         make_mesh(MeshConfig(data=2, fsdp=3))
 
 
 def test_restore_onto_a_different_mesh(tmp_path):
     batch = clm_batch()
-    fsdp = Trainer(
+    fsdp = make_trainer(
         LLAMA,
         OPT,
         make_mesh(MeshConfig(data=2, fsdp=4, rules="fsdp")),
@@ -247,7 +269,7 @@ def test_restore_onto_a_different_mesh(tmp_path):
     _, state = run_steps(fsdp, batch, 2)
     with CheckpointManager(tmp_path, save_interval_steps=1, async_save=False) as ckpt:
         ckpt.save(2, state, data_state={"step": 2}, config={"x": 1})
-    tp = Trainer(
+    tp = make_trainer(
         LLAMA,
         OPT,
         make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tp")),
@@ -256,25 +278,27 @@ def test_restore_onto_a_different_mesh(tmp_path):
         rules="fsdp_tp",
     )
     with CheckpointManager(tmp_path) as ckpt:
-        restored = ckpt.restore(tp.abstract_state)
+        restored = ckpt.restore(tp[0].abstract_state)
     assert restored.step == 2 and restored.data_state == {"step": 2}
     for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     kernel = restored.state.params["layers"]["blocks"]["mlp"]["wi"]["kernel"]
-    assert kernel.sharding == tp.state_sharding.params["layers"]["blocks"]["mlp"]["wi"]["kernel"]
+    assert kernel.sharding == tp[0].state_sharding.params["layers"]["blocks"]["mlp"]["wi"]["kernel"]
     assert "tensor" in str(kernel.sharding.spec)
 
 
 def test_nonfinite_step_is_skipped_when_asked():
-    trainer = Trainer(
+    trainer = make_trainer(
         LLAMA, OPT, one_device_mesh(), total_steps=2, objective="clm", skip_nonfinite=True
     )
+    layout = trainer[0]
     batch = clm_batch()
     batch["weights"][0, 0] = np.nan
-    with activation_sharding(trainer.mesh, trainer.rules):
-        state = trainer.init_state()
+    with activation_sharding(layout.mesh, layout.rules):
+        steps = compile_steps(layout, "clm", batch, skip_nonfinite=True)
+        state = steps.init()
         before = jax.tree.map(np.asarray, state.params)
-        state, m = trainer.step(state, batch)
+        state, m = steps.train(state, layout.put_batch(batch))
     assert int(m["finite"]) == 0
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before), strict=True):
         np.testing.assert_array_equal(np.asarray(a), b)

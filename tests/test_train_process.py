@@ -29,9 +29,9 @@ from flax import nnx
 from llm_jax.checkpoint.manifest import MANIFEST_NAME, verify_step_dir
 from llm_jax.models import build
 from llm_jax.parallel import MeshConfig, make_mesh
+from llm_jax.train.compile import check_batch_size, state_layout
 from llm_jax.train.config import config_from_dict, load_config
 from llm_jax.train.metrics import read_metrics
-from llm_jax.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds for one run; a tiny run takes ~5 s on an idle core
@@ -70,6 +70,7 @@ CONFIG = {
 
 # Runs the CLI with one pause point patched in, so that a test can SIGKILL the process at
 # an exact place instead of racing it: `before_step N` pauses before the N-th train step,
+# `in_prepare 0` pauses in the start-up's data preparation (where the tokenizer is trained),
 # `in_manifest N` pauses while checkpoint step N is written but not yet committed (its
 # files sit in orbax's temporary directory). The marker file says the pause is reached.
 _PAUSE_HOOK = r"""
@@ -85,17 +86,28 @@ def pause():
 
 
 if where == "before_step":
-    from llm_jax.train.trainer import Trainer
+    import dataclasses
 
-    step, calls = Trainer.step, [0]
+    from llm_jax.train import loop
 
-    def paused_step(self, state, batch):
-        calls[0] += 1
-        if calls[0] == n:
-            pause()
-        return step(self, state, batch)
+    compile_steps, calls = loop.compile_steps, [0]
 
-    Trainer.step = paused_step
+    def paused_compile(*args, **kwargs):
+        steps = compile_steps(*args, **kwargs)
+
+        def paused_step(state, batch):
+            calls[0] += 1
+            if calls[0] == n:
+                pause()
+            return steps.train(state, batch)
+
+        return dataclasses.replace(steps, train=paused_step)
+
+    loop.compile_steps = paused_compile
+elif where == "in_prepare":
+    from llm_jax.train import data
+
+    data.prepare = lambda *args, **kwargs: pause()
 else:
     from llm_jax.checkpoint import manager
 
@@ -305,9 +317,10 @@ def test_sigterm_saves_the_current_step_and_resumes(config_path, tmp_path):
             "the first metrics record",
         )
         child.proc.send_signal(signal.SIGTERM)
-        assert child.proc.wait(timeout=TIMEOUT) == 0, child.output()[-4000:]
+        assert child.proc.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM, child.output()[-4000:]
         output = child.output()
     reached = max(_losses(workdir))
+    assert f"received signal {int(signal.SIGTERM)}: saved step {reached}, exiting" in output
     assert _steps(workdir) == [reached], output[-2000:]
     _assert_verifies(workdir, reached)
 
@@ -315,6 +328,42 @@ def test_sigterm_saves_the_current_step_and_resumes(config_path, tmp_path):
     assert f"resuming from step {reached}" in proc.stderr
     assert sorted(_losses(workdir)) == list(range(1, reached + 3))
     assert _steps(workdir)[-1] == reached + 2
+
+
+def test_ctrl_c_during_start_up_prints_one_line_and_exits_130(config_path, tmp_path):
+    workdir, marker = tmp_path / "run", tmp_path / "paused"
+    cmd = [sys.executable, "-c", _PAUSE_HOOK, "in_prepare", "0", str(marker)]
+    cmd += _train_args(config_path, workdir)
+    with _Background(cmd, tmp_path / "int.log", _env()) as child:
+        child.wait_for(marker.exists, "the start-up's data preparation")
+        child.proc.send_signal(signal.SIGINT)
+        assert child.proc.wait(timeout=TIMEOUT) == 130, child.output()[-4000:]
+        output = child.output()
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output
+    lines = [line for line in output.splitlines() if line.strip()]
+    assert lines == [
+        "llm-jax train: interrupted by signal 2 during start-up; nothing was saved, rerun to "
+        "start again."
+    ]
+    assert _steps(workdir) == []
+
+
+def test_rerun_of_a_finished_run_says_so(config_path, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    proc = _ok(_run(config_path, workdir))
+    assert f"is already at step {STEPS}, train.steps={STEPS}: nothing to train" in proc.stderr
+    assert _losses(workdir) == _losses(reference)
+
+
+def test_every_checkpoint_corrupted_says_it_starts_again(config_path, reference, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(reference, workdir)
+    for step in _steps(workdir):
+        (workdir / "checkpoints" / str(step) / MANIFEST_NAME).write_text("{")
+    proc = _ok(_run(config_path, workdir, "train.steps=2", "train.checkpoint_every=1"))
+    assert "passes verification (steps [4, 8, 12]" in proc.stderr
+    assert "starting again from step 0" in proc.stderr
 
 
 # 3. A corrupted checkpoint falls back to the previous good one ------------------------------
@@ -364,12 +413,20 @@ def test_nonfinite_stop_keeps_the_last_good_checkpoint(config_path, tmp_path):
     assert "NonFiniteLossError" in proc.stderr
     assert "optimizer.learning_rate" in proc.stderr
     assert "train.on_nonfinite=skip" in proc.stderr
+    assert "the last good checkpoint (step" in proc.stderr
     bad = int(re.search(r"non-finite loss .* at step (\d+)", proc.stderr).group(1))
     assert 1 < bad < 10
     assert _steps(workdir)[-1] == bad - 1  # nothing of the bad step was saved
     assert max(_losses(workdir)) == bad - 1
     _assert_verifies(workdir, bad - 1)
     assert all(np.isfinite(p).all() for p in _params(workdir, bad - 1))
+
+
+def test_nonfinite_stop_without_a_checkpoint_says_none_was_saved(config_path, tmp_path):
+    proc = _run(config_path, tmp_path / "run", *EXPLODE, "train.on_nonfinite=stop")
+    assert proc.returncode == 1
+    assert f"no checkpoint was saved yet (train.checkpoint_every={EVERY})" in proc.stderr
+    assert "last good checkpoint" not in proc.stderr
 
 
 def test_nonfinite_skip_keeps_parameters(config_path, tmp_path):
@@ -450,17 +507,12 @@ def test_config_loads_and_initialises(path, corpora, monkeypatch):
     model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
     # The abstract train state with its shardings (optimizer included), on one device.
-    trainer = Trainer(
-        model_config,
-        cfg.optimizer,
-        make_mesh(MeshConfig(rules=cfg.mesh.rules), jax.devices()[:1]),
-        total_steps=cfg.train.steps,
-        objective=cfg.data.objective,
-        rules=cfg.mesh.rules,
-        grad_accum_steps=cfg.train.grad_accum_steps,
+    mesh = make_mesh(MeshConfig(rules=cfg.mesh.rules), jax.devices()[:1])
+    layout = state_layout(
+        model_config, cfg.optimizer, mesh, total_steps=cfg.train.steps, rules=cfg.mesh.rules
     )
-    trainer.check_batch_size(cfg.data.batch_size)
-    assert jax.tree.leaves(trainer.abstract_state.opt_state)
+    check_batch_size(cfg.data.batch_size, mesh, cfg.train.grad_accum_steps)
+    assert jax.tree.leaves(layout.abstract_state.opt_state)
     assert math.prod(cfg.mesh.shape(8)) == 8  # the mesh fits the 8 test devices
 
 

@@ -48,8 +48,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from llm_jax.checkpoint.manifest import MANIFEST_NAME, Verification, verify_step_dir, write_manifest
+from llm_jax.checkpoint.trees import leaf_name, tree_mismatch
 
-__all__ = ["CheckpointIntegrityWarning", "CheckpointManager", "Restored"]
+__all__ = ["CheckpointIntegrityWarning", "CheckpointManager", "Restored", "read_params"]
 
 _STATE, _DATA, _CONFIG, _TOKENIZER = "state", "data", "config", "tokenizer"
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's temporary step directory suffix
@@ -125,18 +126,6 @@ ocp.args.register_with_handler(TokenizerDirHandler, for_restore=True)(TokenizerD
 # --- helpers --------------------------------------------------------------------------------
 
 
-def _key_name(entry: Any) -> str:
-    """One pytree key-path entry as a plain string, matching orbax's nested-dict metadata."""
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def _leaf_name(path: tuple[Any, ...]) -> str:
-    return ".".join(_key_name(e) for e in path) or "<root>"
-
-
 def _is_prng_key(dtype: Any) -> bool:
     return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
@@ -156,7 +145,7 @@ def _abstract_target(abstract_state: Any) -> Any:
     def convert(path: tuple[Any, ...], leaf: Any) -> jax.ShapeDtypeStruct:
         if not (hasattr(leaf, "shape") and hasattr(leaf, "dtype")):
             raise ValueError(
-                f"restore target leaf {_leaf_name(path)!r} is a {type(leaf).__name__}, not an "
+                f"restore target leaf {leaf_name(path)!r} is a {type(leaf).__name__}, not an "
                 "array; pass jax.ShapeDtypeStruct leaves (e.g. from jax.eval_shape of the init "
                 "function) with a .sharding"
             )
@@ -164,7 +153,7 @@ def _abstract_target(abstract_state: Any) -> Any:
         if sharding is None:
             if not single_process:
                 raise ValueError(
-                    f"restore target leaf {_leaf_name(path)!r} has no sharding; with several "
+                    f"restore target leaf {leaf_name(path)!r} has no sharding; with several "
                     "processes every leaf needs one, e.g. "
                     "jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))"
                 )
@@ -212,50 +201,63 @@ def _read_tokenizer_files(tokenizer_dir: str | os.PathLike) -> dict[str, bytes]:
 
 def _check_compatible(directory: epath.Path, step: int, metadata: Any, target: Any) -> None:
     """Raises ValueError naming the first leaves where the checkpoint and target differ."""
-    saved: dict[str, tuple[tuple[int, ...] | None, np.dtype | None]] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(metadata)[0]:
-        shape = getattr(leaf, "shape", None)
-        dtype = getattr(leaf, "dtype", None)
-        saved[_leaf_name(path)] = (
-            tuple(shape) if shape is not None else None,
-            np.dtype(dtype) if dtype is not None else None,
+    stored = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(*_stored_shape_dtype(leaf)), target)
+    lines = tree_mismatch(metadata, stored, limit=5, dtypes=True, want_name="the restore target")
+    if lines:
+        raise ValueError(
+            f"checkpoint step {step} in {directory} does not match the restore target: "
+            f"{'; '.join(lines)}. The checkpoint was saved with a different model/optimizer "
+            "config; use a new workdir or the same config as the run that wrote it."
         )
-    wanted = {
-        _leaf_name(path): _stored_shape_dtype(leaf)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]
-    }
-    where = f"checkpoint step {step} in {directory}"
-    fix = (
-        "The checkpoint was saved with a different model/optimizer config; use a new workdir "
-        "or the same config as the run that wrote it."
+
+
+def read_params(step_dir: str | os.PathLike, abstract_params: Any) -> Any:
+    """Only the parameters of a step: an orbax partial restore of ``state['params']``.
+
+    Read-only: no orbax ``CheckpointManager`` is opened, so nothing in the workdir (say, a
+    running job's in-flight save) is touched. Works for a training step (state = a
+    ``TrainState``; the optimizer state is never read) and a converted one (state =
+    ``{"params": ...}``).
+
+    Args:
+        step_dir: One step directory (verify it first, e.g. with ``locate``).
+        abstract_params: The parameter pytree of ``jax.ShapeDtypeStruct`` leaves; leaves
+            without a sharding go to the first device, and values are cast to each leaf's
+            dtype.
+
+    Returns:
+        The parameter pytree.
+
+    Raises:
+        ValueError: The step has no ``params``, or they do not fit ``abstract_params``
+            (the leaves are named).
+    """
+    state_dir = epath.Path(step_dir) / _STATE
+    handler = ocp.PyTreeCheckpointHandler()
+    tree = handler.metadata(state_dir).tree
+    if "params" not in tree:
+        raise ValueError(
+            f"{state_dir} has no 'params' (it has {sorted(tree)}); not a model checkpoint."
+        )
+    lines = tree_mismatch(tree["params"], abstract_params)
+    if lines:
+        raise ValueError(
+            f"the parameters in {epath.Path(step_dir)} do not fit the model of its config: "
+            f"{'; '.join(lines)}."
+        )
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = {"params": abstract_params}
+    restore_args = jax.tree.map(
+        lambda x: ocp.ArrayRestoreArgs(
+            sharding=getattr(x, "sharding", None) or device, global_shape=x.shape, dtype=x.dtype
+        ),
+        target,
     )
-
-    def listing(names: list[str]) -> str:
-        return ", ".join(repr(n) for n in names[:5]) + (
-            f" and {len(names) - 5} more" if len(names) > 5 else ""
-        )
-
-    missing = sorted(set(wanted) - set(saved))
-    extra = sorted(set(saved) - set(wanted))
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"the restore target has leaves the checkpoint lacks: {listing(missing)}")
-        if extra:
-            parts.append(f"the checkpoint has leaves the restore target lacks: {listing(extra)}")
-        raise ValueError(f"{where} does not match the restore target: {'; '.join(parts)}. {fix}")
-    mismatched = []
-    for name in sorted(wanted):
-        (shape, dtype), (want_shape, want_dtype) = saved[name], wanted[name]
-        shape_differs = shape is not None and shape != want_shape
-        if shape_differs or (dtype is not None and dtype != want_dtype):
-            mismatched.append(
-                f"leaf {name!r} was saved as {shape} {dtype} but the target asks for "
-                f"{want_shape} {want_dtype}"
-            )
-    if mismatched:
-        more = f" ({len(mismatched) - 1} more leaves differ)" if len(mismatched) > 1 else ""
-        raise ValueError(f"{where} does not match the restore target: {mismatched[0]}{more}. {fix}")
+    restored = handler.restore(
+        state_dir,
+        args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True),
+    )
+    return restored["params"]
 
 
 # --- the manager -----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ pickle, no network. `llm-jax convert` is the command line.
 """
 
 from llm_jax.convert.checkpoint import (
-    LoadedCheckpoint,
+    RestoredModel,
     load_checkpoint,
     restore_model,
     save_checkpoint,
@@ -45,7 +45,7 @@ __all__ = [
     "HFCheckpointError",
     "HFSpec",
     "HFTokenizer",
-    "LoadedCheckpoint",
+    "RestoredModel",
     "UnsupportedConfigError",
     "config_from_hf",
     "config_to_hf",

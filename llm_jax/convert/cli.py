@@ -54,7 +54,7 @@ def _convert(args: argparse.Namespace) -> int:
     from llm_jax.convert.tokenizer import load_hf_tokenizer
     from llm_jax.models import count_params
 
-    spec = None
+    spec, add_bos = None, None
     if args.from_hf is not None:
         src = Path(args.from_hf)
         model = load_hf(src)
@@ -67,15 +67,17 @@ def _convert(args: argparse.Namespace) -> int:
     else:
         loaded = restore_model(args.from_checkpoint)
         model = loaded.model
-        tokenizer = (
-            None if loaded.tokenizer_dir is None else load_hf_tokenizer(loaded.tokenizer_dir)
-        )
-        source = f"checkpoint step {loaded.step} from {loaded.step_dir}"
+        tok_dir = loaded.ref.tokenizer_dir()
+        tokenizer = None if tok_dir is None else load_hf_tokenizer(tok_dir)
+        source = f"checkpoint step {loaded.ref.step} from {loaded.ref.dir}"
+        data = loaded.config.get("data") or {}
+        if data.get("objective") == "clm":  # BOS framing as in training, for AutoTokenizer
+            add_bos = bool(data.get("add_bos", True))
     cfg = model.cfg
     if args.to is not None:
         out = save_checkpoint(model, args.to, tokenizer=tokenizer)
     else:
-        out = save_hf(model, args.to_hf, tokenizer=tokenizer, spec=spec)
+        out = save_hf(model, args.to_hf, tokenizer=tokenizer, spec=spec, add_bos=add_bos)
     print(
         json.dumps(
             {

@@ -17,9 +17,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from llm_jax.checkpoint.trees import tree_mismatch
 from llm_jax.convert.hf_config import (
     HFSpec,
     architecture_of,
@@ -83,16 +83,10 @@ def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> nnx.Module:
     """
     abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
-    want = {k: tuple(v.shape) for k, v in flatten_tree(nnx.to_pure_dict(state)).items()}
-    have = {k: tuple(np.shape(v)) for k, v in flatten_tree(params).items()}
-    missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-    wrong = [
-        f"{k}: {have[k]} != {want[k]}" for k in sorted(set(want) & set(have)) if have[k] != want[k]
-    ]
-    if missing or extra or wrong:
+    lines = tree_mismatch(params, nnx.to_pure_dict(state), have_name="the parameters")
+    if lines:
         raise ValueError(
-            f"parameters do not fit the {cfg.family} model of this config: missing "
-            f"{missing[:8]}, unexpected {extra[:8]}, shapes {wrong[:8]}."
+            f"parameters do not fit the {cfg.family} model of this config: {'; '.join(lines)}."
         )
     dtype = jnp.dtype(cfg.param_dtype)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))

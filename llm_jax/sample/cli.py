@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 STRATEGIES = ("greedy", "sample", "beam")
@@ -120,6 +121,48 @@ def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_
     return ids
 
 
+def _check_generates(model: Any, where: Path) -> None:
+    family = model.cfg.family
+    if family not in ("gpt", "t5"):
+        raise ValueError(
+            f"{where} holds a {family} model, an encoder that does not generate text; "
+            "sample from a gpt or t5 model."
+        )
+
+
+def _load_checkpoint(path: str, step: int | None) -> tuple[Any, Any, dict[str, Any], str]:
+    """(model, tokenizer, saved config, what was loaded) of one of our checkpoints; the
+    tokenizer is the step's copy, else the training workdir's `tokenizer/` folder."""
+    from llm_jax.convert import load_hf_tokenizer, restore_model
+
+    restored = restore_model(path, step)
+    ref = restored.ref
+    _check_generates(restored.model, ref.dir)
+    tokenizer_dir = ref.tokenizer_dir() or ref.root.parent / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise FileNotFoundError(
+            f"checkpoint step {ref.step} in {ref.root} has no tokenizer and neither does "
+            f"{ref.root.parent}; copy the run's tokenizer folder to {tokenizer_dir}."
+        )
+    what = f"step {ref.step} from {ref.dir}"
+    return restored.model, load_hf_tokenizer(tokenizer_dir), restored.config, what
+
+
+def _load_hf_folder(path: str) -> tuple[Any, Any, dict[str, Any], str]:
+    """(model, tokenizer, {}, what was loaded) of a Hugging Face model folder."""
+    from llm_jax.convert import load_hf, load_hf_tokenizer
+
+    source = Path(path).expanduser().absolute()
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"{source} is not a folder; pass a Hugging Face model folder (config.json, "
+            "model.safetensors and the tokenizer files), e.g. one saved by save_pretrained."
+        )
+    model = load_hf(source)
+    _check_generates(model, source)
+    return model, load_hf_tokenizer(source), {}, f"Hugging Face model from {source}"
+
+
 def _sample(args: argparse.Namespace) -> int:
     name = _strategy_name(args)
     if args.max_new_tokens < 1:
@@ -130,19 +173,17 @@ def _sample(args: argparse.Namespace) -> int:
 
     import llm_jax.sample as sample
     from llm_jax.models import count_params
-    from llm_jax.sample.checkpoint import load_checkpoint, load_hf_folder
     from llm_jax.sample.generate import check_fits
 
     if args.hf is not None:
         if args.step is not None:
             raise ValueError("--step applies to --checkpoint, not to --hf folders.")
-        loaded = load_hf_folder(args.hf)
+        model, tokenizer, run_config, what = _load_hf_folder(args.hf)
     else:
-        loaded = load_checkpoint(args.checkpoint, step=args.step)
-    model, tokenizer = loaded.model, loaded.tokenizer
+        model, tokenizer, run_config, what = _load_checkpoint(args.checkpoint, args.step)
     decoder = sample.as_decoder(model)
     encoder_decoder = getattr(decoder, "is_encoder_decoder", False)
-    ids = prompt_ids(tokenizer, args.prompt, loaded.run_config, encoder_decoder)
+    ids = prompt_ids(tokenizer, args.prompt, run_config, encoder_decoder)
     # generate's length check, run before the banner and naming the flags to change.
     flags = dict(new="--max-new-tokens", limit="the model has {} positions")
     limit = getattr(decoder, "max_length", None)
@@ -152,10 +193,8 @@ def _sample(args: argparse.Namespace) -> int:
         check_fits(1, args.max_new_tokens, limit, prompt="the decoder's start token", **flags)
     else:
         check_fits(len(ids), args.max_new_tokens, limit, prompt="--prompt", **flags)
-    what = "Hugging Face model" if loaded.step is None else f"step {loaded.step}"
     print(
-        f"loaded {what} from {loaded.source} ({model.cfg.family}, "
-        f"{count_params(model):,} parameters)",
+        f"loaded {what} ({model.cfg.family}, {count_params(model):,} parameters)",
         file=sys.stderr,
     )
     eos = tokenizer.special_ids.get("eos")

@@ -1,34 +1,51 @@
 """The training loop behind `llm-jax train`: data, sharded steps, evaluation, metrics,
-checkpoints with exact resume, clean shutdown on SIGTERM/SIGINT."""
+checkpoints with exact resume, clean shutdown on SIGTERM/SIGINT.
+
+`train(cfg)` is `setup(cfg)` (everything before the first step, returned as a `Run`), a
+short step loop, and the periodic actions of `llm_jax.train.hooks`. A run stopped by
+SIGTERM/SIGINT saves its step and reports the signal in `RunResult.interrupted`; the CLI
+exits with 128 + the signal number (130 for Ctrl-C, 143 for SIGTERM).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import signal
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from llm_jax.checkpoint import CheckpointManager
+from llm_jax.data.iterator import DataIterator
 from llm_jax.data.objectives import objective_spec
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
 from llm_jax.train.allocator import allocator_hint
+from llm_jax.train.compile import (
+    CompiledSteps,
+    StateLayout,
+    check_batch_size,
+    compile_steps,
+    state_layout,
+)
 from llm_jax.train.config import RunConfig
-from llm_jax.train.flops import flops_and_tokens, mfu, peak_flops_per_device
-from llm_jax.train.metrics import MetricsWriter, Progress
-from llm_jax.train.step import LossConfig
-from llm_jax.train.trainer import Trainer
+from llm_jax.train.flops import flops_and_tokens, peak_flops_per_device
+from llm_jax.train.hooks import (
+    CheckpointEvery,
+    EvalEvery,
+    LogEvery,
+    NonFinite,
+    NonFiniteLossError,
+    StopOnSignal,
+    evaluate,
+)
+from llm_jax.train.metrics import MetricsWriter, Progress, Throughput
+from llm_jax.train.step import LossConfig, TrainState
 
-
-class NonFiniteLossError(RuntimeError):
-    """The loss or gradient norm became NaN/inf and `train.on_nonfinite` is 'stop'."""
+__all__ = ["NonFiniteLossError", "Run", "RunResult", "evaluate", "setup", "train"]
 
 
 @dataclasses.dataclass
@@ -40,191 +57,210 @@ class RunResult:
     checkpoint_dir: Path
     metrics_path: Path
     loss_curve: Path
+    interrupted: int | None = None  # the signal (SIGTERM/SIGINT) that stopped the run
 
 
-class _StopFlag:
-    """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+@dataclasses.dataclass
+class Run:
+    """One training run between set-up and teardown: what the loop and hooks share.
 
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._previous: dict[int, Any] = {}
+    `state`, `step`, `batch` and the loss records change as the loop runs; a context
+    manager that finishes the in-flight checkpoint and closes the writers on exit.
+    """
 
-    def __enter__(self) -> _StopFlag:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
+    cfg: RunConfig
+    workdir: Path
+    data: train_data.PreparedData
+    resolved: dict[str, Any]  # the run config with the model section filled in
+    layout: StateLayout
+    ckpt: CheckpointManager
+    batches: DataIterator
+    writer: MetricsWriter
+    progress: Progress
+    state: TrainState
+    start: int
+    steps: CompiledSteps | None = None  # None when there is nothing left to train
+    batch: dict[str, jax.Array] | None = None
+    hooks: list[Any] = dataclasses.field(default_factory=list)
+    step: int = 0
+    losses: dict[int, float] = dataclasses.field(default_factory=dict)
+    eval_losses: dict[int, float] = dataclasses.field(default_factory=dict)
+
+    def eval_batches(self) -> list[dict[str, jax.Array]]:
+        return self.data.eval_batches(self.layout.mesh, self.cfg.train.eval_batches)
+
+    def result(self, interrupted: int | None = None) -> RunResult:
+        return RunResult(
+            workdir=self.workdir,
+            final_step=self.step,
+            losses=self.losses,
+            eval_losses=self.eval_losses,
+            checkpoint_dir=self.workdir / "checkpoints",
+            metrics_path=self.writer.jsonl_path,
+            loss_curve=self.writer.loss_curve_path,
+            interrupted=interrupted,
+        )
+
+    def __enter__(self) -> Run:
         return self
 
-    def _handle(self, signum, frame) -> None:
-        self.signal = signum
-
     def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+        self.progress.close()
+        self.ckpt.wait_until_finished()
+        self.ckpt.close()
+        self.writer.close()
 
 
 def _to_float(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def evaluate(trainer: Trainer, params, batches, main_loss: str) -> dict[str, float]:
-    """Mean losses (and perplexity of `main_loss`, the spec's) over the given eval batches."""
-    sums: dict[str, list[float]] = {}
-    for batch in batches:
-        for name, (s, c) in jax.device_get(trainer.eval_losses(params, batch)).items():
-            acc = sums.setdefault(name, [0.0, 0.0])
-            acc[0] += float(s)
-            acc[1] += float(c)
-    out = {f"{k}_loss": s / max(c, 1.0) for k, (s, c) in sums.items()}
-    main = out.get(f"{main_loss}_loss")
-    if main is not None:
-        out["loss"] = sum(out.values())
-        out["perplexity"] = math.exp(min(main, 50.0))
-    return out
-
-
 def train(cfg: RunConfig) -> RunResult:
-    """Run (or resume) the training job described by `cfg`. See the module docstring."""
-    initialize_distributed(**dataclasses.asdict(cfg.distributed))
-    workdir = Path(cfg.workdir).absolute()
-    tc = cfg.train
-    is_main = jax.process_index() == 0
+    """Run (or resume) the training job described by `cfg`. See the module docstring.
 
-    # Everything that can fail on bad input happens before any compilation.
-    data = train_data.prepare(cfg.data, workdir)
-    model_config = cfg.model_config(data.tokenizer.vocab_size)
-    if data.tokenizer.vocab_size > model_config.vocab_size:
-        raise ValueError(
-            f"the tokenizer has {data.tokenizer.vocab_size} ids but model.vocab_size is "
-            f"{model_config.vocab_size}; remove model.vocab_size to take the tokenizer's, or "
-            f"train a tokenizer with data.vocab_size <= {model_config.vocab_size}."
+    Raises:
+      hooks.Interrupted: SIGTERM/SIGINT arrived during set-up (nothing was saved).
+      NonFiniteLossError: a non-finite step with `train.on_nonfinite=stop`.
+    """
+    with StopOnSignal() as stop, setup(cfg, stop) as run:
+        stop.defer()
+        for step in range(run.start + 1, cfg.train.steps + 1):
+            run.state, metrics = run.steps.train(run.state, run.batch)
+            run.step, m = step, _to_float(metrics)
+            run.losses[step] = m["loss"]
+            for hook in run.hooks:
+                hook(run, step, m)
+            if stop.signal is not None:
+                break
+            run.batch = next(run.batches)
+    result = run.result(stop.signal)
+    if jax.process_index() == 0:
+        print(
+            f"checkpoints: {result.checkpoint_dir}\nmetrics: {result.metrics_path} "
+            f"(TensorBoard: {run.workdir / 'tensorboard'})\nloss curve: {result.loss_curve}"
         )
-    mesh = make_mesh(cfg.mesh)
-    trainer = Trainer(
-        model_config,
-        cfg.optimizer,
-        mesh,
-        total_steps=tc.steps,
-        objective=cfg.data.objective,
-        rules=cfg.mesh.rules,
-        loss_config=LossConfig(label_smoothing=tc.label_smoothing, z_loss=tc.z_loss),
-        grad_accum_steps=tc.grad_accum_steps,
-        skip_nonfinite=tc.on_nonfinite == "skip",
-        seed=tc.seed,
-    )
-    trainer.check_batch_size(cfg.data.batch_size)
-    resolved = cfg.to_dict()
-    resolved["model"] = model_config.to_dict()
+    return result
 
+
+def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
+    """Everything before the first step: data, mesh, state (restored or fresh), compiled
+    steps and hooks. Whatever can fail on bad input fails before any compilation."""
+    initialize_distributed(**dataclasses.asdict(cfg.distributed))
+    workdir, tc, is_main = Path(cfg.workdir).absolute(), cfg.train, jax.process_index() == 0
+    data = train_data.prepare(cfg.data, workdir)
+    model_config = _model_config(cfg, data.tokenizer.vocab_size)
+    mesh = make_mesh(cfg.mesh)
+    check_batch_size(cfg.data.batch_size, mesh, tc.grad_accum_steps)
+    layout = state_layout(
+        model_config, cfg.optimizer, mesh, total_steps=tc.steps, rules=cfg.mesh.rules, seed=tc.seed
+    )
+    resolved = {**cfg.to_dict(), "model": model_config.to_dict()}
     ckpt = CheckpointManager(
         workdir / "checkpoints",
         save_interval_steps=tc.checkpoint_every,
         max_to_keep=tc.keep_checkpoints,
         async_save=tc.async_checkpoint,
     )
-    train_iter = data.train_iterator(mesh)
-    with activation_sharding(mesh, trainer.rules):
-        if ckpt.latest_step() is not None:
-            restored = ckpt.restore(trainer.abstract_state)
-            state = restored.state
-            train_iter.set_state(restored.data_state)
-            start = restored.step
+    batches = data.train_iterator(mesh)
+    with activation_sharding(mesh, layout.rules):
+        state, start = _restore_or_init(layout, ckpt, batches, is_main)
+        run = Run(
+            cfg=cfg,
+            workdir=workdir,
+            data=data,
+            resolved=resolved,
+            layout=layout,
+            ckpt=ckpt,
+            batches=batches,
+            writer=MetricsWriter(workdir, enabled=is_main, resume_step=start),
+            progress=Progress(tc.steps, initial_step=start, enabled=is_main and tc.progress),
+            state=state,
+            start=start,
+            step=start,
+        )
+        if start >= tc.steps:
             if is_main:
-                print(f"resuming from step {start} in {ckpt.directory}", file=sys.stderr)
-        else:
-            state = trainer.init_state()
-            start = 0
-        first = next(train_iter)
-        compiled = trainer.compile_step(first)
+                print(
+                    f"{ckpt.directory} is already at step {start}, train.steps={tc.steps}: "
+                    "nothing to train; raise train.steps to continue.",
+                    file=sys.stderr,
+                )
+            return run
+        run.batch = next(batches)
+        run.steps = compile_steps(
+            layout,
+            cfg.data.objective,
+            run.batch,
+            loss=LossConfig(label_smoothing=tc.label_smoothing, z_loss=tc.z_loss),
+            grad_accum_steps=tc.grad_accum_steps,
+            skip_nonfinite=tc.on_nonfinite == "skip",
+        )
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
-        print(f"mesh: {describe(mesh)}; rules: {cfg.mesh.rules}", file=sys.stderr)
-        mem = compiled.memory_analysis()
-        if mem is not None:
-            print(f"compiled step memory: {_memory_line(mem)}", file=sys.stderr)
-            hint = allocator_hint(jax.default_backend(), mem.temp_size_in_bytes)
-            if hint:
-                print(hint, file=sys.stderr)
+        _print_banner(cfg, mesh, run.steps.memory)
+    run.hooks = _hooks(cfg, model_config, run.batch, stop)
+    return run
 
-    spec = objective_spec(cfg.data.objective)
-    flops, tokens_per_step = flops_and_tokens(model_config, spec, first)
-    peak = peak_flops_per_device()
-    writer = MetricsWriter(workdir, enabled=is_main, resume_step=start)
-    progress = Progress(tc.steps, initial_step=start, enabled=is_main and tc.progress)
-    losses: dict[int, float] = {}
-    eval_losses: dict[int, float] = {}
-    batch = first
-    step = start
-    last_time = time.perf_counter()
-    last_step = start
-    try:
-        with _StopFlag() as stop:
-            while step < tc.steps:
-                state, metrics = trainer.step(state, batch)
-                step += 1
-                m = _to_float(metrics)
-                losses[step] = m["loss"]
-                if not m["finite"] and tc.on_nonfinite == "stop":
-                    raise NonFiniteLossError(
-                        f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at "
-                        f"step {step}; the last good checkpoint in {ckpt.directory} is kept. "
-                        "Lower optimizer.learning_rate, raise optimizer.warmup_steps, or set "
-                        "train.on_nonfinite=skip."
-                    )
-                if step % tc.log_every == 0 or step == tc.steps:
-                    now = time.perf_counter()
-                    tps = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-                    last_time, last_step = now, step
-                    m["tokens_per_second"] = tps
-                    util = mfu(tps, flops, jax.device_count(), peak)
-                    if util is not None:
-                        m["mfu"] = util
-                    writer.write(step, {f"train/{k}": v for k, v in m.items()})
-                    progress.update(step, m)
-                if tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-                    batches = data.eval_batches(mesh, tc.eval_batches)
-                    ev = evaluate(trainer, state.params, batches, spec.main_loss)
-                    if ev:
-                        eval_losses[step] = ev["loss"]
-                        writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-                        progress.write(
-                            f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
-                        )
-                if ckpt.should_save(step) or step == tc.steps or stop.signal is not None:
-                    ckpt.save(
-                        step,
-                        state,
-                        data_state=train_iter.get_state(),
-                        config=resolved,
-                        tokenizer_dir=str(data.tokenizer_dir),
-                        force=True,
-                    )
-                if stop.signal is not None:
-                    progress.write(f"received signal {stop.signal}: saved step {step}, exiting")
-                    break
-                batch = next(train_iter)
-    finally:
-        progress.close()
-        ckpt.wait_until_finished()
-        ckpt.close()
-        writer.close()
-    result = RunResult(
-        workdir=workdir,
-        final_step=step,
-        losses=losses,
-        eval_losses=eval_losses,
-        checkpoint_dir=workdir / "checkpoints",
-        metrics_path=writer.jsonl_path,
-        loss_curve=writer.loss_curve_path,
-    )
-    if is_main:
-        print(
-            f"checkpoints: {result.checkpoint_dir}\nmetrics: {result.metrics_path} "
-            f"(TensorBoard: {workdir / 'tensorboard'})\nloss curve: {result.loss_curve}"
+
+def _model_config(cfg: RunConfig, tokenizer_vocab: int):
+    model_config = cfg.model_config(tokenizer_vocab)
+    if tokenizer_vocab > model_config.vocab_size:
+        raise ValueError(
+            f"the tokenizer has {tokenizer_vocab} ids but model.vocab_size is "
+            f"{model_config.vocab_size}; remove model.vocab_size to take the tokenizer's, or "
+            f"train a tokenizer with data.vocab_size <= {model_config.vocab_size}."
         )
-    return result
+    return model_config
+
+
+def _restore_or_init(
+    layout: StateLayout, ckpt: CheckpointManager, batches: DataIterator, is_main: bool
+) -> tuple[TrainState, int]:
+    """(state, step): the latest good checkpoint (with the data position), else fresh."""
+    if ckpt.latest_step() is not None:
+        restored = ckpt.restore(layout.abstract_state)
+        batches.set_state(restored.data_state)
+        if is_main:
+            print(f"resuming from step {restored.step} in {ckpt.directory}", file=sys.stderr)
+        return restored.state, restored.step
+    if ckpt.all_steps() and is_main:
+        print(
+            f"no checkpoint in {ckpt.directory} passes verification (steps "
+            f"{ckpt.all_steps()}, see the warnings above): starting again from step 0.",
+            file=sys.stderr,
+        )
+    return layout.init(), 0
+
+
+def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]:
+    """The periodic actions, in order: the non-finite check first (so nothing of a bad
+    step is logged or saved), then logging, evaluation and checkpointing."""
+    tc = cfg.train
+    spec = objective_spec(cfg.data.objective)
+    flops, tokens_per_step = flops_and_tokens(model_config, spec, batch)
+    throughput = Throughput(
+        skip_steps=0,
+        flops_per_token=flops,
+        num_devices=jax.device_count(),
+        peak_flops_per_device=peak_flops_per_device(),
+    )
+    hooks: list[Any] = [
+        NonFinite(tc.on_nonfinite),
+        LogEvery(tc.log_every, tc.steps, tokens_per_step, throughput),
+    ]
+    if tc.eval_every:
+        hooks.append(EvalEvery(tc.eval_every, tc.steps, throughput, spec.main_loss))
+    hooks.append(CheckpointEvery(tc.steps, stop, throughput))
+    return hooks
+
+
+def _print_banner(cfg: RunConfig, mesh, mem) -> None:
+    print(f"mesh: {describe(mesh)}; rules: {cfg.mesh.rules}", file=sys.stderr)
+    if mem is not None:
+        print(f"compiled step memory: {_memory_line(mem)}", file=sys.stderr)
+        hint = allocator_hint(jax.default_backend(), mem.temp_size_in_bytes)
+        if hint:
+            print(hint, file=sys.stderr)
 
 
 def _memory_line(mem) -> str:

@@ -1,0 +1,252 @@
+"""Sharded training steps: abstract init -> shardings -> jitted init, train and eval steps.
+
+`state_layout` derives the train state's shardings from the model's logical axes and the
+mesh's rules (nothing is allocated); `compile_steps` adds the train step, compiled ahead of
+time for one batch's shapes with the state donated, and the eval step. Both return frozen
+records: there is no lazily filled cache. `pmap_train_step` is the same step as a
+`jax.pmap` over local devices, for older notebook code; it gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llm_jax.models import build
+from llm_jax.models.config import ModelConfig
+from llm_jax.parallel.mesh import (
+    RULES,
+    batch_sharding,
+    data_parallel_size,
+    logical_axes,
+    logical_to_sharding,
+)
+from llm_jax.parallel.mesh import check_batch_size as check_data_shards
+from llm_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
+from llm_jax.train.step import (
+    Batch,
+    LossConfig,
+    TrainState,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """The train state of one model and optimizer on one mesh, before any allocation.
+
+    Attributes:
+      mesh: the ('data', 'fsdp', 'tensor') mesh.
+      rules: logical axis -> mesh axis.
+      graphdef: the model's static structure (`nnx.split`).
+      tx: the optimizer.
+      schedule: step -> learning rate.
+      abstract_state: the `TrainState` as `jax.ShapeDtypeStruct`s carrying their shardings
+        (a restore target).
+      state_sharding: the `TrainState` of `NamedSharding`s.
+      init: () -> a fresh `TrainState`, initialised directly into its shardings.
+    """
+
+    mesh: Mesh
+    rules: dict[str, Any]
+    graphdef: nnx.GraphDef
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    abstract_state: TrainState
+    state_sharding: TrainState
+    init: Callable[[], TrainState]
+
+    def put_batch(self, batch: dict[str, Any]) -> Batch:
+        """Host arrays -> global arrays split on their leading axis over the batch axes."""
+        return jax.device_put(
+            batch, {k: batch_sharding(self.mesh, np.ndim(v)) for k, v in batch.items()}
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """A `StateLayout` with its compiled steps.
+
+    Attributes:
+      layout: the state's shardings and init.
+      train: (state, batch) -> (state, metrics); compiled for the example batch's shapes,
+        `state` donated.
+      eval: (params, batch) -> {loss name: (sum, count)}.
+      memory: the compiled train step's `memory_analysis()` (None where unsupported).
+    """
+
+    layout: StateLayout
+    train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
+    eval: Callable[[Any, Batch], dict[str, tuple[jax.Array, jax.Array]]]
+    memory: Any
+
+    @property
+    def abstract_state(self) -> TrainState:
+        return self.layout.abstract_state
+
+    @property
+    def state_sharding(self) -> TrainState:
+        return self.layout.state_sharding
+
+    @property
+    def init(self) -> Callable[[], TrainState]:
+        return self.layout.init
+
+
+def _state_sharding(tx, abstract_state: TrainState, param_sharding, mesh: Mesh) -> TrainState:
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Optimizer moments mirror the parameters they belong to; counters and factored
+    # statistics (Adafactor's row/column moments) are replicated.
+    opt_sharding = optax.tree_map_params(
+        tx,
+        lambda leaf, p, s: s if leaf.shape == p.shape else replicated,
+        abstract_state.opt_state,
+        abstract_state.params,
+        param_sharding,
+        transform_non_params=lambda _: replicated,
+    )
+    return TrainState(
+        step=replicated, params=param_sharding, opt_state=opt_sharding, rng=replicated
+    )
+
+
+def state_layout(
+    model_config: ModelConfig,
+    optimizer: OptimizerConfig,
+    mesh: Mesh,
+    *,
+    total_steps: int,
+    rules: str | dict[str, Any] = "dp",
+    seed: int = 0,
+) -> StateLayout:
+    """The shardings of the train state (abstract: nothing is allocated or compiled).
+
+    Args:
+      model_config: the architecture.
+      optimizer: optimizer config; `total_steps` sets the schedule length.
+      mesh: a ('data', 'fsdp', 'tensor') mesh.
+      total_steps: the schedule's length.
+      rules: a key of `llm_jax.parallel.RULES` (dp, fsdp, fsdp_tp) or a rules dict.
+      seed: parameter initialisation and dropout seed.
+    """
+    rules = RULES[rules] if isinstance(rules, str) else rules
+    tx = make_optimizer(optimizer, total_steps)
+
+    def init_fn() -> TrainState:
+        return init_train_state(build(model_config, rngs=nnx.Rngs(seed)), tx, seed)[1]
+
+    abstract_model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
+    abstract = jax.eval_shape(init_fn)
+    param_sharding = logical_to_sharding(abstract.params, logical_axes(abstract_model), mesh, rules)
+    sharding = _state_sharding(tx, abstract, param_sharding, mesh)
+    return StateLayout(
+        mesh=mesh,
+        rules=rules,
+        graphdef=nnx.split(abstract_model)[0],
+        tx=tx,
+        schedule=make_schedule(optimizer, total_steps),
+        abstract_state=jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, sharding
+        ),
+        state_sharding=sharding,
+        init=jax.jit(init_fn, out_shardings=sharding),
+    )
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> None:
+    """Raises ValueError (naming a fix) unless the global batch splits over the mesh's
+    data-parallel shards (`parallel.mesh.check_batch_size`) and into `grad_accum_steps`
+    micro-batches."""
+    check_data_shards(batch_size, mesh)
+    dp = data_parallel_size(mesh)
+    if (batch_size // dp) % grad_accum_steps and batch_size % grad_accum_steps:
+        raise ValueError(
+            f"batch size {batch_size} is not divisible by grad_accum_steps={grad_accum_steps}; "
+            "make data.batch_size a multiple of train.grad_accum_steps."
+        )
+
+
+def compile_steps(
+    layout: StateLayout,
+    objective: str,
+    example_batch: dict[str, Any],
+    *,
+    loss: LossConfig | None = None,
+    grad_accum_steps: int = 1,
+    skip_nonfinite: bool = False,
+) -> CompiledSteps:
+    """Lower and compile the train step for `example_batch`'s shapes; jit the eval step.
+
+    Args:
+      layout: from `state_layout`.
+      objective: clm | mlm | span_corruption | seq2seq | classification.
+      example_batch: a batch (host or global arrays) of the shapes every train batch has.
+      loss: label smoothing and z-loss (default: neither).
+      grad_accum_steps: micro-batches per step.
+      skip_nonfinite: leave the state unchanged on a non-finite loss or gradient norm.
+    """
+    check_batch_size(len(next(iter(example_batch.values()))), layout.mesh, grad_accum_steps)
+    step_fn = make_train_step(
+        layout.graphdef,
+        layout.tx,
+        objective,
+        loss_config=loss or LossConfig(),
+        grad_accum_steps=grad_accum_steps,
+        skip_nonfinite=skip_nonfinite,
+        learning_rate_fn=layout.schedule,
+    )
+    abstract_batch = {
+        k: jax.ShapeDtypeStruct(
+            np.shape(v), jnp.asarray(v).dtype, sharding=batch_sharding(layout.mesh, np.ndim(v))
+        )
+        for k, v in example_batch.items()
+    }
+    shardings = {k: v.sharding for k, v in abstract_batch.items()}
+    compiled = (
+        jax.jit(
+            step_fn,
+            in_shardings=(layout.state_sharding, shardings),
+            out_shardings=(layout.state_sharding, None),
+            donate_argnums=0,
+        )
+        .lower(layout.abstract_state, abstract_batch)
+        .compile()
+    )
+    # One leading-axis spec is a prefix of every batch leaf, whatever its rank.
+    eval_step = jax.jit(
+        make_eval_step(layout.graphdef, objective),
+        in_shardings=(layout.state_sharding.params, batch_sharding(layout.mesh, 1)),
+    )
+    return CompiledSteps(layout, compiled, eval_step, compiled.memory_analysis())
+
+
+def pmap_train_step(
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    objective: str,
+    **step_kwargs: Any,
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
+    """The train step as a `jax.pmap` over local devices (the batch split on axis 0).
+
+    State is replicated per device (`replicate`); batches are [num_devices, B /
+    num_devices, ...]. Sums and gradients are psum-reduced, so the result equals the jit
+    path. `step_kwargs` are those of `make_train_step` (e.g. `learning_rate_fn`).
+    """
+    fn = make_train_step(graphdef, tx, objective, axis_name="batch", **step_kwargs)
+    return jax.pmap(fn, axis_name="batch", donate_argnums=0)
+
+
+def replicate(tree: Any, devices: list[jax.Device] | None = None) -> Any:
+    """Copy a pytree onto every local device for `pmap_train_step` (leading device axis)."""
+    n = len(jax.local_devices() if devices is None else devices)
+    return jax.tree.map(lambda x: jnp.broadcast_to(np.asarray(x), (n, *np.shape(x))), tree)
