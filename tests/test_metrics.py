@@ -417,3 +417,11 @@ def test_allocator_hint_only_for_cpu_runs_without_tcmalloc(tmp_path):
     assert tip.endswith(f"LD_PRELOAD={fake}") and "2.0 GiB" in tip
     missing = allocator.allocator_hint("cpu", big, {}, (str(tmp_path / "none"),))
     assert "apt-get install libtcmalloc-minimal4" in missing
+
+
+def test_loss_curve_smooths_only_long_runs():
+    from llm_jax.train.metrics import EMA_MIN_POINTS, ema_beta
+
+    # A short run's EMA would trail its falling loss by ~10 points, above the raw line.
+    assert ema_beta(30) is None and ema_beta(EMA_MIN_POINTS - 1) is None
+    assert ema_beta(EMA_MIN_POINTS) == 0.9 and ema_beta(5000) == 0.9

@@ -205,10 +205,22 @@ def _ema(values: np.ndarray, beta: float) -> np.ndarray:
     return out
 
 
+# An EMA lags a falling loss by about 1 / (1 - beta) points; drawn only when that lag is a
+# small part of the curve, where it shows the trend through noise instead of sitting above
+# a short run's raw loss.
+EMA_BETA = 0.9
+EMA_MIN_POINTS = 200
+
+
+def ema_beta(num_points: int) -> float | None:
+    """The smoothing drawn over a training-loss line of `num_points` (None: raw line only)."""
+    return EMA_BETA if num_points >= EMA_MIN_POINTS else None
+
+
 def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str) -> bool:
     """Draw every `split/loss` series of a `metrics.jsonl` against step into a PNG.
 
-    Training loss is a line (with an EMA over it when there are many points); other splits
+    Training loss is a line (with an EMA over it from `EMA_MIN_POINTS` points); other splits
     (eval) are points. A step written twice (a resumed run) keeps its latest value. The y
     axis is logarithmic when the losses span more than a factor of 10.
 
@@ -233,15 +245,16 @@ def plot_loss_curve(metrics_path: str | Path, out_path: str | Path, title: str) 
         steps = np.array(sorted(series[key]))
         values = np.array([series[key][s] for s in steps])
         if key.startswith("train"):
-            smooth = len(values) > 50
-            ax.plot(steps, values, lw=1, alpha=0.35 if smooth else 1.0, label=key)
-            if smooth:
+            beta = ema_beta(len(values))
+            ax.plot(steps, values, lw=1, alpha=1.0 if beta is None else 0.35, label=key)
+            if beta is not None:
+                lag = round(1 / (1 - beta))
                 ax.plot(
                     steps,
-                    _ema(values, 0.9),
+                    _ema(values, beta),
                     lw=1.8,
                     color=ax.lines[-1].get_color(),
-                    label=f"{key} (EMA 0.9)",
+                    label=f"{key}, EMA {beta} (trails by ~{lag} points)",
                 )
         else:
             ax.plot(steps, values, marker="o", ms=4, lw=1, label=key)
