@@ -4,6 +4,8 @@ registers itself here through an `add_parser(subparsers)` function."""
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 
 
@@ -24,11 +26,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _leave_on_signal(signum: int, frame) -> None:
+    # Until a command installs its own handling (training saves a checkpoint first), a
+    # signal ends the process at once with one line: a KeyboardInterrupt raised inside the
+    # imports of JAX and XLA can be swallowed there or abort the interpreter's teardown.
+    os.write(2, f"llm-jax: interrupted by signal {signum}; exiting.\n".encode())
+    os._exit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    if argv is None:  # the real command, not a call from Python code or a test
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, _leave_on_signal)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # called from Python (the command line exits in the handler)
+        print("llm-jax: interrupted", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as e:
         print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -110,3 +110,29 @@ def test_export_of_a_training_run_keeps_its_bos_framing(tmp_path, corpora):
     assert main(["convert", "--from-checkpoint", str(tmp_path / "run"), "--to-hf", str(out)]) == 0
     config = json.loads((out / "tokenizer_config.json").read_text())
     assert (config["add_bos_token"], config["add_eos_token"]) == (True, False)
+
+
+@pytest.mark.parametrize("delay", [0.1, 0.5, 1.5])
+def test_ctrl_c_at_any_point_of_start_up_is_one_line(tmp_path, delay):
+    """SIGINT while Python, JAX and the model load: one line and exit 130, never a
+    traceback, a swallowed interrupt or an aborted teardown."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cmd = [sys.executable, "-m", "llm_jax.cli", "convert", "--from-hf", str(HF / "gpt2")]
+    proc = subprocess.Popen(
+        [*cmd, "--to-hf", str(tmp_path / "out")],
+        cwd=Path(__file__).parents[1],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if (tmp_path / "out" / "config.json").exists():  # done before (or as) the signal came
+        pytest.skip(f"the conversion finished within {delay} s")
+    assert proc.returncode == 130, err
+    assert err == "llm-jax: interrupted by signal 2; exiting.\n"
