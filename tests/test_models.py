@@ -120,16 +120,17 @@ def test_eval_is_deterministic_and_dropout_needs_a_key(family):
 # Cached decoding == full forward -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("heads_major", [False, True])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_gpt_cached_decode_equals_full_forward(family):
+def test_gpt_cached_decode_equals_full_forward(family, heads_major):
     model = GPT(TINY[family], rngs=nnx.Rngs(0))
     toks = tokens((2, 10))
     full = model(toks)
-    cache = model.init_cache(2, 16)
-    prefill, cache = model(toks[:, :4], cache=cache)
+    cache = model.init_cache(2, 16, heads_major=heads_major)
+    prefill, cache = model.decode_step(toks[:, :4], cache)
     steps = [prefill]
     for t in range(4, 10):
-        logits, cache = model(toks[:, t : t + 1], cache=cache)
+        logits, cache = model.decode_step(toks[:, t : t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
     assert int(cache.index) == 10
@@ -142,22 +143,24 @@ def test_gpt_cached_decode_with_left_padding_matches_unpadded_row():
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), row], axis=1)
     segments = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
     positions = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
-    logits, _ = model(
-        padded, positions=positions, segment_ids=segments, cache=model.init_cache(1, 12)
+    logits, _ = model.decode_step(
+        padded, model.init_cache(1, 12), positions=positions, segment_ids=segments
     )
     np.testing.assert_allclose(logits[:, 3:], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads_major", [False, True])
 @pytest.mark.parametrize("family", ["t5", "transformer"])
-def test_t5_cached_decode_equals_full_forward(family):
+def test_t5_cached_decode_equals_full_forward(family, heads_major):
     model = T5(TINY[family], rngs=nnx.Rngs(0))
     enc, dec = tokens((2, 7)), tokens((2, 6), seed=1)
     enc_seg = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
     full = model(enc, dec, encoder_segment_ids=enc_seg)
-    cache = model.init_cache(2, 8, model.encode(enc, segment_ids=enc_seg), enc_seg)
+    encoded = model.encode(enc, segment_ids=enc_seg)
+    cache = model.init_cache(2, 8, encoded, enc_seg, heads_major=heads_major)
     steps = []
     for t in range(6):
-        logits, cache = model.decode(dec[:, t : t + 1], cache=cache)
+        logits, cache = model.decode_step(dec[:, t : t + 1], cache)
         steps.append(logits)
     scale = float(jnp.max(jnp.abs(full)))
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6 * scale)

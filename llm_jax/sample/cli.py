@@ -159,11 +159,11 @@ def _sample(args: argparse.Namespace) -> int:
         loaded = load_checkpoint(args.checkpoint, step=args.step)
     model, tokenizer = loaded.model, loaded.tokenizer
     decoder = sample.as_decoder(model)
-    encoder_decoder = getattr(decoder, "is_encoder_decoder", False)
+    encoder_decoder = decoder.info.is_encoder_decoder
     ids = prompt_ids(tokenizer, args.prompt, loaded.run_config, encoder_decoder)
-    limit = getattr(decoder, "max_length", None)
+    limit = decoder.info.max_length
     if encoder_decoder:
-        _check_length(len(ids), 0, getattr(decoder, "max_encoder_length", None))
+        _check_length(len(ids), 0, decoder.info.max_encoder_length)
         _check_length(1, args.max_new_tokens, limit)
     else:
         _check_length(len(ids), args.max_new_tokens, limit)
