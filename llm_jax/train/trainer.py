@@ -67,12 +67,12 @@ class Trainer:
         self.rules = RULES[rules] if isinstance(rules, str) else rules
         self.objective = objective
         self.seed = seed
-        self.tx = make_optimizer(optimizer, total_steps)
         self.schedule = make_schedule(optimizer, total_steps)
         self.grad_accum_steps = grad_accum_steps
 
         abstract = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
         self.graphdef = nnx.split(abstract)[0]
+        self.tx = make_optimizer(optimizer, total_steps, logical_axes(abstract))
         abstract_state = jax.eval_shape(self._init_fn)
         axes = logical_axes(abstract)
         param_sharding = logical_to_sharding(abstract_state.params, axes, mesh, self.rules)
