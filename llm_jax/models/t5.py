@@ -103,7 +103,16 @@ class T5(nnx.Module):
             x = x + ops.learned_positions(table, positions).astype(x.dtype)
         return constrain(x, ("batch", "length", "embed"))
 
-    def _rel_bias(self, table, q_len, k_len, *, bidirectional, q_offset=0):
+    def _rel_bias(
+        self,
+        table: nnx.Param | None,
+        q_len: int,
+        k_len: int,
+        *,
+        bidirectional: bool,
+        q_offset: int | Int[Array, ""] = 0,
+    ) -> Float[Array, "1 N T S"] | None:
+        """The relative position bias of T queries (from `q_offset`) over S keys."""
         if table is None:
             return None
         q_pos = jnp.arange(q_len)[None] + q_offset  # [1, T]
