@@ -23,8 +23,8 @@ the table shows the best of --repeats calls and the spread (median / best - 1). 
 kernel's CPU pressure is printed at the start and the end: on a busy 2-core machine
 torch's two OpenMP threads slow down far more than XLA's (spinning barriers), which
 flatters the ratios; compare runs with low pressure. "prepared" decodes with
-`lj.sample.prepare(model)`, which cuts the stacked layer weights per layer once instead of
-once per `generate` call. tokens/s counts the
+`lj.sample.as_decoder(model)`, which on XLA:CPU cuts the stacked layer weights per layer
+once instead of once per `generate` call. tokens/s counts the
 generated tokens of the returned sequences (batch x new tokens; beams are not counted).
 "first call" is the cold call's wall time (llm_jax: compile + run; HF: first run), and
 "first token" is the cold time to the first generated token through the streaming path
@@ -421,16 +421,16 @@ def main() -> int:
         f"included), HF {ttft[1]:.2f} s"
     )
     t0 = time.perf_counter()
-    prepared = sample.prepare(ours_model)
+    prepared = sample.as_decoder(ours_model)
     jax.block_until_ready(prepared)
-    print(f"lj.sample.prepare(model): {time.perf_counter() - t0:.2f} s (compile included)")
+    print(f"lj.sample.as_decoder(model): {time.perf_counter() - t0:.2f} s (compile included)")
 
     rows = [
         run_case(CASE_TABLE[name], ours_model, prepared, hf_model, args.repeats, args.seed)
         for name in args.cases
     ]
     print(
-        "\nllm_jax = generate(model, ...); prepared = generate(lj.sample.prepare(model), ...). "
+        "\nllm_jax = generate(model, ...); prepared = generate(lj.sample.as_decoder(model), ...). "
         "Ratios are over HF; best of the timed calls, spread = median / best - 1."
     )
     header = (

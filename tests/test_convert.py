@@ -79,7 +79,7 @@ def test_loaded_configs():
     assert cfgs["gpt2"].family == "gpt" and cfgs["gpt2"].position == "learned"
     assert cfgs["gpt2"].tie_embeddings
     llama = cfgs["llama"]
-    assert (llama.position, llama.rope_theta, llama.kv_heads, llama.gated_mlp) == (
+    assert (llama.position, llama.rope_theta, llama.num_kv_heads, llama.gated_mlp) == (
         "rope",
         5000.0,
         2,

@@ -2,6 +2,9 @@
 dropout/eval, logical axes and input validation. Numerics vs NumPy live in
 test_models_reference.py."""
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +12,21 @@ import pytest
 from flax import nnx
 
 import llm_jax as lj
-from llm_jax.models import BERT, GPT, T5, ModelConfig, build, count_params
+from llm_jax.models import (
+    BERT,
+    GPT,
+    T5,
+    KVCache,
+    LayerKV,
+    ModelConfig,
+    _xla_cpu,
+    build,
+    count_params,
+)
+from llm_jax.models.init import init_scheme
+from llm_jax.models.layers import block_spec
+
+FINGERPRINT = Path(__file__).parent / "fixtures" / "init_fingerprint.json"
 
 RTOL, ATOL = 1e-4, 1e-5
 
@@ -120,16 +137,17 @@ def test_eval_is_deterministic_and_dropout_needs_a_key(family):
 # Cached decoding == full forward -----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("heads_major", [False, True])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_gpt_cached_decode_equals_full_forward(family):
+def test_gpt_cached_decode_equals_full_forward(family, heads_major):
     model = GPT(TINY[family], rngs=nnx.Rngs(0))
     toks = tokens((2, 10))
     full = model(toks)
-    cache = model.init_cache(2, 16)
-    prefill, cache = model(toks[:, :4], cache=cache)
+    cache = model.init_cache(2, 16, heads_major=heads_major)
+    prefill, cache = model.decode_step(toks[:, :4], cache)
     steps = [prefill]
     for t in range(4, 10):
-        logits, cache = model(toks[:, t : t + 1], cache=cache)
+        logits, cache = model.decode_step(toks[:, t : t + 1], cache)
         steps.append(logits)
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-5)
     assert int(cache.index) == 10
@@ -142,22 +160,24 @@ def test_gpt_cached_decode_with_left_padding_matches_unpadded_row():
     padded = jnp.concatenate([jnp.zeros((1, 3), jnp.int32), row], axis=1)
     segments = jnp.array([[0, 0, 0, 1, 1, 1, 1, 1]])
     positions = jnp.array([[0, 0, 0, 0, 1, 2, 3, 4]])
-    logits, _ = model(
-        padded, positions=positions, segment_ids=segments, cache=model.init_cache(1, 12)
+    logits, _ = model.decode_step(
+        padded, model.init_cache(1, 12), positions=positions, segment_ids=segments
     )
     np.testing.assert_allclose(logits[:, 3:], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("heads_major", [False, True])
 @pytest.mark.parametrize("family", ["t5", "transformer"])
-def test_t5_cached_decode_equals_full_forward(family):
+def test_t5_cached_decode_equals_full_forward(family, heads_major):
     model = T5(TINY[family], rngs=nnx.Rngs(0))
     enc, dec = tokens((2, 7)), tokens((2, 6), seed=1)
     enc_seg = jnp.array([[1] * 7, [1] * 5 + [0] * 2])
     full = model(enc, dec, encoder_segment_ids=enc_seg)
-    cache = model.init_cache(2, 8, model.encode(enc, segment_ids=enc_seg), enc_seg)
+    encoded = model.encode(enc, segment_ids=enc_seg)
+    cache = model.init_cache(2, 8, encoded, enc_seg, heads_major=heads_major)
     steps = []
     for t in range(6):
-        logits, cache = model.decode(dec[:, t : t + 1], cache=cache)
+        logits, cache = model.decode_step(dec[:, t : t + 1], cache)
         steps.append(logits)
     scale = float(jnp.max(jnp.abs(full)))
     np.testing.assert_allclose(jnp.concatenate(steps, axis=1), full, rtol=1e-5, atol=1e-6 * scale)
@@ -247,6 +267,125 @@ def test_config_dict_round_trip_and_unknown_keys():
         ModelConfig.from_dict({"preset": "llama-tiny", "num_layer": 3})
     with pytest.raises(ValueError, match="unknown preset 'gpt5'; choose one of"):
         ModelConfig.preset("gpt5")
+
+
+def test_optional_sizes_are_resolved_once():
+    """`head_dim`, `num_kv_heads`, `num_decoder_layers` are concrete after construction;
+    configs saved with nulls load; an unchanged default follows the fields it derives from."""
+    cfg = TINY["gpt2"]
+    assert (cfg.head_dim, cfg.num_kv_heads, cfg.num_decoder_layers) == (16, 4, 2)
+    saved = {**cfg.to_dict(), "head_dim": None, "num_kv_heads": None, "num_decoder_layers": None}
+    assert ModelConfig.from_dict(saved) == cfg
+    wider = cfg.replace(d_model=128, num_heads=8, num_layers=3)
+    assert (wider.head_dim, wider.num_kv_heads, wider.num_decoder_layers) == (16, 8, 3)
+    explicit = cfg.replace(head_dim=8, num_kv_heads=2)
+    assert explicit.replace(num_layers=3).head_dim == 8
+    assert explicit.replace(num_heads=8).num_kv_heads == 2
+
+
+def _fingerprint(cfg: ModelConfig) -> dict:
+    model = build(cfg, rngs=nnx.Rngs(0))
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        a = np.asarray(var.get_value(), np.float64)
+        out["/".join(map(str, path))] = {
+            "shape": list(a.shape),
+            "axes": list(var.get_metadata().get("out_sharding")),
+            "dtype": str(var.get_value().dtype),
+            "sum": float(a.sum()),
+            "sumsq": float((a * a).sum()),
+        }
+    return out
+
+
+@pytest.mark.parametrize("name", sorted(json.loads(FINGERPRINT.read_text())))
+def test_initial_parameters_are_those_of_the_family_init(name):
+    """BlockSpec + InitScheme build the very parameters (paths, shapes, axes, values at a
+    fixed seed) of the per-family init they replaced: the fixture was written by
+    `_fingerprint` on the code before them (commit 97213fe), under this conftest's flags."""
+    expected = json.loads(FINGERPRINT.read_text())[name]
+    got = _fingerprint(ModelConfig.from_dict(expected["config"]))
+    assert sorted(got) == sorted(expected["params"])
+    for path, want in expected["params"].items():
+        # Sums agree to float32 rounding of the RNG under other XLA flags or CPUs; any other
+        # init (a std, a key, a consumption order) changes them in the first digits.
+        assert got[path] == {
+            **want,
+            "sum": pytest.approx(want["sum"], rel=1e-6, abs=1e-6),
+            "sumsq": pytest.approx(want["sumsq"], rel=1e-6),
+        }, path
+
+
+def test_block_spec_and_init_scheme_carry_no_family():
+    spec, init = block_spec(TINY["llama"]), init_scheme(TINY["llama"])
+    assert (spec.num_kv_heads, spec.head_dim, spec.rope_theta, spec.gated_mlp) == (2, 16, 1e4, True)
+    assert block_spec(TINY["gpt2"]).rope_theta is None
+    assert init.o == init.mlp_out == 0.02 / 2  # GPT-2: 1/sqrt(2L) with L = 2
+    t5 = init_scheme(TINY["t5"])
+    assert t5.q == pytest.approx((64 * 16) ** -0.5) and t5.mlp_out == pytest.approx(128**-0.5)
+    assert init_scheme(TINY["bert"]).o == 0.02
+
+
+@pytest.mark.parametrize("heads_major", [False, True])
+def test_cache_take_rows_gathers_every_batch_tensor(heads_major):
+    model = T5(TINY["t5"], rngs=nnx.Rngs(0))
+    enc = tokens((3, 5))
+    enc_seg = jnp.array([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])
+    cache = model.init_cache(
+        3, 8, model.encode(enc, segment_ids=enc_seg), enc_seg, heads_major=heads_major
+    )
+    _, cache = model.decode_step(tokens((3, 2), seed=1), cache)
+    rows = jnp.array([2, 0, 0, 1])
+    taken = cache.take_rows(rows)
+    assert isinstance(taken, KVCache) and isinstance(taken.self_kv, LayerKV)
+    assert int(taken.index) == 2 and taken.self_kv.heads_major == heads_major
+    for got, full in [
+        (taken.self_kv.keys_values(), cache.self_kv.keys_values()),
+        (taken.cross_kv.keys_values(), cache.cross_kv.keys_values()),
+    ]:
+        for g, f in zip(got, full, strict=True):  # [L, B, S, K, H]
+            np.testing.assert_array_equal(g, np.asarray(f)[:, [2, 0, 0, 1]])
+    np.testing.assert_array_equal(taken.valid, np.asarray(cache.valid)[[2, 0, 0, 1]])
+    np.testing.assert_array_equal(taken.encoder_valid, np.asarray(enc_seg != 0)[[2, 0, 0, 1]])
+    # Decoding from gathered rows == decoding those rows of the original cache.
+    step = tokens((3, 1), seed=2)
+    logits, _ = model.decode_step(step, cache)
+    logits_taken, _ = model.decode_step(jnp.take(step, rows, axis=0), taken)
+    np.testing.assert_allclose(logits_taken, np.asarray(logits)[[2, 0, 0, 1]], rtol=1e-6)
+
+
+def test_cache_logical_axes_follow_the_layout():
+    gpt = GPT(TINY["llama"], rngs=nnx.Rngs(0))
+    plain = gpt.init_cache(2, 8, heads_major=False).logical_axes()
+    major = gpt.init_cache(2, 8, heads_major=True).logical_axes()
+    assert plain.self_kv.k == ("layers", "batch", "cache_seq", "kv_heads", "kv")
+    assert major.self_kv.v == ("layers", "batch", "kv_heads", "cache_seq", "kv")
+    assert plain.valid == ("batch", "cache_seq") and plain.cross_kv is None
+
+
+@pytest.mark.parametrize(
+    "equation, x_shape, k_shape",
+    [
+        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),
+        ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
+        ("BTF,FD->BTD", (2, 3, 7), (7, 6)),
+    ],
+)
+def test_kernel_einsum_equals_einsum(equation, x_shape, k_shape):
+    x = jax.random.normal(jax.random.key(0), x_shape)
+    kernel = jax.random.normal(jax.random.key(1), k_shape)
+    np.testing.assert_allclose(
+        _xla_cpu.kernel_einsum(equation, x, kernel),
+        jnp.einsum(equation, x, kernel),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+
+
+def test_cpu_tricks_only_on_the_cpu_backend():
+    assert _xla_cpu.use_cpu_tricks("cpu")
+    assert not _xla_cpu.use_cpu_tricks("gpu") and not _xla_cpu.use_cpu_tricks("tpu")
+    assert _xla_cpu.use_cpu_tricks() == (jax.default_backend() == "cpu")
 
 
 def test_family_mismatch():

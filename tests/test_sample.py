@@ -23,7 +23,7 @@ from test_sample_toys import (
 )
 
 import llm_jax.sample as sample
-from llm_jax.sample import Beam, FunctionDecoder, Greedy, Sample
+from llm_jax.sample import Beam, DecoderInfo, FunctionDecoder, Greedy, Sample
 from llm_jax.sample.generate import Request, check_fits
 
 V = 12
@@ -80,7 +80,9 @@ def _untraceable(*args):
     raise AssertionError("the decoder was called: the check did not run before compiling")
 
 
-UNTRACEABLE = FunctionDecoder(_untraceable, _untraceable, max_length=24, vocab_size=V)
+UNTRACEABLE = FunctionDecoder(
+    _untraceable, _untraceable, info=DecoderInfo(vocab_size=V, max_length=24)
+)
 
 
 @pytest.mark.parametrize(
@@ -163,23 +165,22 @@ def test_bucket_lengths():
     assert sample.bucket_length(12, limit=40) == 16
 
 
-def test_cache_batch_axes_inferred_stated_and_checked():
-    # HistoryToy leaves in tree order: index (scalar), tokens [2, B, S], valid [B, S].
-    assert sample.cache_batch_axes(TOY, 10) == (None, 1, 0)
+def test_function_decoder_takes_rows_on_axis_0_or_with_its_own_function():
+    def cache_fn(batch, length):
+        return {"k": jnp.arange(batch * 3.0).reshape(batch, 3), "index": jnp.int32(length)}
 
-    def kv_cache(batch, length):  # the GPT layout: k/v [L, B, K, S, H]
-        k = jnp.zeros((3, batch, 2, length, 4))
-        return {"k": k, "v": k, "valid": jnp.zeros((batch, length), bool), "index": 0}
+    cache = cache_fn(3, 10)
+    rows = jnp.array([2, 2, 0])
+    plain = FunctionDecoder(_untraceable, cache_fn)
+    taken = plain.take_rows(cache, rows)
+    np.testing.assert_array_equal(taken["k"], np.asarray(cache["k"])[[2, 2, 0]])
+    assert int(taken["index"]) == 10  # a scalar has no batch axis: kept as it is
 
-    kv = FunctionDecoder(_untraceable, kv_cache)
-    assert sample.cache_batch_axes(kv, 10) == (None, 1, 1, 0)  # index, k, v, valid
-    stated = FunctionDecoder(
-        _untraceable, kv_cache, cache_batch_axes={"k": 1, "v": 1, "valid": 0, "index": None}
-    )
-    assert sample.cache_batch_axes(stated, 10) == (None, 1, 1, 0)
-    square = FunctionDecoder(_untraceable, lambda b, n: jnp.zeros((b, b)))
-    with pytest.raises(ValueError, match="cache_batch_axes"):
-        sample.cache_batch_axes(square, 10)
+    def by_hand(c, r):
+        return {**c, "k": jnp.take(c["k"], r, axis=1)}
+
+    custom = FunctionDecoder(_untraceable, cache_fn, take_rows_fn=by_hand)
+    np.testing.assert_array_equal(custom.take_rows(cache, jnp.array([1]))["k"], cache["k"][:, 1:2])
 
 
 # Greedy ---------------------------------------------------------------------------------------
@@ -282,7 +283,9 @@ def test_new_prompt_lengths_within_a_bucket_do_not_recompile():
         traces.append(tokens.shape)  # runs only while tracing
         return TOY.tokens_to_logits(tokens, positions, segment_ids, cache)
 
-    decoder = FunctionDecoder(counting, TOY.init_cache, vocab_size=V)
+    decoder = FunctionDecoder(
+        counting, TOY.init_cache, info=DecoderInfo(vocab_size=V), take_rows_fn=TOY.take_rows
+    )
     first = sample.generate(decoder, [[4, 1, 2]], max_new_tokens=4)
     per_compile = len(traces)
     assert per_compile > 0 and traces[0] == (1, 16)

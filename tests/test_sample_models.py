@@ -18,6 +18,7 @@ from test_sample_beam import assert_matches_reference, beam_reference
 
 import llm_jax as lj
 import llm_jax.sample as sample
+from llm_jax.models._xla_cpu import restack
 from llm_jax.sample import Beam
 from llm_jax.sample.adapters import GPTDecoder, T5Decoder, as_decoder
 
@@ -105,10 +106,42 @@ def test_t5_greedy_and_beam_match_uncached_forwards():
 def test_adapters_wrap_models_and_refuse_others():
     assert isinstance(as_decoder(gpt("gpt2-tiny")), GPTDecoder)
     decoder = as_decoder(t5())
-    assert isinstance(decoder, T5Decoder) and decoder.is_encoder_decoder
-    assert as_decoder(gpt("gpt2-tiny")).max_length == 128
+    assert isinstance(decoder, T5Decoder) and decoder.info.is_encoder_decoder
+    assert as_decoder(gpt("gpt2-tiny")).info.max_length == 128
     with pytest.raises(ValueError, match="max_length is 128"):
         sample.generate(gpt("gpt2-tiny"), [[1] * 100], max_new_tokens=40)
     bert = lj.models.BERT(lj.ModelConfig.preset("bert-tiny"), rngs=nnx.Rngs(0))
     with pytest.raises(TypeError, match="GPT or T5"):
         sample.generate(bert, [[1, 2]], max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "strategy", [sample.Greedy(), Beam(num_beams=3, num_return_sequences=2)], ids=str
+)
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny", "t5-tiny"])
+def test_cpu_tricks_decode_like_the_plain_scanned_path(name, strategy):
+    """The XLA:CPU loop form (unrolled, per-layer weights, head-major cache) and the
+    GPU/TPU path (scan over the stacked weights, length-major cache) give the same tokens."""
+    model = t5() if name == "t5-tiny" else gpt(name)
+    kwargs = dict(max_new_tokens=8, strategy=strategy, return_log_probs=True)
+    outs = [
+        sample.generate(as_decoder(model, cpu_tricks=tricks), PROMPTS, **kwargs)
+        for tricks in (False, True)
+    ]
+    plain, tricks = outs
+    np.testing.assert_array_equal(np.asarray(tricks.tokens), np.asarray(plain.tokens))
+    np.testing.assert_allclose(
+        np.asarray(tricks.log_probs), np.asarray(plain.log_probs), rtol=0, atol=1e-5
+    )
+
+
+def test_gpu_path_holds_one_stacked_copy_and_scans():
+    """Without the CPU tricks the decoder keeps the model's stacked [L, ...] weights (no
+    per-layer copy) and a scanned program; with them, per-layer slices and unrolled layers."""
+    model = gpt("gpt2-tiny")
+    plain, tricks = (as_decoder(model, cpu_tricks=c) for c in (False, True))
+    kernel = plain.params["layers"]["blocks"]["mlp"]["wi"]["kernel"]
+    assert kernel.shape[0] == model.cfg.num_layers
+    assert isinstance(tricks.params["layers"]["blocks"]["mlp"]["wi"]["kernel"], tuple)
+    assert nnx.merge(plain.graphdef, plain.params).layers.scan
+    assert not nnx.merge(tricks.graphdef, restack(tricks.params)).layers.scan

@@ -1,7 +1,7 @@
 """Sharded decoding: parameters split over a (data 2, fsdp 2, tensor 2) mesh of 8 fake CPU
 devices with the `fsdp_tp` rules decode to the same tokens as one device, with log-probs
-and beam scores within 1e-5, and the KV cache is split over batch and KV heads. Also the
-decoders' loop form (`prepare`, scanned layers) against the model as it is.
+and beam scores within 1e-5, and the KV cache is split over batch and KV heads. Also a
+decoder built once (`as_decoder`, XLA:CPU loop form) and scanned layers against the model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import llm_jax as lj
 import llm_jax.sample as sample
 from llm_jax.parallel import MeshConfig, logical_axes, logical_to_sharding, make_mesh
+from llm_jax.sample.adapters import GPTDecoder
 
 generate_module = importlib.import_module("llm_jax.sample.generate")
 
@@ -92,17 +93,30 @@ def test_sharded_sampling_and_stream_equal_one_device():
     np.testing.assert_array_equal(np.stack(streamed, axis=1), np.asarray(one.tokens))
 
 
-def test_cache_is_split_over_batch_and_kv_heads():
-    """The prefilled cache (the while-loop carry) follows CACHE_AXES under fsdp_tp."""
+@pytest.mark.parametrize("cpu_tricks", [False, True])
+def test_cache_is_split_over_batch_and_kv_heads(cpu_tricks):
+    """The prefilled cache (the while-loop carry) follows its logical axes under fsdp_tp:
+    [L, B, S, K, H] stacked, or per-layer head-major [B, K, S, H] slices on XLA:CPU."""
     _, sharded = models("gpt2-tiny")
     decoder, prompt, controls, rng, spec = generate_module._check_and_pad(
-        sharded, PROMPTS, generate_module.Request(max_new_tokens=N), rng=None
+        GPTDecoder.from_model(sharded, cpu_tricks=cpu_tricks),
+        PROMPTS,
+        generate_module.Request(max_new_tokens=N),
+        rng=None,
     )
     sharding = generate_module.MeshRules.make(mesh(), RULES)
     state = generate_module._stream_prefill(decoder, prompt, controls, rng, spec, sharding)
-    batch_heads = NamedSharding(mesh(), PartitionSpec(None, ("data", "fsdp"), "tensor"))
-    assert state.cache.layers["k"].sharding.is_equivalent_to(batch_heads, 5)
-    assert state.cache.layers["v"].sharding.is_equivalent_to(batch_heads, 5)
+    kv = state.cache.self_kv
+    if cpu_tricks:
+        batch_heads = NamedSharding(mesh(), PartitionSpec(("data", "fsdp"), "tensor"))
+        assert isinstance(kv.k, tuple) and len(kv.k) == 2
+        for x in (*kv.k, *kv.v):
+            assert x.sharding.is_equivalent_to(batch_heads, 4)
+    else:
+        spec = PartitionSpec(None, ("data", "fsdp"), None, "tensor")
+        batch_heads = NamedSharding(mesh(), spec)
+        assert kv.k.sharding.is_equivalent_to(batch_heads, 5)
+        assert kv.v.sharding.is_equivalent_to(batch_heads, 5)
     batch = NamedSharding(mesh(), PartitionSpec(("data", "fsdp")))
     assert state.cache.valid.sharding.is_equivalent_to(batch, 2)
 
@@ -111,10 +125,11 @@ def test_cache_is_split_over_batch_and_kv_heads():
     "sharded, strategy", [(False, sample.Greedy()), (True, sample.Beam(num_beams=2))]
 )
 def test_prepared_decoder_equals_the_model(sharded, strategy):
-    """`prepare` (the loop form, cut once) decodes exactly like the model itself."""
+    """A decoder built once (`as_decoder`: the loop form, cut once) decodes exactly like the
+    model itself."""
     model = models("gpt2-tiny")[int(sharded)]
     where = dict(mesh=mesh(), rules=RULES) if sharded else {}
-    prepared = sample.prepare(model, **where)
+    prepared = sample.as_decoder(model, **where)
     kwargs = dict(max_new_tokens=N, strategy=strategy, return_log_probs=True, **where)
     a = sample.generate(model, PROMPTS, **kwargs)
     b = sample.generate(prepared, PROMPTS, **kwargs)
@@ -123,7 +138,7 @@ def test_prepared_decoder_equals_the_model(sharded, strategy):
 
 
 def test_loop_form_of_scanned_layers_equals_unrolled():
-    """A scan_layers / remat model decodes through the same unrolled loop form."""
+    """A scan_layers / remat model decodes like an unrolled one (on CPU: the same loop form)."""
     cfg = lj.ModelConfig.preset("gpt2-tiny")
     plain = lj.models.GPT(cfg, rngs=nnx.Rngs(0))
     scanned = lj.models.GPT(cfg.replace(scan_layers=True, remat_policy="full"), rngs=nnx.Rngs(0))

@@ -8,7 +8,8 @@ NumPy twins give the same logits as the JAX toys.
   answer depends on every earlier real token and on the position, through the cache, so
   wrong left padding, positions, segment masking or beam cache reorders all change it.
   Its cache mimics the GPT KV-cache layout: `tokens [2, B, S]` (batch at axis 1, like
-  `k/v [L, B, K, S, H]`), `valid [B, S]` (batch at axis 0) and a scalar write `index`.
+  `k/v [L, B, K, S, H]`), `valid [B, S]` (batch at axis 0) and a scalar write `index`;
+  its `take_rows` gathers each along its own batch axis.
 - `MarkovToy`: next-token logits = table[last token], a first-order Markov chain; its
   cache holds only the write index (no batch axis anywhere). With identical rows it is a
   constant distribution (sampling tests); with one-hot rows a deterministic rule.
@@ -24,6 +25,8 @@ import numpy as np
 from flax import struct
 from jaxtyping import Array, Float
 
+from llm_jax.sample import DecoderInfo
+
 HISTORY_MODULUS = 31
 
 
@@ -34,8 +37,15 @@ class HistoryToy:
     table: Float[Array, "M V"]
 
     @property
-    def vocab_size(self) -> int:
-        return self.table.shape[1]
+    def info(self) -> DecoderInfo:
+        return DecoderInfo(vocab_size=self.table.shape[1])
+
+    def take_rows(self, cache: dict, rows) -> dict:
+        return {
+            "tokens": jnp.take(cache["tokens"], rows, axis=1),
+            "valid": jnp.take(cache["valid"], rows, axis=0),
+            "index": cache["index"],
+        }
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         return {
@@ -72,8 +82,12 @@ class MarkovToy:
     table: Float[Array, "V V"]
 
     @property
-    def vocab_size(self) -> int:
-        return self.table.shape[1]
+    def info(self) -> DecoderInfo:
+        return DecoderInfo(vocab_size=self.table.shape[1])
+
+    def take_rows(self, cache: dict, rows) -> dict:
+        del rows  # no batch axis anywhere
+        return cache
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         del batch_size, max_length
@@ -93,12 +107,14 @@ class EncDecToy:
     """Encoder–decoder toy: logits(next) = table[(last decoder token + sum(encoder)) % V]."""
 
     table: Float[Array, "V V"]
-    is_encoder_decoder: bool = struct.field(pytree_node=False, default=True)
     decoder_start_id: int = struct.field(pytree_node=False, default=0)
 
     @property
-    def vocab_size(self) -> int:
-        return self.table.shape[1]
+    def info(self) -> DecoderInfo:
+        return DecoderInfo(vocab_size=self.table.shape[1], decoder_start_id=self.decoder_start_id)
+
+    def take_rows(self, cache: dict, rows) -> dict:
+        return {**cache, "encoder_sum": jnp.take(cache["encoder_sum"], rows, axis=0)}
 
     def init_cache(self, batch_size, max_length, encoder_tokens, encoder_segment_ids):
         del max_length

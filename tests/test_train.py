@@ -14,7 +14,7 @@ from flax import nnx
 from llm_jax.checkpoint import CheckpointManager
 from llm_jax.data.objectives import objective_spec
 from llm_jax.models import ModelConfig, build
-from llm_jax.parallel import MeshConfig, activation_sharding, make_mesh
+from llm_jax.parallel import MeshConfig, activation_sharding, logical_axes, make_mesh
 from llm_jax.train.compile import (
     check_batch_size,
     compile_steps,
@@ -199,17 +199,32 @@ def test_every_optimizer_reduces_the_loss(name):
 
 
 def test_weight_decay_spares_biases_and_norm_scales():
-    params = {
-        "mlp": {"wi": {"kernel": 1, "bias": 2}},
-        "norm": {"scale": 3},
-        "embed": {"embedding": 4},
+    axes = {
+        "mlp": {"wi": {"kernel": ("layers", "embed", "mlp"), "bias": ("layers", "mlp")}},
+        "attn": {"q": {"kernel": ("embed", "heads", "kv"), "bias": ("heads", "kv")}},
+        "norm": {"scale": ("embed",)},
+        "embed": {"embedding": ("vocab", "embed")},
+        "mlm_bias": ("vocab",),
     }
-    mask = decay_mask(params)
+    mask = decay_mask(axes)
     assert mask == {
         "mlp": {"wi": {"kernel": True, "bias": False}},
+        "attn": {"q": {"kernel": True, "bias": False}},
         "norm": {"scale": False},
         "embed": {"embedding": True},
+        "mlm_bias": False,
     }
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "bert-tiny", "t5-tiny"])
+def test_weight_decay_by_axes_matches_the_parameter_names(preset):
+    """Every real parameter: decayed iff it is not a bias or a norm scale."""
+    model = nnx.eval_shape(lambda: build(ModelConfig.preset(preset), rngs=nnx.Rngs(0)))
+    mask, _ = jax.tree_util.tree_flatten_with_path(decay_mask(logical_axes(model)))
+    assert mask
+    for path, decayed in mask:
+        name = str(path[-1].key)
+        assert decayed == (name not in ("bias", "scale", "mlm_bias")), (path, decayed)
 
 
 def test_schedules_warm_up_then_decay():

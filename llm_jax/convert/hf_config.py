@@ -492,9 +492,9 @@ def _require(cfg: ModelConfig, target: str, **expected: Any) -> None:
 
 
 def _plain_heads(cfg: ModelConfig, arch: str) -> None:
-    if cfg.kv_heads != cfg.num_heads:
+    if cfg.num_kv_heads != cfg.num_heads:
         raise UnsupportedConfigError(f"{arch} has no grouped-query attention (num_kv_heads).")
-    if cfg.head_size * cfg.num_heads != cfg.d_model:
+    if cfg.head_dim * cfg.num_heads != cfg.d_model:
         raise UnsupportedConfigError(f"{arch} needs head_dim = d_model / num_heads.")
 
 
@@ -588,8 +588,8 @@ def _llama_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
         "intermediate_size": cfg.d_ff,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": cfg.num_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_size,
+        "num_key_value_heads": cfg.num_kv_heads,
+        "head_dim": cfg.head_dim,
         "hidden_act": _HF_ACTIVATION[cfg.activation],
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.norm_eps,
@@ -650,7 +650,7 @@ def _t5_feed_forward_proj(cfg: ModelConfig) -> str:
 
 
 def _t5_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
-    if cfg.kv_heads != cfg.num_heads:
+    if cfg.num_kv_heads != cfg.num_heads:
         raise UnsupportedConfigError(f"{arch} has no grouped-query attention (num_kv_heads).")
     proj = _t5_feed_forward_proj(cfg)
     # A tied head without scaling is written untied (lm_head = a copy of the embedding):
@@ -659,10 +659,10 @@ def _t5_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
     return {
         "model_type": "t5",
         "d_model": cfg.d_model,
-        "d_kv": cfg.head_size,
+        "d_kv": cfg.head_dim,
         "d_ff": cfg.d_ff,
         "num_layers": cfg.num_layers,
-        "num_decoder_layers": cfg.decoder_layers,
+        "num_decoder_layers": cfg.num_decoder_layers,
         "num_heads": cfg.num_heads,
         "relative_attention_num_buckets": cfg.relative_num_buckets,
         "relative_attention_max_distance": cfg.relative_max_distance,

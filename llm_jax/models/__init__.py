@@ -1,7 +1,8 @@
 """Flax NNX models built only from `llm_jax.ops`: GPT, BERT, T5."""
 
 from llm_jax.models.bert import BERT
-from llm_jax.models.common import KVCache, count_params, param_table
+from llm_jax.models.cache import KVCache, LayerKV
+from llm_jax.models.common import count_params, param_table
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.gpt import GPT
 from llm_jax.models.t5 import T5
@@ -14,4 +15,14 @@ def build(cfg: ModelConfig, *, rngs):
     return FAMILY_MODELS[cfg.family](cfg, rngs=rngs)
 
 
-__all__ = ["BERT", "GPT", "T5", "KVCache", "ModelConfig", "build", "count_params", "param_table"]
+__all__ = [
+    "BERT",
+    "GPT",
+    "T5",
+    "KVCache",
+    "LayerKV",
+    "ModelConfig",
+    "build",
+    "count_params",
+    "param_table",
+]

@@ -16,9 +16,26 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
-from llm_jax.models.common import check_length, check_tokens, default_positions, is_traced
 from llm_jax.models.config import ModelConfig
-from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, lookup_table, param
+from llm_jax.models.init import init_scheme
+from llm_jax.models.inputs import (
+    check_length,
+    check_tokens,
+    default_positions,
+    embed_inputs,
+    is_traced,
+    split_key,
+)
+from llm_jax.models.layers import (
+    Block,
+    Einsum,
+    Embed,
+    Stack,
+    block_spec,
+    lookup_table,
+    make_norm,
+    param,
+)
 from llm_jax.parallel.rules import constrain
 
 
@@ -33,14 +50,13 @@ class BERT(nnx.Module):
         if cfg.family != "bert":
             raise ValueError(f"BERT needs a config with family='bert'; got {cfg.family!r}.")
         self.cfg = cfg
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        r, d, e = cfg.initializer_range, cfg.d_model, cfg.embed_dim
+        spec, init = block_spec(cfg), init_scheme(cfg)
+        dtype, pdtype = spec.dtype, spec.param_dtype
+        r, d, e = init.dense, cfg.d_model, cfg.embed_dim
         common = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
         def norm(dim):
-            return Norm(
-                dim, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, param_dtype=pdtype
-            )
+            return make_norm(spec, dim)
 
         def dense(equation, shape, axes, bias_shape, bias_axes):
             return Einsum(
@@ -61,7 +77,7 @@ class BERT(nnx.Module):
             dense("BTE,ED->BTD", (e, d), ("embed", "mlp"), (d,), ("mlp",)) if e != d else None
         )
         self.layers = Stack(
-            lambda r_: Block(cfg, cross_attention=False, rngs=r_),
+            lambda r_: Block(spec, init, cross_attention=False, rngs=r_),
             cfg.num_layers,
             scan=cfg.scan_layers,
             remat_policy=cfg.remat_policy,
@@ -115,13 +131,7 @@ class BERT(nnx.Module):
           dropout_rng: a PRNG key turns dropout on (training); None is eval mode.
         """
         cfg = self.cfg
-        if inputs_embeds is None:
-            if tokens is None:
-                raise ValueError("pass tokens [B, T] or inputs_embeds [B, T, E].")
-            check_tokens(tokens, cfg.vocab_size)
-            x = self.embed(tokens)
-        else:
-            x = inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        x = embed_inputs(self.embed, tokens, inputs_embeds, dtype=jnp.dtype(cfg.dtype), width="E")
         b, t = x.shape[:2]
         check_length(t, cfg.max_position_embeddings)
         if positions is None:
@@ -138,7 +148,7 @@ class BERT(nnx.Module):
             types = jnp.take(lookup_table(self.type_embed[...], "types"), token_type_ids, axis=0)
             x = x + types.astype(x.dtype)
         x = self.embed_norm(x)
-        rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+        rngs = split_key(dropout_rng, 2)
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
         if self.embed_proj is not None:
             x = self.embed_proj(x)
@@ -181,7 +191,7 @@ class BERT(nnx.Module):
         """Sequence-classification logits [B, num_labels] from the pooled first token."""
         if self.classifier is None:
             raise ValueError("this BERT has no classifier; build it with num_labels > 0.")
-        rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+        rngs = split_key(dropout_rng, 2)
         pooled = self.pool(self.encode(tokens, dropout_rng=rngs[0], **kwargs))
         return self.classifier(ops.dropout(pooled, self.cfg.dropout_rate, rngs[1]))
 

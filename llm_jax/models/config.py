@@ -2,7 +2,7 @@
 
 A config is plain data: it holds every architectural choice, validates itself on
 construction (a bad value raises ValueError naming the field and the allowed values) and
-derives the few quantities layers need (`head_dim`, `num_kv_heads`, ...).
+resolves its optional sizes on construction (`head_dim`, `num_kv_heads`, ...).
 """
 
 from __future__ import annotations
@@ -39,6 +39,8 @@ class ModelConfig(Config):
     num_layers: int
     num_heads: int
     d_ff: int
+    # Given as None (or left out), the next three are resolved on construction, so that
+    # each is always concrete: `cfg.head_dim` is H.
     num_kv_heads: int | None = None  # K; None means K = N (multi-head attention).
     head_dim: int | None = None  # H; None means D // N.
     num_decoder_layers: int | None = None  # T5 only; None means num_layers.
@@ -85,24 +87,23 @@ class ModelConfig(Config):
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        for name, value in self._defaults().items():
+            if getattr(self, name) is None and value is not None:
+                object.__setattr__(self, name, value)
         self.validate()
 
+    def _defaults(self) -> dict[str, int | None]:
+        """What None means for the optional sizes, given the other fields (None: undefined,
+        left for `validate` to report)."""
+        n, d = self.num_heads, self.d_model
+        sizes_ok = all(isinstance(v, int) and v > 0 for v in (n, d))
+        return {
+            "num_kv_heads": n,
+            "head_dim": d // n if sizes_ok and d % n == 0 else None,
+            "num_decoder_layers": self.num_layers,
+        }
+
     # Derived quantities -------------------------------------------------------------------
-
-    @property
-    def kv_heads(self) -> int:
-        """K, the number of key/value heads."""
-        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
-
-    @property
-    def head_size(self) -> int:
-        """H, the per-head dimension."""
-        return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
-
-    @property
-    def decoder_layers(self) -> int:
-        """Number of decoder layers (T5)."""
-        return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
     @property
     def rope_scaling(self) -> tuple[tuple[str, float], ...] | None:
@@ -167,13 +168,13 @@ class ModelConfig(Config):
                 f"{self.d_model}; choose num_heads among the divisors of d_model, or set "
                 f"head_dim explicitly."
             )
-        if self.num_heads % self.kv_heads:
+        if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"ModelConfig: num_kv_heads={self.kv_heads} does not divide num_heads="
+                f"ModelConfig: num_kv_heads={self.num_kv_heads} does not divide num_heads="
                 f"{self.num_heads}; choose num_kv_heads among the divisors of num_heads."
             )
-        if self.position == "rope" and self.head_size % 2:
-            raise ValueError(f"ModelConfig: RoPE needs an even head_dim; got {self.head_size}.")
+        if self.position == "rope" and self.head_dim % 2:
+            raise ValueError(f"ModelConfig: RoPE needs an even head_dim; got {self.head_dim}.")
         if self.position == "sinusoidal" and self.embed_dim % 2:
             raise ValueError(
                 f"ModelConfig: sinusoidal positions need an even d_model; got {self.embed_dim}."
@@ -213,6 +214,17 @@ class ModelConfig(Config):
             raise ValueError("ModelConfig.scale_tied_logits needs tie_embeddings=True.")
 
     # Construction --------------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again).
+
+        An optional size that holds its default (`head_dim` = D // N, ...) is derived again
+        from the changed fields, as if it had been left out.
+        """
+        for name, value in self._defaults().items():
+            if name not in changes and getattr(self, name) == value:
+                changes[name] = None
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

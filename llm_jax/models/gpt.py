@@ -14,17 +14,27 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
-from llm_jax.models.common import (
-    KVCache,
-    cache_step,
-    check_length,
-    check_tokens,
-    default_positions,
-    empty_kv,
-    is_traced,
-)
+from llm_jax.models import _xla_cpu
+from llm_jax.models.cache import KVCache, LayerKV
 from llm_jax.models.config import ModelConfig
-from llm_jax.models.layers import Block, Einsum, Embed, Norm, Stack, lookup_table, param
+from llm_jax.models.init import init_scheme
+from llm_jax.models.inputs import (
+    check_length,
+    default_positions,
+    embed_inputs,
+    is_traced,
+    split_key,
+)
+from llm_jax.models.layers import (
+    Block,
+    Einsum,
+    Embed,
+    Stack,
+    block_spec,
+    lookup_table,
+    make_norm,
+    param,
+)
 from llm_jax.parallel.rules import constrain
 
 
@@ -35,8 +45,9 @@ class GPT(nnx.Module):
         if cfg.family != "gpt":
             raise ValueError(f"GPT needs a config with family='gpt'; got {cfg.family!r}.")
         self.cfg = cfg
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        r = cfg.initializer_range
+        spec, init = block_spec(cfg), init_scheme(cfg)
+        dtype, pdtype = spec.dtype, spec.param_dtype
+        r = init.dense
         self.embed = Embed(
             cfg.vocab_size, cfg.d_model, std=r, dtype=dtype, param_dtype=pdtype, rngs=rngs
         )
@@ -52,24 +63,14 @@ class GPT(nnx.Module):
             else None
         )
         self.layers = Stack(
-            lambda r_: Block(cfg, cross_attention=False, rngs=r_),
+            lambda r_: Block(spec, init, cross_attention=False, rngs=r_),
             cfg.num_layers,
             scan=cfg.scan_layers,
             remat_policy=cfg.remat_policy,
             shared=False,
             rngs=rngs,
         )
-        self.final_norm = (
-            Norm(
-                cfg.d_model,
-                kind=cfg.norm,
-                eps=cfg.norm_eps,
-                use_bias=cfg.use_bias,
-                param_dtype=pdtype,
-            )
-            if cfg.final_norm
-            else None
-        )
+        self.final_norm = make_norm(spec) if cfg.final_norm else None
         self.lm_head = (
             None
             if cfg.tie_embeddings
@@ -84,16 +85,22 @@ class GPT(nnx.Module):
             )
         )
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
-        """An empty static-size cache for decoding up to `max_length` positions."""
+    def init_cache(
+        self, batch_size: int, max_length: int, dtype=None, *, heads_major: bool | None = None
+    ) -> KVCache:
+        """An empty static-size cache for decoding up to `max_length` positions.
+
+        `heads_major` picks the cache layout (see `LayerKV`); None: the XLA:CPU layout on
+        the CPU backend, else length-major.
+        """
         cfg = self.cfg
         if cfg.position == "learned":
             check_length(max_length, cfg.max_position_embeddings, name="the cache")
         dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
+        heads_major = _xla_cpu.use_cpu_tricks() if heads_major is None else heads_major
+        shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
         return KVCache(
-            layers=empty_kv(
-                cfg.num_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, dtype
-            ),
+            self_kv=LayerKV.zeros(shape, dtype, heads_major=heads_major),
             valid=jnp.zeros((batch_size, max_length), bool),
             index=jnp.zeros((), jnp.int32),
         )
@@ -117,17 +124,11 @@ class GPT(nnx.Module):
           segment_ids: [B, T] document ids of packed rows; 0 marks padding. Tokens attend
             only within their segment. None means one document per row, no padding.
           cache: a `KVCache` from `init_cache` to decode incrementally; new keys/values are
-            written at `cache.index`.
+            written at `cache.index`. None: a full forward pass (returns None for it).
           dropout_rng: a PRNG key turns dropout on (training); None is eval mode.
         """
         cfg = self.cfg
-        if inputs_embeds is None:
-            if tokens is None:
-                raise ValueError("pass tokens [B, T] or inputs_embeds [B, T, D].")
-            check_tokens(tokens, cfg.vocab_size)
-            x = self.embed(tokens)  # [B, T, D]
-        else:
-            x = inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        x = embed_inputs(self.embed, tokens, inputs_embeds, dtype=jnp.dtype(cfg.dtype))
         b, t = x.shape[:2]
         if positions is None:
             positions = default_positions(b, t, 0 if cache is None else cache.index)
@@ -138,7 +139,7 @@ class GPT(nnx.Module):
                 ops.check_positions(positions, cfg.max_position_embeddings)
             table = lookup_table(self.pos_embed[...], "positions")
             x = x + ops.learned_positions(table, positions).astype(x.dtype)
-        rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+        rngs = split_key(dropout_rng, 2)
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
 
         if cache is None:
@@ -146,27 +147,28 @@ class GPT(nnx.Module):
                 ops.causal_mask(t), None if segment_ids is None else ops.segment_mask(segment_ids)
             )
             x, _ = self.layers(x, mask=mask, positions=positions, dropout_rng=rngs[1])
-            new_cache = None
         else:
-            mask, valid = cache_step(cache, t, segment_ids)
-            x, layers = self.layers(
+            mask, valid = cache.step(t, segment_ids)
+            x, self_kv = self.layers(
                 x,
                 mask=mask,
                 positions=positions,
-                cache=cache.layers,
-                cache_index=cache.index,
+                cache=cache.self_kv,
+                index=cache.index,
                 dropout_rng=rngs[1],
             )
-            new_cache = cache.replace(layers=layers, valid=valid, index=cache.index + t)
+            cache = cache.replace(self_kv=self_kv, valid=valid, index=cache.index + t)
         if self.final_norm is not None:
             x = self.final_norm(x)
-        return x, new_cache
+        return x, cache
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Project hidden states to vocabulary logits (tied or untied head)."""
         if self.lm_head is None:
-            return self.embed.attend(hidden)
-        return self.lm_head(hidden)
+            logits = self.embed.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        return constrain(logits, ("batch", "length", "vocab"))
 
     def __call__(
         self,
@@ -175,20 +177,33 @@ class GPT(nnx.Module):
         positions: Int[Array, "B T"] | None = None,
         segment_ids: Int[Array, "B T"] | None = None,
         inputs_embeds: Float[Array, "B T D"] | None = None,
-        cache: KVCache | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], KVCache]:
-        """Next-token logits [B, T, V]; `(logits, cache)` when a cache is passed.
-
-        See `features` for the arguments.
-        """
-        hidden, new_cache = self.features(
+    ) -> Float[Array, "B T V"]:
+        """Next-token logits [B, T, V] of a full forward pass; see `features` for the
+        arguments and `decode_step` for cached decoding."""
+        hidden, _ = self.features(
             tokens,
             positions=positions,
             segment_ids=segment_ids,
             inputs_embeds=inputs_embeds,
-            cache=cache,
             dropout_rng=dropout_rng,
         )
-        logits = constrain(self.logits(hidden), ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        return self.logits(hidden)
+
+    def decode_step(
+        self,
+        tokens: Int[Array, "B T"],
+        cache: KVCache,
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        """Logits [B, T, V] of T new tokens appended to `cache`, and the updated cache.
+
+        A prefill passes the whole (left-padded) prompt, a decode step one token per row;
+        `positions` and `segment_ids` are as in `features`.
+        """
+        hidden, cache = self.features(
+            tokens, positions=positions, segment_ids=segment_ids, cache=cache
+        )
+        return self.logits(hidden), cache

@@ -11,8 +11,9 @@ K key/value heads, H head dim, F MLP hidden, V vocab, L layers.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,11 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax import ops
+from llm_jax.models import _xla_cpu
+from llm_jax.models.cache import LayerKV
 from llm_jax.models.config import ModelConfig
+from llm_jax.models.init import InitScheme
+from llm_jax.models.inputs import split_key
 from llm_jax.parallel.rules import constrain
 
 Axes = tuple[str | None, ...]
@@ -43,25 +48,6 @@ def param(
     else:
         init = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
     return nnx.Param(init, out_sharding=axes, eager_sharding=False)
-
-
-def kernel_einsum(equation: str, x: Array, kernel: Array) -> Array:
-    """`jnp.einsum(equation, x, kernel)` for an 'in,kernel->out' equation without batch axes,
-    contracting several axes in the kernel's order.
-
-    `jnp.einsum` contracts in alphabetical order of the letters, so 'BTNH,NHD->BTD' becomes
-    a dot over (H, N), and XLA:CPU then transposes the whole [N, H, D] kernel (and x) on
-    every call; in the kernel's own order both are contracted in place.
-    """
-    ins, out = equation.split("->")
-    lhs, rhs = ins.split(",")
-    contract = [c for c in rhs if c in lhs and c not in out]
-    if len(contract) < 2 or any(c in lhs and c in out for c in rhs):
-        return jnp.einsum(equation, x, kernel)
-    dims = ([lhs.index(c) for c in contract], [rhs.index(c) for c in contract])
-    y = jax.lax.dot_general(x, kernel, (dims, ((), ())))
-    got = [c for c in lhs if c not in contract] + [c for c in rhs if c not in contract]
-    return y if got == list(out) else jnp.transpose(y, [got.index(c) for c in out])
 
 
 class Einsum(nnx.Module):
@@ -90,7 +76,8 @@ class Einsum(nnx.Module):
         self.bias = param(None, bias_shape, bias_axes, dtype=param_dtype) if bias_shape else None
 
     def __call__(self, x: Array) -> Array:
-        y = kernel_einsum(self.equation, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        kernel = self.kernel[...].astype(self.dtype)
+        y = _xla_cpu.dense_einsum(self.equation, x.astype(self.dtype), kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -163,143 +150,129 @@ class Norm(nnx.Module):
         return ops.layer_norm(x, self.scale[...], bias, eps=self.eps)
 
 
-def length_to_heads_major(x: Float[Array, "B S K H"]) -> Float[Array, "B K S H"]:
-    """Keys/values in the cache's head-major layout.
+@dataclasses.dataclass(frozen=True)
+class BlockSpec:
+    """The values a Transformer block needs: sizes, choices and dtypes, no model family.
 
-    The cache is kept [B, K, S, H] because that is the layout the attention products read:
-    with batch and head axes leading, q k^T and p v run on the cache in place. Kept
-    [B, S, K, H], XLA:CPU copied every layer's whole cache into this layout at every decode
-    step (a quarter of a gpt2-small batch-8 step).
-    """
-    return jnp.swapaxes(x, 1, 2)
-
-
-def heads_to_length_major(x: Float[Array, "B K S H"]) -> Float[Array, "B S K H"]:
-    """The attention op's [B, S, K, H] view of a head-major cache (a transpose XLA folds
-    into the attention products)."""
-    return jnp.swapaxes(x, 1, 2)
-
-
-class Attention(nnx.Module):
-    """Multi-head / grouped-query attention: projections around `ops.dot_product_attention`.
-
-    Self-attention when `kv_input` is None, cross-attention otherwise. With a cache (a dict
-    with `k`, `v` [B, K, S, H], head-major) the new keys/values are written at `cache_index` and the
-    queries attend over the whole cache; a cross-attention cache holds the encoder's keys
-    and values, computed once.
+    Attributes:
+      d_model, num_heads, num_kv_heads, head_dim, d_ff: D, N, K, H, F.
+      norm, norm_eps, norm_position: "layernorm" | "rmsnorm", its epsilon, "pre" | "post".
+      use_bias: biases on the dense layers (and LayerNorm).
+      activation, gated_mlp: the MLP nonlinearity, and act(x W_gate) * (x W_up) when gated.
+      rope_theta, rope_scaling: RoPE on the self-attention queries/keys (None: no RoPE),
+        and its `ops.llama3_rope_frequencies` arguments (None: plain RoPE).
+      attention_scale: multiply q k^T by 1/sqrt(H) (T5 folds it into the init instead).
+      dropout_rate, attention_dropout_rate: residual and attention-probability dropout.
+      dtype, param_dtype: the compute and parameter dtypes.
     """
 
-    def __init__(
-        self,
-        d_model: int,
-        num_heads: int,
-        num_kv_heads: int,
-        head_dim: int,
-        *,
-        use_bias: bool,
-        scale: float | None,
-        rope_theta: float | None,
-        rope_scaling: tuple[tuple[str, float], ...] | None = None,
-        dropout_rate: float,
-        q_std: float,
-        kv_std: float,
-        o_std: float,
-        dtype: Any,
-        param_dtype: Any,
-        rngs: nnx.Rngs,
-    ):
-        d, n, k, h = d_model, num_heads, num_kv_heads, head_dim
-        self.scale = scale
-        self.rope_theta = rope_theta
-        self.rope_scaling = rope_scaling
-        self.dropout_rate = dropout_rate
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d_model: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    d_ff: int
+    norm: str
+    norm_eps: float
+    norm_position: str
+    use_bias: bool
+    activation: str
+    gated_mlp: bool
+    rope_theta: float | None
+    rope_scaling: tuple[tuple[str, float], ...] | None
+    attention_scale: bool
+    dropout_rate: float
+    attention_dropout_rate: float
+    dtype: Any
+    param_dtype: Any
 
-        def bias(shape, axes):
-            return dict(bias_shape=shape, bias_axes=axes) if use_bias else {}
 
-        self.q = Einsum(
-            "BTD,DNH->BTNH",
-            (d, n, h),
-            ("embed", "heads", "kv"),
-            std=q_std,
-            **bias((n, h), ("heads", "kv")),
-            **common,
+def block_spec(cfg: ModelConfig) -> BlockSpec:
+    """The block values of a model config (RoPE only with `position='rope'`)."""
+    rope = cfg.position == "rope"
+    return BlockSpec(
+        d_model=cfg.d_model,
+        num_heads=cfg.num_heads,
+        num_kv_heads=cfg.num_kv_heads,
+        head_dim=cfg.head_dim,
+        d_ff=cfg.d_ff,
+        norm=cfg.norm,
+        norm_eps=cfg.norm_eps,
+        norm_position=cfg.norm_position,
+        use_bias=cfg.use_bias,
+        activation=cfg.activation,
+        gated_mlp=cfg.gated_mlp,
+        rope_theta=cfg.rope_theta if rope else None,
+        rope_scaling=cfg.rope_scaling if rope else None,
+        attention_scale=cfg.attention_scale,
+        dropout_rate=cfg.dropout_rate,
+        attention_dropout_rate=cfg.attention_dropout_rate,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+    )
+
+
+def make_norm(spec: BlockSpec, dim: int | None = None) -> Norm:
+    """The spec's norm over `dim` features (default D)."""
+    return Norm(
+        spec.d_model if dim is None else dim,
+        kind=spec.norm,
+        eps=spec.norm_eps,
+        use_bias=spec.use_bias,
+        param_dtype=spec.param_dtype,
+    )
+
+
+class _Projections(nnx.Module):
+    """The q, k, v, o projections of multi-head / grouped-query attention, and the op."""
+
+    def __init__(self, spec: BlockSpec, init: InitScheme, *, rngs: nnx.Rngs):
+        d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.scale = None if spec.attention_scale else 1.0
+        self.dropout_rate = spec.attention_dropout_rate
+        common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+
+        def dense(equation, shape, axes, std, bias_shape, bias_axes):
+            bias = dict(bias_shape=bias_shape, bias_axes=bias_axes) if spec.use_bias else {}
+            return Einsum(equation, shape, axes, std=std, **bias, **common)
+
+        self.q = dense(
+            "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), init.q, (n, h), ("heads", "kv")
         )
-        self.k = Einsum(
+        self.k = dense(
             "BSD,DKH->BSKH",
             (d, k, h),
             ("embed", "kv_heads", "kv"),
-            std=kv_std,
-            **bias((k, h), ("kv_heads", "kv")),
-            **common,
+            init.kv,
+            (k, h),
+            ("kv_heads", "kv"),
         )
-        self.v = Einsum(
+        self.v = dense(
             "BSD,DKH->BSKH",
             (d, k, h),
             ("embed", "kv_heads", "kv"),
-            std=kv_std,
-            **bias((k, h), ("kv_heads", "kv")),
-            **common,
+            init.kv,
+            (k, h),
+            ("kv_heads", "kv"),
         )
-        self.o = Einsum(
-            "BTNH,NHD->BTD",
-            (n, h, d),
-            ("heads", "kv", "embed"),
-            std=o_std,
-            **bias((d,), ("embed",)),
-            **common,
+        self.o = dense(
+            "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), init.o, (d,), ("embed",)
         )
 
-    def project_kv(
-        self, kv_input: Float[Array, "B S D"], positions: Int[Array, "B S"] | None = None
+    def _project_kv(
+        self, x: Float[Array, "B S D"]
     ) -> tuple[Float[Array, "B S K H"], Float[Array, "B S K H"]]:
-        """Keys and values of `kv_input` (rotated by RoPE when the layer uses it)."""
         axes = ("batch", "length", "kv_heads", "kv")
-        k, v = constrain(self.k(kv_input), axes), constrain(self.v(kv_input), axes)
-        if self.rope_theta is not None:
-            k = self._rope(k, positions)
-        return k, v
+        return constrain(self.k(x), axes), constrain(self.v(x), axes)
 
-    def _rope(self, x: Float[Array, "B T M H"], positions: Int[Array, "B T"]) -> Array:
-        inv_freq = None
-        if self.rope_scaling is not None:
-            inv_freq = ops.llama3_rope_frequencies(
-                x.shape[-1], self.rope_theta, **dict(self.rope_scaling)
-            )
-        return ops.apply_rope(x, positions, theta=self.rope_theta, inv_freq=inv_freq)
-
-    def __call__(
+    def _attend(
         self,
-        x: Float[Array, "B T D"],
-        kv_input: Float[Array, "B S D"] | None = None,
-        *,
-        mask: Bool[Array, "#B #N T S"] | None = None,
-        bias: Float[Array, "#B N T S"] | None = None,
-        positions: Int[Array, "B T"] | None = None,
-        cache: dict[str, Array] | None = None,
-        cache_index: Int[Array, ""] | None = None,
-        dropout_rng: jax.Array | None = None,
-    ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
-        q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
-        if self.rope_theta is not None:
-            q = self._rope(q, positions)
-        if cache is not None and kv_input is None and cache_index is None:
-            # Precomputed cross-attention keys/values, head-major [B, K, S, H].
-            k, v = heads_to_length_major(cache["k"]), heads_to_length_major(cache["v"])
-        else:
-            src = x if kv_input is None else kv_input
-            k, v = self.project_kv(src, positions if kv_input is None else None)
-            if cache is not None:
-                # Decode: write the new keys/values at `cache_index`, attend over all slots.
-                start = (0, 0, cache_index, 0)
-                new_k = length_to_heads_major(k).astype(cache["k"].dtype)
-                new_v = length_to_heads_major(v).astype(cache["v"].dtype)
-                cache = {
-                    "k": jax.lax.dynamic_update_slice(cache["k"], new_k, start),
-                    "v": jax.lax.dynamic_update_slice(cache["v"], new_v, start),
-                }
-                k, v = heads_to_length_major(cache["k"]), heads_to_length_major(cache["v"])
+        q: Float[Array, "B T N H"],
+        k: Float[Array, "B S K H"],
+        v: Float[Array, "B S K H"],
+        mask: Bool[Array, "#B #N T S"] | None,
+        bias: Float[Array, "#B N T S"] | None,
+        dropout_rng: jax.Array | None,
+    ) -> Float[Array, "B T D"]:
         out = ops.dot_product_attention(
             q,
             k.astype(q.dtype),
@@ -310,43 +283,89 @@ class Attention(nnx.Module):
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
         )  # [B, T, N, H]
-        out = constrain(out, ("batch", "length", "heads", "kv"))
-        return self.o(out), cache
+        return self.o(constrain(out, ("batch", "length", "heads", "kv")))
+
+
+class SelfAttention(_Projections):
+    """Self-attention, with RoPE when the spec has it and an optional `LayerKV` cache."""
+
+    def __init__(self, spec: BlockSpec, init: InitScheme, *, rngs: nnx.Rngs):
+        super().__init__(spec, init, rngs=rngs)
+        self.rope_theta = spec.rope_theta
+        self.rope_scaling = spec.rope_scaling
+
+    def _rope(self, x: Float[Array, "B T N H"], positions: Int[Array, "B T"]) -> Array:
+        inv_freq = None
+        if self.rope_scaling is not None:
+            inv_freq = ops.llama3_rope_frequencies(
+                x.shape[-1], self.rope_theta, **dict(self.rope_scaling)
+            )
+        return ops.apply_rope(x, positions, theta=self.rope_theta, inv_freq=inv_freq)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        *,
+        mask: Bool[Array, "#B #N T S"] | None = None,
+        bias: Float[Array, "#B N T S"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+        cache: LayerKV | None = None,
+        index: Int[Array, ""] | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
+        """Attention output [B, T, D]; with a cache, the new keys/values are written at
+        `index` and the queries attend over all S slots (the cache is returned updated)."""
+        q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
+        k, v = self._project_kv(x)  # [B, T, K, H]
+        if self.rope_theta is not None:
+            q, k = self._rope(q, positions), self._rope(k, positions)
+        if cache is not None:
+            cache = cache.write(k, v, index)
+            k, v = cache.keys_values()  # [B, S, K, H]
+        return self._attend(q, k, v, mask, bias, dropout_rng), cache
+
+
+class CrossAttention(_Projections):
+    """Attention from decoder queries to an encoder output's keys/values (its memory)."""
+
+    def memory(self, encoder_out: Float[Array, "B S D"], *, heads_major: bool = False) -> LayerKV:
+        """The keys/values of `encoder_out`, computed once per encoder pass."""
+        k, v = self._project_kv(encoder_out)
+        return LayerKV.of(k, v, heads_major=heads_major)
+
+    def __call__(
+        self,
+        x: Float[Array, "B T D"],
+        memory: LayerKV,
+        *,
+        mask: Bool[Array, "#B #N T S"] | None = None,
+        dropout_rng: jax.Array | None = None,
+    ) -> Float[Array, "B T D"]:
+        q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
+        k, v = memory.keys_values()  # [B, S, K, H]
+        return self._attend(q, k, v, mask, None, dropout_rng)
 
 
 class MLP(nnx.Module):
     """Position-wise feed-forward: wo(act(x wi)), or gated wo(act(x wi_0) * (x wi_1))."""
 
-    def __init__(
-        self,
-        d_model: int,
-        d_ff: int,
-        *,
-        activation: str,
-        gated: bool,
-        use_bias: bool,
-        in_std: float,
-        out_std: float,
-        dtype: Any,
-        param_dtype: Any,
-        rngs: nnx.Rngs,
-    ):
-        self.activation = activation
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        in_bias = dict(bias_shape=(d_ff,), bias_axes=("mlp",)) if use_bias else {}
-        out_bias = dict(bias_shape=(d_model,), bias_axes=("embed",)) if use_bias else {}
-        self.wi = Einsum(
-            "BTD,DF->BTF", (d_model, d_ff), ("embed", "mlp"), std=in_std, **in_bias, **common
-        )
-        self.wi_gate = (
-            Einsum(
-                "BTD,DF->BTF", (d_model, d_ff), ("embed", "mlp"), std=in_std, **in_bias, **common
+    def __init__(self, spec: BlockSpec, init: InitScheme, *, rngs: nnx.Rngs):
+        d, f = spec.d_model, spec.d_ff
+        self.activation = spec.activation
+        common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+        use_bias = spec.use_bias
+        in_bias = dict(bias_shape=(f,), bias_axes=("mlp",)) if use_bias else {}
+        out_bias = dict(bias_shape=(d,), bias_axes=("embed",)) if use_bias else {}
+
+        def wi():
+            return Einsum(
+                "BTD,DF->BTF", (d, f), ("embed", "mlp"), std=init.mlp_in, **in_bias, **common
             )
-            if gated
-            else None
-        )
+
+        self.wi = wi()
+        self.wi_gate = wi() if spec.gated_mlp else None
         self.wo = Einsum(
-            "BTF,FD->BTD", (d_ff, d_model), ("mlp", "embed"), std=out_std, **out_bias, **common
+            "BTF,FD->BTD", (f, d), ("mlp", "embed"), std=init.mlp_out, **out_bias, **common
         )
 
     def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
@@ -364,63 +383,15 @@ class Block(nnx.Module):
     norm(x + f(x)) (BERT, the original Transformer).
     """
 
-    def __init__(self, cfg: ModelConfig, *, cross_attention: bool, rngs: nnx.Rngs):
-        self.norm_position = cfg.norm_position
-        self.dropout_rate = cfg.dropout_rate
-        d, n, k, h, f = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_size, cfg.d_ff
-        r = cfg.initializer_range
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        if cfg.family == "t5" and cfg.position == "relative":
-            # Mesh-TF/T5 initialisation: fan-in scaled, with 1/sqrt(H) folded into q.
-            q_std, kv_std, o_std = r * (d * h) ** -0.5, r * d**-0.5, r * (n * h) ** -0.5
-            in_std, out_std = r * d**-0.5, r * f**-0.5
-        else:
-            # GPT-2: residual projections scaled by 1/sqrt(2L) (Radford et al. 2019).
-            out = r / (2 * cfg.num_layers) ** 0.5 if cfg.family == "gpt" else r
-            q_std = kv_std = in_std = r
-            o_std = out_std = out
-
-        def norm():
-            return Norm(
-                d, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, param_dtype=pdtype
-            )
-
-        def attention(rope: bool):
-            return Attention(
-                d,
-                n,
-                k,
-                h,
-                use_bias=cfg.use_bias,
-                scale=None if cfg.attention_scale else 1.0,
-                rope_theta=cfg.rope_theta if rope else None,
-                rope_scaling=cfg.rope_scaling if rope else None,
-                dropout_rate=cfg.attention_dropout_rate,
-                q_std=q_std,
-                kv_std=kv_std,
-                o_std=o_std,
-                dtype=dtype,
-                param_dtype=pdtype,
-                rngs=rngs,
-            )
-
-        self.self_attn = attention(cfg.position == "rope")
-        self.self_attn_norm = norm()
-        self.cross_attn = attention(False) if cross_attention else None
-        self.cross_attn_norm = norm() if cross_attention else None
-        self.mlp = MLP(
-            d,
-            f,
-            activation=cfg.activation,
-            gated=cfg.gated_mlp,
-            use_bias=cfg.use_bias,
-            in_std=in_std,
-            out_std=out_std,
-            dtype=dtype,
-            param_dtype=pdtype,
-            rngs=rngs,
-        )
-        self.mlp_norm = norm()
+    def __init__(self, spec: BlockSpec, init: InitScheme, *, cross_attention: bool, rngs: nnx.Rngs):
+        self.norm_position = spec.norm_position
+        self.dropout_rate = spec.dropout_rate
+        self.self_attn = SelfAttention(spec, init, rngs=rngs)
+        self.self_attn_norm = make_norm(spec)
+        self.cross_attn = CrossAttention(spec, init, rngs=rngs) if cross_attention else None
+        self.cross_attn_norm = make_norm(spec) if cross_attention else None
+        self.mlp = MLP(spec, init, rngs=rngs)
+        self.mlp_norm = make_norm(spec)
 
     def _residual(self, x, norm, fn, rng):
         if self.norm_position == "pre":
@@ -436,15 +407,19 @@ class Block(nnx.Module):
         mask: Bool[Array, "#B 1 T S"] | None,
         bias: Float[Array, "#B N T S"] | None = None,
         positions: Int[Array, "B T"] | None = None,
-        encoder_out: Float[Array, "B S D"] | None = None,
-        cross_mask: Bool[Array, "#B 1 T S"] | None = None,
-        cache: dict[str, Array] | None = None,
-        cache_index: Int[Array, ""] | None = None,
+        encoder_out: Float[Array, "B Se D"] | None = None,
+        memory: LayerKV | None = None,
+        cross_mask: Bool[Array, "#B 1 T Se"] | None = None,
+        cache: LayerKV | None = None,
+        index: Int[Array, ""] | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
-        rngs = [None] * 5 if dropout_rng is None else list(jax.random.split(dropout_rng, 5))
-        self_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
-        x, self_cache = self._residual(
+    ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
+        """The layer's output and its updated self-attention cache (None without one).
+
+        Cross-attention reads `memory` (precomputed keys/values) or projects `encoder_out`.
+        """
+        rngs = split_key(dropout_rng, 5)
+        x, cache = self._residual(
             x,
             self.self_attn_norm,
             lambda y: self.self_attn(
@@ -452,33 +427,23 @@ class Block(nnx.Module):
                 mask=mask,
                 bias=bias,
                 positions=positions,
-                cache=self_cache,
-                cache_index=cache_index,
+                cache=cache,
+                index=index,
                 dropout_rng=rngs[0],
             ),
             rngs[1],
         )
-        new_cache = None if cache is None else dict(self_cache)
         if self.cross_attn is not None:
-            cross_cache = None
-            if cache is not None and "cross_k" in cache:
-                cross_cache = {"k": cache["cross_k"], "v": cache["cross_v"]}
+            if memory is None:
+                memory = self.cross_attn.memory(encoder_out)
             x, _ = self._residual(
                 x,
                 self.cross_attn_norm,
-                lambda y: self.cross_attn(
-                    y,
-                    None if cross_cache is not None else encoder_out,
-                    mask=cross_mask,
-                    cache=cross_cache,
-                    dropout_rng=rngs[2],
-                ),
+                lambda y: (self.cross_attn(y, memory, mask=cross_mask, dropout_rng=rngs[2]), None),
                 rngs[3],
             )
-            if cache is not None and "cross_k" in cache:
-                new_cache.update(cross_k=cache["cross_k"], cross_v=cache["cross_v"])
         x, _ = self._residual(x, self.mlp_norm, lambda y: (self.mlp(y), None), rngs[4])
-        return constrain(x, ("batch", "length", "embed")), new_cache
+        return constrain(x, ("batch", "length", "embed")), cache
 
 
 REMAT_POLICIES: dict[str, Callable | None] = {
@@ -486,6 +451,8 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+T = TypeVar("T")
 
 
 class Stack(nnx.Module):
@@ -521,43 +488,58 @@ class Stack(nnx.Module):
 
             self.blocks = create(keys)
 
+    def map_layers(self, fn: Callable[[Block], T]) -> T:
+        """`fn` of every layer's block, stacked on a leading L axis (vmapped, no loop)."""
+        graphdef, state = nnx.split(self.blocks)
+        if self.shared:
+            out = fn(nnx.merge(graphdef, state))
+            return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.num_layers, *a.shape)), out)
+        return jax.vmap(lambda s: fn(nnx.merge(graphdef, s)))(state)
+
     def __call__(
         self,
         x: Float[Array, "B T D"],
         *,
-        cache: dict[str, Array] | None = None,
+        cache: LayerKV | None = None,
+        memory: LayerKV | None = None,
         dropout_rng: jax.Array | None = None,
         **kwargs: Any,
-    ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
-        """Apply the L blocks. `cache` leaves are stacked [L, ...]; kwargs go to each block."""
+    ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
+        """Apply the L blocks.
+
+        `cache` (self-attention) and `memory` (cross-attention) are stacked [L, ...] and
+        each layer gets its slice; kwargs go to every block. Returns the output and the
+        updated stacked cache (None without one).
+        """
         graphdef, state = nnx.split(self.blocks)
         layer_rngs = None if dropout_rng is None else jax.random.split(dropout_rng, self.num_layers)
 
-        def layer(x, layer_state, layer_cache, rng):
+        def layer(x, layer_state, layer_cache, layer_memory, rng):
             block = nnx.merge(graphdef, layer_state)
-            return block(x, cache=layer_cache, dropout_rng=rng, **kwargs)
+            return block(x, cache=layer_cache, memory=layer_memory, dropout_rng=rng, **kwargs)
 
         if self.remat_policy != "none":
             layer = jax.checkpoint(
                 layer, policy=REMAT_POLICIES[self.remat_policy], prevent_cse=not self.scan
             )
 
-        def layer_state(i):
-            return state if self.shared else jax.tree.map(lambda a: a[i], state)
-
         if self.scan:
 
             def body(x, xs):
-                layer_cache, rng, stacked_state = xs
-                return layer(x, state if self.shared else stacked_state, layer_cache, rng)
+                layer_cache, layer_memory, rng, stacked_state = xs
+                layer_state = state if self.shared else stacked_state
+                return layer(x, layer_state, layer_cache, layer_memory, rng)
 
-            xs = (cache, layer_rngs, None if self.shared else state)
+            xs = (cache, memory, layer_rngs, None if self.shared else state)
             return jax.lax.scan(body, x, xs, length=self.num_layers)
+
+        def at(tree, i):
+            return None if tree is None else jax.tree.map(lambda a: a[i], tree)
+
         new_caches = []
         for i in range(self.num_layers):
-            layer_cache = None if cache is None else jax.tree.map(lambda a, i=i: a[i], cache)
-            rng = None if layer_rngs is None else layer_rngs[i]
-            x, c = layer(x, layer_state(i), layer_cache, rng)
+            layer_state = state if self.shared else at(state, i)
+            x, c = layer(x, layer_state, at(cache, i), at(memory, i), at(layer_rngs, i))
             new_caches.append(c)
         if cache is None:
             return x, None

@@ -18,24 +18,12 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
-from llm_jax.models.common import (
-    KVCache,
-    cache_step,
-    check_length,
-    check_tokens,
-    default_positions,
-    empty_kv,
-)
+from llm_jax.models import _xla_cpu
+from llm_jax.models.cache import KVCache, LayerKV
 from llm_jax.models.config import ModelConfig
-from llm_jax.models.layers import (
-    Block,
-    Einsum,
-    Embed,
-    Norm,
-    Stack,
-    length_to_heads_major,
-    param,
-)
+from llm_jax.models.init import init_scheme
+from llm_jax.models.inputs import check_length, default_positions, embed_inputs, split_key
+from llm_jax.models.layers import Block, Einsum, Embed, Stack, block_spec, make_norm, param
 from llm_jax.parallel.rules import constrain
 
 
@@ -50,8 +38,9 @@ class T5(nnx.Module):
         if cfg.family != "t5":
             raise ValueError(f"T5 needs a config with family='t5'; got {cfg.family!r}.")
         self.cfg = cfg
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        r, d = cfg.initializer_range, cfg.d_model
+        spec, init = block_spec(cfg), init_scheme(cfg)
+        dtype, pdtype = spec.dtype, spec.param_dtype
+        r, d = init.dense, cfg.d_model
         relative = cfg.position == "relative"
         self.embed = Embed(cfg.vocab_size, d, std=r, dtype=dtype, param_dtype=pdtype, rngs=rngs)
 
@@ -64,31 +53,22 @@ class T5(nnx.Module):
                 dtype=pdtype,
             )
 
-        def norm():
-            return Norm(
-                d, kind=cfg.norm, eps=cfg.norm_eps, use_bias=cfg.use_bias, param_dtype=pdtype
+        def stack(num_layers: int, cross_attention: bool) -> Stack:
+            return Stack(
+                lambda r_: Block(spec, init, cross_attention=cross_attention, rngs=r_),
+                num_layers,
+                scan=cfg.scan_layers,
+                remat_policy=cfg.remat_policy,
+                shared=False,
+                rngs=rngs,
             )
 
         self.encoder_rel_bias = rel_table() if relative else None
         self.decoder_rel_bias = rel_table() if relative else None
-        self.encoder = Stack(
-            lambda r_: Block(cfg, cross_attention=False, rngs=r_),
-            cfg.num_layers,
-            scan=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            shared=False,
-            rngs=rngs,
-        )
-        self.decoder = Stack(
-            lambda r_: Block(cfg, cross_attention=True, rngs=r_),
-            cfg.decoder_layers,
-            scan=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            shared=False,
-            rngs=rngs,
-        )
-        self.encoder_norm = norm() if cfg.final_norm else None
-        self.decoder_norm = norm() if cfg.final_norm else None
+        self.encoder = stack(cfg.num_layers, False)
+        self.decoder = stack(cfg.num_decoder_layers, True)
+        self.encoder_norm = make_norm(spec) if cfg.final_norm else None
+        self.decoder_norm = make_norm(spec) if cfg.final_norm else None
         self.lm_head = (
             None
             if cfg.tie_embeddings
@@ -103,15 +83,15 @@ class T5(nnx.Module):
             )
         )
 
-    def _embed(self, tokens, inputs_embeds, positions, offset=0):
+    def _embed(
+        self,
+        tokens: Int[Array, "B T"] | None,
+        inputs_embeds: Float[Array, "B T D"] | None,
+        positions: Int[Array, "B T"] | None,
+        offset: int | Int[Array, ""] = 0,
+    ) -> Float[Array, "B T D"]:
         cfg = self.cfg
-        if inputs_embeds is None:
-            if tokens is None:
-                raise ValueError("pass tokens [B, T] or inputs_embeds [B, T, D].")
-            check_tokens(tokens, cfg.vocab_size)
-            x = self.embed(tokens)
-        else:
-            x = inputs_embeds.astype(jnp.dtype(cfg.dtype))
+        x = embed_inputs(self.embed, tokens, inputs_embeds, dtype=jnp.dtype(cfg.dtype))
         if cfg.embed_scale:
             x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if cfg.position == "sinusoidal":
@@ -123,7 +103,16 @@ class T5(nnx.Module):
             x = x + ops.learned_positions(table, positions).astype(x.dtype)
         return constrain(x, ("batch", "length", "embed"))
 
-    def _rel_bias(self, table, q_len, k_len, *, bidirectional, q_offset=0):
+    def _rel_bias(
+        self,
+        table: nnx.Param | None,
+        q_len: int,
+        k_len: int,
+        *,
+        bidirectional: bool,
+        q_offset: int | Int[Array, ""] = 0,
+    ) -> Float[Array, "1 N T S"] | None:
+        """The relative position bias of T queries (from `q_offset`) over S keys."""
         if table is None:
             return None
         q_pos = jnp.arange(q_len)[None] + q_offset  # [1, T]
@@ -149,7 +138,7 @@ class T5(nnx.Module):
         cfg = self.cfg
         x = self._embed(tokens, inputs_embeds, positions)
         s = x.shape[1]
-        rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
+        rngs = split_key(dropout_rng, 3)
         x = ops.dropout(x, cfg.dropout_rate, rngs[0])
         mask = None if segment_ids is None else ops.segment_mask(segment_ids)
         bias = self._rel_bias(self.encoder_rel_bias, s, s, bidirectional=True)
@@ -165,24 +154,24 @@ class T5(nnx.Module):
         encoder_out: Float[Array, "B S D"],
         encoder_segment_ids: Int[Array, "B S"] | None = None,
         dtype=None,
+        *,
+        heads_major: bool | None = None,
     ) -> KVCache:
         """A decoding cache: empty self-attention slots and the cross-attention keys/values
-        of `encoder_out`, computed once for every decoder layer."""
+        of `encoder_out`, computed once for every decoder layer.
+
+        `heads_major` picks the cache layout (see `LayerKV`); None: the XLA:CPU layout on
+        the CPU backend, else length-major.
+        """
         cfg = self.cfg
         if cfg.position == "sinusoidal":
             check_length(max_length, cfg.max_position_embeddings, name="the cache")
         dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
-        graphdef, state = nnx.split(self.decoder.blocks)
-
-        def cross_kv(layer_state):
-            k, v = nnx.merge(graphdef, layer_state).cross_attn.project_kv(encoder_out)
-            return length_to_heads_major(k), length_to_heads_major(v)
-
-        cross_k, cross_v = jax.vmap(cross_kv)(state)  # [L, B, K, S, H] each
-        layers = empty_kv(
-            cfg.decoder_layers, batch_size, max_length, cfg.kv_heads, cfg.head_size, dtype
-        )
-        layers.update(cross_k=cross_k.astype(dtype), cross_v=cross_v.astype(dtype))
+        heads_major = _xla_cpu.use_cpu_tricks() if heads_major is None else heads_major
+        memory = self.decoder.map_layers(
+            lambda block: block.cross_attn.memory(encoder_out, heads_major=heads_major)
+        )  # [L, B, ., ., H]
+        shape = (cfg.num_decoder_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
         s = encoder_out.shape[1]
         enc_valid = (
             jnp.ones((batch_size, s), bool)
@@ -190,9 +179,10 @@ class T5(nnx.Module):
             else encoder_segment_ids != 0
         )
         return KVCache(
-            layers=layers,
+            self_kv=LayerKV.zeros(shape, dtype, heads_major=heads_major),
             valid=jnp.zeros((batch_size, max_length), bool),
             index=jnp.zeros((), jnp.int32),
+            cross_kv=jax.tree.map(lambda a: a.astype(dtype), memory),
             encoder_valid=enc_valid,
         )
 
@@ -205,68 +195,73 @@ class T5(nnx.Module):
         segment_ids: Int[Array, "B T"] | None = None,
         positions: Int[Array, "B T"] | None = None,
         inputs_embeds: Float[Array, "B T D"] | None = None,
-        cache: KVCache | None = None,
         dropout_rng: jax.Array | None = None,
-    ) -> Float[Array, "B T V"] | tuple[Float[Array, "B T V"], KVCache]:
-        """Decoder logits [B, T, V]; `(logits, cache)` when decoding with a cache.
+    ) -> Float[Array, "B T V"]:
+        """Teacher-forced decoder logits [B, T, V] over `encoder_out` [B, S, D].
 
-        Without a cache pass `encoder_out` (and `encoder_segment_ids` for padded or packed
-        encoder rows: with decoder `segment_ids` too, cross-attention stays within equal
-        segment ids; with encoder ids only, it skips encoder padding).
+        Pass `encoder_segment_ids` for padded or packed encoder rows: with decoder
+        `segment_ids` too, cross-attention stays within equal segment ids; with encoder ids
+        only, it skips encoder padding. See `decode_step` for cached decoding.
         """
-        cfg = self.cfg
-        offset = 0 if cache is None else cache.index
-        x = self._embed(tokens, inputs_embeds, positions, offset)
+        if encoder_out is None:
+            raise ValueError("decode needs encoder_out (use decode_step with a cache).")
+        x = self._embed(tokens, inputs_embeds, positions)
         t = x.shape[1]
-        rngs = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
-        x = ops.dropout(x, cfg.dropout_rate, rngs[0])
-        if cache is None:
-            if encoder_out is None:
-                raise ValueError("decode without a cache needs encoder_out.")
-            mask = ops.combine_masks(
-                ops.causal_mask(t), None if segment_ids is None else ops.segment_mask(segment_ids)
-            )
-            if encoder_segment_ids is None:
-                cross = None
-            elif segment_ids is None:
-                cross = (encoder_segment_ids != 0)[:, None, None, :]
-            else:
-                cross = ops.segment_mask(segment_ids, encoder_segment_ids)
-            bias = self._rel_bias(self.decoder_rel_bias, t, t, bidirectional=False)
-            x, _ = self.decoder(
-                x,
-                mask=mask,
-                bias=bias,
-                encoder_out=encoder_out,
-                cross_mask=cross,
-                dropout_rng=rngs[1],
-            )
-            new_cache = None
+        rngs = split_key(dropout_rng, 3)
+        x = ops.dropout(x, self.cfg.dropout_rate, rngs[0])
+        mask = ops.combine_masks(
+            ops.causal_mask(t), None if segment_ids is None else ops.segment_mask(segment_ids)
+        )
+        if encoder_segment_ids is None:
+            cross = None
+        elif segment_ids is None:
+            cross = (encoder_segment_ids != 0)[:, None, None, :]
         else:
-            mask, valid = cache_step(cache, t, segment_ids)
-            bias = self._rel_bias(
-                self.decoder_rel_bias,
-                t,
-                cache.max_length,
-                bidirectional=False,
-                q_offset=cache.index,
-            )
-            cross = cache.encoder_valid[:, None, None, :]
-            x, layers = self.decoder(
-                x,
-                mask=mask,
-                bias=bias,
-                cross_mask=cross,
-                cache=cache.layers,
-                cache_index=cache.index,
-                dropout_rng=rngs[1],
-            )
-            new_cache = cache.replace(layers=layers, valid=valid, index=cache.index + t)
+            cross = ops.segment_mask(segment_ids, encoder_segment_ids)
+        bias = self._rel_bias(self.decoder_rel_bias, t, t, bidirectional=False)
+        x, _ = self.decoder(
+            x,
+            mask=mask,
+            bias=bias,
+            encoder_out=encoder_out,
+            cross_mask=cross,
+            dropout_rng=rngs[1],
+        )
+        return self._head(x, rngs[2])
+
+    def decode_step(
+        self,
+        tokens: Int[Array, "B T"],
+        cache: KVCache,
+        *,
+        positions: Int[Array, "B T"] | None = None,
+        segment_ids: Int[Array, "B T"] | None = None,
+    ) -> tuple[Float[Array, "B T V"], KVCache]:
+        """Decoder logits [B, T, V] of T new tokens appended to `cache` (from `init_cache`),
+        and the updated cache."""
+        x = self._embed(tokens, None, positions, cache.index)
+        t = x.shape[1]
+        mask, valid = cache.step(t, segment_ids)
+        bias = self._rel_bias(
+            self.decoder_rel_bias, t, cache.max_length, bidirectional=False, q_offset=cache.index
+        )
+        x, self_kv = self.decoder(
+            x,
+            mask=mask,
+            bias=bias,
+            memory=cache.cross_kv,
+            cross_mask=cache.encoder_valid[:, None, None, :],
+            cache=cache.self_kv,
+            index=cache.index,
+        )
+        cache = cache.replace(self_kv=self_kv, valid=valid, index=cache.index + t)
+        return self._head(x, None), cache
+
+    def _head(self, x: Float[Array, "B T D"], rng: jax.Array | None) -> Float[Array, "B T V"]:
         if self.decoder_norm is not None:
             x = self.decoder_norm(x)
-        x = ops.dropout(x, cfg.dropout_rate, rngs[2])
-        logits = constrain(self.logits(x), ("batch", "length", "vocab"))
-        return logits if cache is None else (logits, new_cache)
+        x = ops.dropout(x, self.cfg.dropout_rate, rng)
+        return constrain(self.logits(x), ("batch", "length", "vocab"))
 
     def logits(self, hidden: Float[Array, "B T D"]) -> Float[Array, "B T V"]:
         """Vocabulary logits: tied (scaled by D^-0.5 for T5 v1.0) or untied head."""
@@ -288,7 +283,7 @@ class T5(nnx.Module):
         dropout_rng: jax.Array | None = None,
     ) -> Float[Array, "B T V"]:
         """Teacher-forced decoder logits [B, T, V] for a batch of (source, target) pairs."""
-        rngs = [None, None] if dropout_rng is None else list(jax.random.split(dropout_rng))
+        rngs = split_key(dropout_rng, 2)
         enc = self.encode(
             encoder_tokens,
             segment_ids=encoder_segment_ids,

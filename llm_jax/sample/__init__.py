@@ -5,21 +5,20 @@
                              eos_id=eos, rng=jax.random.key(0))
 
 The engine (`loop`, `beam`) is model-independent: it drives a `Decoder`, i.e. anything with
-`init_cache(batch_size, max_length)` and `tokens_to_logits(tokens, positions, segment_ids,
-cache) -> (logits, cache)`; see `llm_jax.sample.decoder` for the contract. `generate`
-accepts the project's GPT and T5 models directly through `llm_jax.sample.adapters`
-(imported on first use, so the engine itself imports no model); `prepare(model)` gives the
-decoder once, laid out for decoding, for many calls.
+an `info` record, `init_cache(batch_size, max_length)`, `tokens_to_logits(tokens,
+positions, segment_ids, cache) -> (logits, cache)` and `take_rows(cache, rows)`; see
+`llm_jax.sample.decoder` for the contract. `generate` accepts the project's GPT and T5
+models directly through `llm_jax.sample.adapters` (imported on first use, so the engine
+itself imports no model); `as_decoder(model)` gives the decoder once, for many calls.
 """
 
 from llm_jax.sample.beam import BeamState, gather_beams
-from llm_jax.sample.decoder import Decoder, FunctionDecoder, cache_batch_axes
+from llm_jax.sample.decoder import Decoder, DecoderInfo, FunctionDecoder
 from llm_jax.sample.generate import (
     GenerateOutput,
     as_decoder,
     bucket_length,
     generate,
-    prepare,
     stream,
 )
 from llm_jax.sample.loop import SamplingState
@@ -30,6 +29,7 @@ __all__ = [
     "Beam",
     "BeamState",
     "Decoder",
+    "DecoderInfo",
     "FunctionDecoder",
     "GenerateOutput",
     "Greedy",
@@ -37,10 +37,8 @@ __all__ = [
     "SamplingState",
     "as_decoder",
     "bucket_length",
-    "cache_batch_axes",
     "filter_logits",
     "gather_beams",
     "generate",
-    "prepare",
     "stream",
 ]

@@ -35,15 +35,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax.ops import log_softmax
-from llm_jax.sample.decoder import (
-    Cache,
-    Decoder,
-    cache_batch_axes,
-    init_cache,
-    loop_form,
-    repeat_batch,
-    take_batch,
-)
+from llm_jax.sample.decoder import Cache, Decoder, init_cache
 from llm_jax.sample.loop import Controls, LoopSpec, Prompt, hits_stop, push_recent, suppress_eos
 from llm_jax.sample.strategies import Beam
 
@@ -213,7 +205,7 @@ def beam_emit(
     controls: Controls,
     state: BeamState,
     logits: Float[Array, "BK V"],
-    axes: tuple[int | None, ...],
+    decoder: Decoder,
 ) -> BeamState:
     """Chooses the next live beams and updates the finished hypotheses from [B*K, V] logits."""
     beam: Beam = spec.strategy  # type: ignore[assignment]
@@ -233,7 +225,7 @@ def beam_emit(
         positions=state.positions + 1,
         improvable=still_improvable(state, live_scores, beam, generated, n),
         all_hit=jnp.all(c.hit),
-        cache=take_batch(state.cache, axes, _flat_rows(live_parent, k)),
+        cache=decoder.take_rows(state.cache, _flat_rows(live_parent, k)),
     )
 
 
@@ -253,9 +245,6 @@ def run_beam_search(
     beam: Beam = spec.strategy  # type: ignore[assignment]
     k, n = beam.num_beams, spec.max_new_tokens
     b = prompt.tokens.shape[0]
-    decoder = loop_form(decoder)
-    encoder_length = None if prompt.encoder_tokens is None else prompt.encoder_tokens.shape[1]
-    axes = cache_batch_axes(decoder, spec.cache_length, encoder_length)
 
     cache = init_cache(
         decoder, b, spec.cache_length, prompt.encoder_tokens, prompt.encoder_segment_ids
@@ -263,7 +252,7 @@ def run_beam_search(
     logits, cache = decoder.tokens_to_logits(
         prompt.tokens, prompt.positions, prompt.segment_ids, cache
     )  # [B, T, V]
-    cache = repeat_batch(cache, axes, k)  # rows b*K .. b*K+K-1 hold prompt b
+    cache = decoder.take_rows(cache, jnp.repeat(jnp.arange(b), k))  # b*K .. b*K+K-1: prompt b
     first_logits = jnp.repeat(logits[:, -1], k, axis=0)  # [B*K, V]
 
     pad = controls.pad_id
@@ -286,7 +275,7 @@ def run_beam_search(
         all_hit=jnp.zeros((), bool),
         cache=cache,
     )
-    state = beam_emit(spec, controls, state, first_logits, axes)
+    state = beam_emit(spec, controls, state, first_logits, decoder)
 
     def body(state: BeamState) -> BeamState:
         newest = jax.lax.dynamic_slice_in_dim(state.live_tokens, state.step - 1, 1, axis=2)
@@ -295,7 +284,7 @@ def run_beam_search(
         logits, cache = decoder.tokens_to_logits(
             newest, positions, jnp.ones_like(newest), state.cache
         )  # [B*K, 1, V]
-        return beam_emit(spec, controls, state.replace(cache=cache), logits[:, 0], axes)
+        return beam_emit(spec, controls, state.replace(cache=cache), logits[:, 0], decoder)
 
     return jax.lax.while_loop(lambda s: beam_is_running(spec, s), body, state)
 

@@ -182,13 +182,13 @@ def _sample(args: argparse.Namespace) -> int:
     else:
         model, tokenizer, run_config, what = _load_checkpoint(args.checkpoint, args.step)
     decoder = sample.as_decoder(model)
-    encoder_decoder = getattr(decoder, "is_encoder_decoder", False)
+    encoder_decoder = decoder.info.is_encoder_decoder
     ids = prompt_ids(tokenizer, args.prompt, run_config, encoder_decoder)
     # generate's length check, run before the banner and naming the flags to change.
     flags = dict(new="--max-new-tokens", limit="the model has {} positions")
-    limit = getattr(decoder, "max_length", None)
+    limit = decoder.info.max_length
     if encoder_decoder:
-        encoder_limit = getattr(decoder, "max_encoder_length", None)
+        encoder_limit = decoder.info.max_encoder_length
         check_fits(len(ids), 0, encoder_limit, prompt="--prompt", **flags)
         check_fits(1, args.max_new_tokens, limit, prompt="the decoder's start token", **flags)
     else:

@@ -14,7 +14,7 @@ to the same buckets.
 Sharded decoding: pass `mesh` and `rules` (and parameters placed on that mesh, e.g. with
 `llm_jax.parallel.logical_to_sharding`) and the program is traced inside
 `activation_sharding(mesh, rules)`, so the model's activation constraints and the adapters'
-KV-cache constraints (`llm_jax.models.common.CACHE_AXES`) shard it. The mesh and rules are
+KV-cache constraints (`llm_jax.models.KVCache.logical_axes`) shard it. The mesh and rules are
 static arguments of the compiled program, so the same call with and without them never
 shares a trace.
 """
@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax.sample.beam import beam_output_fields, run_beam_search
-from llm_jax.sample.decoder import Decoder, has_loop_form, loop_form
+from llm_jax.sample.decoder import Decoder
 from llm_jax.sample.loop import (
     Controls,
     LoopSpec,
@@ -136,13 +136,29 @@ def bucket_length(length: int, limit: int | None = None) -> int:
     return bucket
 
 
-def as_decoder(model: Any) -> Decoder:
-    """The `Decoder` for `model`: itself if it implements the protocol, else its adapter."""
+def as_decoder(
+    model: Any, *, mesh: Mesh | None = None, rules: str | dict[str, Any] | None = None
+) -> Decoder:
+    """The `Decoder` for `model`: itself if it implements the protocol, else its adapter.
+
+    Build it once to pass to many `generate` / `stream` calls: on XLA:CPU the adapter
+    lays the layer weights out per layer (see `llm_jax.models._xla_cpu`), a copy of them
+    that `generate(model, ...)` would otherwise make at every call. It snapshots the
+    parameters: build it again after changing them.
+
+    Args:
+      model: a `Decoder`, or a GPT / T5 model (adapted by `llm_jax.sample.adapters`).
+      mesh, rules: as for `generate`; the mesh's platform picks the layout (default: JAX's
+        default backend).
+    """
     if isinstance(model, Decoder):
         return model
+    MeshRules.make(mesh, rules)  # the same checks as generate's
+    from llm_jax.models._xla_cpu import use_cpu_tricks
     from llm_jax.sample import adapters  # models are optional dependencies of the engine
 
-    return adapters.as_decoder(model)
+    backend = None if mesh is None else mesh.devices.flat[0].platform
+    return adapters.as_decoder(model, cpu_tricks=use_cpu_tricks(backend))
 
 
 def _check_ids(name: str, ids: np.ndarray, vocab_size: int | None) -> None:
@@ -368,7 +384,7 @@ def _controls(req: Request, vocab_size: int | None) -> Controls:
 
 
 def _max_length(decoder: Decoder, req: Request) -> int | None:
-    return req.max_length if req.max_length is not None else getattr(decoder, "max_length", None)
+    return req.max_length if req.max_length is not None else decoder.info.max_length
 
 
 def _pad_decoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Request) -> Prompt:
@@ -382,7 +398,7 @@ def _pad_decoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Reque
 
 def _pad_encoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Request) -> Prompt:
     """Encoder inputs, right-padded to their bucket; the decoder starts from its start id."""
-    encoder_limit = getattr(decoder, "max_encoder_length", None)
+    encoder_limit = decoder.info.max_encoder_length
     longest = max(len(p) for p in prompts)
     check_fits(
         longest,
@@ -401,7 +417,7 @@ def _pad_encoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Reque
     encoder_tokens, encoder_segments = _right_pad(
         prompts, bucket_length(longest, encoder_limit), req.pad_id
     )
-    start = np.full((len(prompts), 1), decoder.decoder_start_id, np.int32)
+    start = np.full((len(prompts), 1), decoder.info.decoder_start_id, np.int32)
     return Prompt(
         tokens=start,
         positions=np.zeros_like(start),
@@ -418,10 +434,10 @@ def _check_and_pad(
     """All host-side checks and padding shared by `generate` and `stream`."""
     rng = _sampling_key(req.strategy, rng)
     decoder = as_decoder(model)
-    vocab_size = getattr(decoder, "vocab_size", None)
+    vocab_size = decoder.info.vocab_size
     controls = _controls(req, vocab_size)
     prompts = _as_prompts(prompt_ids, vocab_size)
-    if getattr(decoder, "is_encoder_decoder", False):
+    if decoder.info.is_encoder_decoder:
         prompt = _pad_encoder_prompts(prompts, decoder, req)
     else:
         prompt = _pad_decoder_prompts(prompts, decoder, req)
@@ -490,40 +506,6 @@ def generate(
     return GenerateOutput(**fields)
 
 
-@functools.partial(jax.jit, static_argnames=("sharding",))
-def _loop_form_jit(decoder: Decoder, sharding: MeshRules | None = None) -> Decoder:
-    with _sharding_context(sharding):
-        return loop_form(decoder)
-
-
-def _in_loop_form(decoder: Decoder, sharding: MeshRules | None) -> Decoder:
-    """The decoder in loop form, computed once on the device (the decoder if it already is:
-    a jit would copy its arrays)."""
-    return _loop_form_jit(decoder, sharding) if has_loop_form(decoder) else decoder
-
-
-def prepare(
-    model: Any, *, mesh: Mesh | None = None, rules: str | dict[str, Any] | None = None
-) -> Decoder:
-    """The decoder of `model` laid out for decoding, to pass to many `generate` / `stream` calls.
-
-    Every `generate(model, ...)` call first cuts the model's stacked [L, ...] layer weights
-    into per-layer arrays (the decoder's loop form, see `llm_jax.sample.adapters`): one
-    copy of the layer weights per call (~0.2 s for gpt2-small on a 2-core CPU). A prepared
-    decoder holds that copy, so calls with it skip the step. It snapshots the parameters:
-    prepare again after changing them. Memory: one more copy of the layer weights while
-    it lives.
-
-    Args:
-      model: as for `generate`.
-      mesh, rules: as for `generate`; pass the same ones to the calls that use it.
-
-    Returns:
-      A `Decoder` that `generate` and `stream` accept in place of `model`.
-    """
-    return _in_loop_form(as_decoder(model), MeshRules.make(mesh, rules))
-
-
 @functools.partial(jax.jit, static_argnames=("spec", "sharding"))
 def _stream_prefill(
     decoder: Decoder,
@@ -582,13 +564,12 @@ def stream(
     sharding = MeshRules.make(mesh, rules)
 
     def tokens() -> Iterator[np.ndarray]:
-        loop_decoder = _in_loop_form(decoder, sharding)  # once, not per step
-        state = _stream_prefill(loop_decoder, prompt, controls, rng, spec, sharding)
+        state = _stream_prefill(decoder, prompt, controls, rng, spec, sharding)
         running = is_running(spec, state)
         yield np.asarray(state.tokens[:, 0])
         while bool(running):
             step = int(state.step)
-            state, running = _stream_step(loop_decoder, controls, state, spec, sharding)
+            state, running = _stream_step(decoder, controls, state, spec, sharding)
             yield np.asarray(state.tokens[:, step])
 
     return tokens()

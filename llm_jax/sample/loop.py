@@ -21,7 +21,7 @@ from flax import struct
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax.ops import log_softmax
-from llm_jax.sample.decoder import Cache, Decoder, init_cache, loop_form
+from llm_jax.sample.decoder import Cache, Decoder, init_cache
 from llm_jax.sample.sampling import choose_token
 from llm_jax.sample.strategies import Beam, Greedy, Sample
 
@@ -196,7 +196,6 @@ def run_sampling(
     spec: LoopSpec,
 ) -> SamplingState:
     """The whole greedy / sampling generation: prefill, then `lax.while_loop` of steps."""
-    decoder = loop_form(decoder)
     state = prefill(decoder, prompt, controls, rng, spec)
     return jax.lax.while_loop(
         lambda s: is_running(spec, s),

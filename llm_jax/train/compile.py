@@ -140,14 +140,15 @@ def state_layout(
       seed: parameter initialisation and dropout seed.
     """
     rules = RULES[rules] if isinstance(rules, str) else rules
-    tx = make_optimizer(optimizer, total_steps)
+    abstract_model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
+    axes = logical_axes(abstract_model)
+    tx = make_optimizer(optimizer, total_steps, axes)  # weight decay chosen by logical axes
 
     def init_fn() -> TrainState:
         return init_train_state(build(model_config, rngs=nnx.Rngs(seed)), tx, seed)[1]
 
-    abstract_model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
     abstract = jax.eval_shape(init_fn)
-    param_sharding = logical_to_sharding(abstract.params, logical_axes(abstract_model), mesh, rules)
+    param_sharding = logical_to_sharding(abstract.params, axes, mesh, rules)
     sharding = _state_sharding(tx, abstract, param_sharding, mesh)
     return StateLayout(
         mesh=mesh,

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 def _attention_params(cfg: ModelConfig) -> int:
     """q [D, N·H], k and v [D, K·H], o [N·H, D]: weights of one attention layer."""
-    d, qw, kvw = cfg.d_model, cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size
+    d, qw, kvw = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     return d * qw + 2 * d * kvw + qw * d
 
 
@@ -81,7 +81,7 @@ def matmul_params(cfg: ModelConfig, *, lm_head: bool = True) -> int:
     head = _vocab_head_params(cfg, lm_head)
     if cfg.family == "t5":
         cross = _attention_params(cfg)
-        return cfg.num_layers * block + cfg.decoder_layers * (block + cross) + head
+        return cfg.num_layers * block + cfg.num_decoder_layers * (block + cross) + head
     n = cfg.num_layers * block + head
     if cfg.family == "bert" and cfg.embed_dim != cfg.d_model:
         n += cfg.embed_dim * cfg.d_model  # ALBERT's embedding projection [E, D]
@@ -140,7 +140,7 @@ def model_flops_per_sequence(
       FLOPs per sequence (float).
     """
     _check_lengths(cfg, seq_len, enc_len, dec_len)
-    qw, kvw, d = cfg.num_heads * cfg.head_size, cfg.kv_heads * cfg.head_size, cfg.d_model
+    qw, kvw, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.d_model
     block = _attention_params(cfg) + _mlp_params(cfg)
     head = _vocab_head_params(cfg, lm_head)
 
@@ -154,9 +154,9 @@ def model_flops_per_sequence(
         cross_q_o = 2 * d * qw  # cross-attention q and o run on decoder tokens
         cross_k_v = 2 * d * kvw  # cross-attention k and v run on encoder outputs
         decoder = (
-            2 * t * cfg.decoder_layers * (block + cross_q_o)
-            + 2 * s * cfg.decoder_layers * cross_k_v
-            + cfg.decoder_layers * (attention(t, t) + attention(t, s))
+            2 * t * cfg.num_decoder_layers * (block + cross_q_o)
+            + 2 * s * cfg.num_decoder_layers * cross_k_v
+            + cfg.num_decoder_layers * (attention(t, t) + attention(t, s))
             + 2 * t * head
         )
         forward = encoder + decoder

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import jax
 import optax
@@ -12,7 +12,9 @@ from llm_jax.config import Config, at_least, one_of
 
 OPTIMIZERS = ("adamw", "adafactor", "sgd", "lion")
 SCHEDULES = ("cosine", "linear", "inverse_sqrt", "constant")
-NO_DECAY = ("bias", "scale", "mlm_bias")  # biases and norm scales are not decayed
+# Axes that do not count towards a parameter's rank for weight decay: the stacked-layer
+# axis, and the head dim "kv" (a [heads, kv] attention bias is one vector, split per head).
+NOT_WEIGHT_AXES = ("layers", "kv")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -62,30 +64,48 @@ def make_schedule(cfg: OptimizerConfig, total_steps: int) -> optax.Schedule:
     return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
 
 
-def decay_mask(params) -> dict:
-    """True for parameters that get weight decay: kernels and embeddings, not biases or
-    norm scales."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: str(getattr(path[-1], "key", path[-1])) not in NO_DECAY, params
+def decay_mask(axes_tree: Any) -> Any:
+    """True for parameters that get weight decay: matrices (kernels, embeddings, tables),
+    not vectors (biases, norm scales).
+
+    Args:
+      axes_tree: the logical axis names of every parameter (a tuple per leaf, e.g.
+        `llm_jax.parallel.logical_axes(model)`).
+
+    Returns:
+      A tree shaped like the parameters: True iff a parameter has >= 2 logical axes
+      besides "layers" and the head dim "kv" (`NOT_WEIGHT_AXES`).
+    """
+    return jax.tree.map(
+        lambda axes: sum(a not in NOT_WEIGHT_AXES for a in axes) >= 2,
+        axes_tree,
+        is_leaf=lambda x: isinstance(x, tuple),
     )
 
 
-def make_optimizer(cfg: OptimizerConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optax chain: optional global-norm clipping, then the optimizer with its schedule."""
+def make_optimizer(
+    cfg: OptimizerConfig, total_steps: int, axes_tree: Any
+) -> optax.GradientTransformation:
+    """The optax chain: optional global-norm clipping, then the optimizer with its schedule.
+
+    `axes_tree` holds the parameters' logical axes; it decides which get weight decay
+    (`decay_mask`).
+    """
     lr = make_schedule(cfg, total_steps)
+    mask = decay_mask(axes_tree)
     if cfg.name == "adamw":
         opt = optax.adamw(
-            lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask
+            lr, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay, mask=mask
         )
     elif cfg.name == "adafactor":
         opt = optax.adafactor(
-            lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask
+            lr, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=mask
         )
     elif cfg.name == "lion":
-        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+        opt = optax.lion(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=mask)
     else:
         opt = optax.chain(
-            optax.add_decayed_weights(cfg.weight_decay, mask=decay_mask),
+            optax.add_decayed_weights(cfg.weight_decay, mask=mask),
             optax.sgd(lr, momentum=cfg.momentum),
         )
     if cfg.clip_grad_norm:
