@@ -180,7 +180,7 @@ def test_hf_folder_greedy_equals_generate(capsys):
         (["--checkpoint", "{run}", "--step", "5"], "no checkpoint step 5"),
         (["--checkpoint", "{run}", "--prompt", "e" * 64], "has 64 positions"),
         (["--checkpoint", "{run}", "--max-new-tokens", "60"], "lower --max-new-tokens to"),
-        (["--checkpoint", "{run}", "--strategy", "greedy", "--top-p", "0.9"], "--top-p apply"),
+        (["--checkpoint", "{run}", "--strategy", "greedy", "--top-p", "0.9"], "--top-p applies"),
         (["--checkpoint", "{run}", "--temperature", "-1"], "temperature must be >= 0"),
         (["--hf", "{root}/missing"], "is not a folder"),
         (["--hf", str(HF_GPT2), "--step", "3"], "--step applies to --checkpoint"),
@@ -211,3 +211,51 @@ def test_text_stream_keeps_the_space_between_prompt_and_continuation():
     stream = TextStream(tok, ids[:cut])
     out = stream.printed + "".join(stream.push(t) for t in ids[cut:]) + stream.flush()
     assert out == tok.decode(ids) == text
+
+
+HF_T5 = HF_GPT2.parent / "t5"
+
+
+def test_t5_output_shows_sentinels_and_the_filled_input(capsys):
+    """A span-corruption T5 answers in sentinels; they are printed (as T5's demos do), and
+    the prompt's own `<extra_id_N>` markers are sentinel ids whose spans are filled in."""
+    from llm_jax.sample.cli import encode_with_sentinels, fill_spans, render
+
+    prompt = "Hello <extra_id_0> world <extra_id_1>"
+    code, out, err = run_cli(capsys, "--hf", str(HF_T5), "--prompt", prompt)
+    assert code == 0, err
+    model, tok = lj.convert.load_hf(HF_T5), lj.convert.load_hf_tokenizer(HF_T5)
+    ids = [*encode_with_sentinels(tok, prompt), tok.eos_id]
+    assert ids[tok.encode("Hello").__len__()] == tok.sentinel_id(0)
+    generated = sample.generate(model, [ids], max_new_tokens=64, eos_id=tok.eos_id).to_lists()[0]
+    lines = out.splitlines()
+    assert lines[0] == render(tok, generated, sentinels=True)
+    filled = fill_spans(ids, generated, tok.sentinel_ids)
+    assert lines[1] == "filled: " + render(tok, filled, sentinels=True)
+    assert "<extra_id_" in out  # the untrained fixture leaves sentinels to show
+
+
+def test_sentinel_helpers_literal():
+    from llm_jax.sample.cli import TextStream, encode_with_sentinels, fill_spans, render
+
+    tok = lj.data.train_tokenizer(
+        texts=["the cute dog walks in the park\n"] * 20, model_type="char", num_sentinels=3
+    )
+    s0, s1, s2 = (tok.sentinel_id(i) for i in range(3))
+    ids = encode_with_sentinels(tok, "the <extra_id_0> walks <extra_id_1>")
+    assert ids == [*tok.encode("the "), s0, *tok.encode(" walks "), s1]
+    out = [s0, *tok.encode("cute dog"), s1, *tok.encode("in the park"), s2, tok.eos_id]
+    assert (
+        render(tok, out, sentinels=True)
+        == "<extra_id_0> cute dog <extra_id_1> in the park <extra_id_2>"
+    )
+    assert render(tok, out) == "cute dogin the park"
+    assert tok.decode(fill_spans(ids, out, tok.sentinel_ids)) == "the cute dog walks in the park"
+    # A sentinel the model left unfilled stays visible.
+    assert render(
+        tok, fill_spans(ids, [s1, *tok.encode("x")], tok.sentinel_ids), sentinels=True
+    ) == ("the <extra_id_0> walks x")
+    # A character cut off by the end of generation is not printed as U+FFFD.
+    e_acute = tok.encode("é")  # two byte-fallback ids
+    stream = TextStream(tok, tok.encode("caf"))
+    assert stream.push(e_acute[0]) == "" and stream.flush() == ""

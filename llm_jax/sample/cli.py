@@ -14,6 +14,7 @@ What was loaded goes to stderr, so stdout holds only text.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,11 @@ def _strategy_name(args: argparse.Namespace) -> str:
     beam = [_flag(n) for n in BEAM_FLAGS if getattr(args, n) is not None]
     name = args.strategy or ("beam" if beam else "sample" if sampling else "greedy")
     if sampling and name != "sample":
-        raise ValueError(f"{', '.join(sampling)} apply to --strategy sample, not {name}.")
+        verb = "applies" if len(sampling) == 1 else "apply"
+        raise ValueError(f"{', '.join(sampling)} {verb} to --strategy sample, not {name}.")
     if beam and name != "beam":
-        raise ValueError(f"{', '.join(beam)} apply to --strategy beam, not {name}.")
+        verb = "applies" if len(beam) == 1 else "apply"
+        raise ValueError(f"{', '.join(beam)} {verb} to --strategy beam, not {name}.")
     return name
 
 
@@ -68,13 +71,20 @@ class TextStream:
     `printed` starts as the context's own text.
     """
 
-    def __init__(self, tokenizer: Any, context: list[int] | tuple[int, ...] = ()):
+    def __init__(
+        self,
+        tokenizer: Any,
+        context: list[int] | tuple[int, ...] = (),
+        *,
+        sentinels: bool = False,
+    ):
         self.tokenizer = tokenizer
+        self.sentinels = sentinels
         self.ids: list[int] = list(context)
         self.printed = self._decode()
 
     def _decode(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        return render(self.tokenizer, self.ids, sentinels=self.sentinels)
 
     def push(self, token: int) -> str:
         self.ids.append(int(token))
@@ -86,11 +96,67 @@ class TextStream:
 
     def flush(self) -> str:
         """The rest of the text; if it no longer extends what was printed, the whole text
-        again on a new line (never dropped)."""
-        text = self._decode()
+        again on a new line (never dropped). A character cut off by the end of generation
+        (an incomplete UTF-8 sequence, shown as U+FFFD) is left out."""
+        text = self._decode().rstrip("\ufffd")
         new = text[len(self.printed) :] if text.startswith(self.printed) else "\n" + text
         self.printed = text
         return new
+
+
+_SENTINEL = re.compile(r"<extra_id_(\d+)>")
+
+
+def render(tokenizer: Any, ids: list[int], *, sentinels: bool = False) -> str:
+    """Text of generated `ids` without the named special tokens (BOS, EOS, padding, ...);
+    with `sentinels`, T5's `<extra_id_N>` stay visible, as in T5's span-filling demos
+    ("<extra_id_0> cute dog <extra_id_1> the <extra_id_2>")."""
+    if not sentinels:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+    named = set(tokenizer.special_ids.values())
+    marks = {int(s) for s in getattr(tokenizer, "sentinel_ids", ())}
+    parts: list[str] = []
+    run: list[int] = []
+    for i in ids:
+        if i in marks:
+            parts += [tokenizer.decode(run).strip(), tokenizer.decode([i])]
+            run = []
+        elif i not in named:
+            run.append(i)
+    parts.append(tokenizer.decode(run).strip())
+    # Spaced around each sentinel, as Hugging Face prints special tokens.
+    return " ".join(p for p in parts if p)
+
+
+def encode_with_sentinels(tokenizer: Any, text: str) -> list[int]:
+    """`tokenizer.encode(text)`, except that `<extra_id_N>` markers become the sentinel ids
+    (`encode` never emits a special id, so literal marker text stays text otherwise)."""
+    if not getattr(tokenizer, "num_sentinels", 0):
+        return list(tokenizer.encode(text))
+    ids: list[int] = []
+    last = 0
+    for marker in _SENTINEL.finditer(text):
+        ids += tokenizer.encode(text[last : marker.start()])
+        ids.append(tokenizer.sentinel_id(int(marker.group(1))))
+        last = marker.end()
+    return ids + list(tokenizer.encode(text[last:]))
+
+
+def fill_spans(inputs: list[int], outputs: list[int], sentinel_ids: Any) -> list[int]:
+    """The input with each sentinel replaced by the span the model generated after that
+    sentinel (T5 span filling); a sentinel the model did not fill stays in place."""
+    sentinel_ids = {int(s) for s in sentinel_ids}
+    spans: dict[int, list[int]] = {}
+    current: list[int] | None = None
+    for t in outputs:
+        if t in sentinel_ids:
+            current = spans.setdefault(t, [])
+        elif current is not None:
+            current.append(t)
+    out: list[int] = []
+    for t in inputs:
+        out += spans.get(t, [t]) if t in sentinel_ids else [t]
+    return out
 
 
 def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_decoder: bool):
@@ -107,7 +173,12 @@ def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_
         ids = list(tokenizer.encode(prompt, add_special_tokens=True))
     else:
         data = data or {}
-        ids = list(tokenizer.encode(prompt))
+        ids = (
+            encode_with_sentinels(tokenizer, prompt)
+            if encoder_decoder
+            else tokenizer.encode(prompt)
+        )
+        ids = list(ids)
         if encoder_decoder:  # span-corruption and seq2seq inputs always end with EOS
             if eos is not None:
                 ids = [*ids, eos]
@@ -200,27 +271,44 @@ def _sample(args: argparse.Namespace) -> int:
     eos = tokenizer.special_ids.get("eos")
     common = dict(max_new_tokens=args.max_new_tokens, eos_id=eos, pad_id=0)
     context = [] if encoder_decoder else ids  # decoder-only text continues the prompt
+    # An encoder-decoder's output shows T5's sentinels: a span-corruption model answers
+    # "<extra_id_0> span <extra_id_1> ...", which would print as nothing without them.
+    sentinels = encoder_decoder
     out = sys.stdout
 
     if name == "beam":
         result = sample.generate(decoder, [ids], strategy=strategy, **common)
         scores = jax.device_get(result.scores)[0]
         for rank, (beam_ids, score) in enumerate(zip(result.to_lists()[0], scores, strict=True)):
-            text = tokenizer.decode(context + beam_ids, skip_special_tokens=True)
+            text = render(tokenizer, context + beam_ids, sentinels=sentinels)
             out.write(f"--- beam {rank + 1} (score {float(score):.4f}) ---\n{text}\n")
+            out.write(_filled_line(tokenizer, ids, beam_ids) if sentinels else "")
         out.flush()
         return 0
 
     rng = jax.random.key(args.seed) if name == "sample" else None
-    text = TextStream(tokenizer, context)
+    text = TextStream(tokenizer, context, sentinels=sentinels)
     out.write(text.printed)
     out.flush()
+    generated: list[int] = []
     for tokens in sample.stream(decoder, [ids], strategy=strategy, rng=rng, **common):
-        out.write(text.push(int(tokens[0])))
+        generated.append(int(tokens[0]))
+        out.write(text.push(generated[-1]))
         out.flush()
     out.write(text.flush() + "\n")
+    out.write(_filled_line(tokenizer, ids, generated) if sentinels else "")
     out.flush()
     return 0
+
+
+def _filled_line(tokenizer: Any, inputs: list[int], outputs: list[int]) -> str:
+    """ "filled: <the input with its sentinels replaced by the generated spans>" when the
+    input has sentinels to fill; else nothing."""
+    sentinel_ids = getattr(tokenizer, "sentinel_ids", ())
+    if not set(inputs) & {int(s) for s in sentinel_ids}:
+        return ""
+    filled = fill_spans(inputs, outputs, sentinel_ids)
+    return f"filled: {render(tokenizer, filled, sentinels=True)}\n"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
