@@ -243,17 +243,17 @@ def test_sentinel_helpers_literal():
     )
     s0, s1, s2 = (tok.sentinel_id(i) for i in range(3))
     ids = encode_with_sentinels(tok, "the <extra_id_0> walks <extra_id_1>")
-    assert ids == [*tok.encode("the "), s0, *tok.encode(" walks "), s1]
-    out = [s0, *tok.encode("cute dog"), s1, *tok.encode("in the park"), s2, tok.eos_id]
+    assert ids == [*tok.encode("the"), s0, *tok.encode(" walks"), s1]
+    out = [s0, *tok.encode(" cute dog"), s1, *tok.encode(" in the park"), s2, tok.eos_id]
     assert (
         render(tok, out, sentinels=True)
         == "<extra_id_0> cute dog <extra_id_1> in the park <extra_id_2>"
     )
-    assert render(tok, out) == "cute dogin the park"
+    assert render(tok, out) == " cute dog in the park"
     assert tok.decode(fill_spans(ids, out, tok.sentinel_ids)) == "the cute dog walks in the park"
     # A sentinel the model left unfilled stays visible.
     assert render(
-        tok, fill_spans(ids, [s1, *tok.encode("x")], tok.sentinel_ids), sentinels=True
+        tok, fill_spans(ids, [s1, *tok.encode(" x")], tok.sentinel_ids), sentinels=True
     ) == ("the <extra_id_0> walks x")
     # A character cut off by the end of generation is not printed as U+FFFD.
     e_acute = tok.encode("é")  # two byte-fallback ids

@@ -130,13 +130,18 @@ def render(tokenizer: Any, ids: list[int], *, sentinels: bool = False) -> str:
 
 def encode_with_sentinels(tokenizer: Any, text: str) -> list[int]:
     """`tokenizer.encode(text)`, except that `<extra_id_N>` markers become the sentinel ids
-    (`encode` never emits a special id, so literal marker text stays text otherwise)."""
+    (`encode` never emits a special id, so literal marker text stays text otherwise).
+
+    One space before a marker is taken to belong to the hidden span, as in pretraining,
+    where "beginning God created" with "God" masked reads "beginning<extra_id_0> created".
+    """
     if not getattr(tokenizer, "num_sentinels", 0):
         return list(tokenizer.encode(text))
     ids: list[int] = []
     last = 0
     for marker in _SENTINEL.finditer(text):
-        ids += tokenizer.encode(text[last : marker.start()])
+        before = text[last : marker.start()]
+        ids += tokenizer.encode(before[:-1] if before.endswith(" ") else before)
         ids.append(tokenizer.sentinel_id(int(marker.group(1))))
         last = marker.end()
     return ids + list(tokenizer.encode(text[last:]))
