@@ -403,67 +403,122 @@ def params_from_hf(
     """
     family = FAMILIES[model_type]
     origin = origin or {k: k for k in weights}
-    used: set[str] = set()
-    missing: list[str] = []
-    misshaped: list[str] = []
-    flat: dict[str, np.ndarray] = {}
+    found = _Found()
     for link in family.links(cfg):
-        if link.ours not in shapes:
-            raise AssertionError(f"conversion table names {link.ours!r}, not in the model")
-        full = tuple(shapes[link.ours])
-        shape = full[1:] if link.layered else full
-        layers = range(full[0]) if link.layered else [None]
-        pieces = []
-        for i in layers:
-            key = link.hf.format(i=i) if link.layered else link.hf
-            if key not in weights:
-                if key not in missing:
-                    missing.append(key)
-                continue
-            used.add(key)
-            x = weights[key]
-            want = link.hf_shape(shape)
-            if tuple(x.shape) != want:
-                note = f"{origin.get(key, key)} {tuple(x.shape)} (expected {want} for {link.ours})"
-                if note not in misshaped:
-                    misshaped.append(note)
-                continue
-            pieces.append(link.to_ours(np.asarray(x, np.float32), shape))
-        if len(pieces) == len(layers):
-            flat[link.ours] = np.stack(pieces) if link.layered else pieces[0]
-    differing = []
+        _read_link(found, link, weights, shapes, origin)
     for alias, original in family.aliases(cfg):
-        if alias in weights:
-            used.add(alias)
-            same = original in weights and np.array_equal(
-                np.asarray(weights[alias], np.float32), np.asarray(weights[original], np.float32)
-            )
-            if not same:
-                differing.append(f"{origin.get(alias, alias)} != {origin.get(original, original)}")
+        _check_alias(found, alias, original, weights, origin)
+    _raise_problems(found, model_type, family, weights, origin)
+    unfilled = sorted(set(shapes) - set(found.flat))
+    if unfilled:  # a table bug: never hand back a partly random model
+        raise AssertionError(f"parameters not covered by the conversion table: {unfilled}")
+    return unflatten_tree(found.flat)
+
+
+@dataclasses.dataclass
+class _Found:
+    """What `params_from_hf` found so far: converted parameters, and the problems to list.
+
+    Attributes:
+      flat: our '/'-joined path -> converted parameter.
+      used: normalised keys that were read.
+      missing: keys the table wants that the checkpoint lacks (in table order).
+      misshaped: notes on tensors of the wrong shape.
+      differing: notes on stored tied copies that differ from their originals.
+    """
+
+    flat: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    used: set[str] = dataclasses.field(default_factory=set)
+    missing: list[str] = dataclasses.field(default_factory=list)
+    misshaped: list[str] = dataclasses.field(default_factory=list)
+    differing: list[str] = dataclasses.field(default_factory=list)
+
+
+def _read_link(
+    found: _Found,
+    link: Link,
+    weights: Mapping[str, np.ndarray],
+    shapes: Mapping[str, tuple[int, ...]],
+    origin: Mapping[str, str],
+) -> None:
+    """Converts the tensors of one link (one per layer when layered) into `found.flat`.
+
+    A link that is missing or mis-shaped in any layer is recorded and left out of
+    `found.flat`.
+    """
+    if link.ours not in shapes:
+        raise AssertionError(f"conversion table names {link.ours!r}, not in the model")
+    full = tuple(shapes[link.ours])
+    shape = full[1:] if link.layered else full
+    layers = range(full[0]) if link.layered else [None]
+    pieces = []
+    for i in layers:
+        key = link.hf.format(i=i) if link.layered else link.hf
+        if key not in weights:
+            if key not in found.missing:
+                found.missing.append(key)
+            continue
+        found.used.add(key)
+        x = weights[key]
+        want = link.hf_shape(shape)
+        if tuple(x.shape) != want:
+            note = f"{origin.get(key, key)} {tuple(x.shape)} (expected {want} for {link.ours})"
+            if note not in found.misshaped:
+                found.misshaped.append(note)
+            continue
+        pieces.append(link.to_ours(np.asarray(x, np.float32), shape))
+    if len(pieces) == len(layers):
+        found.flat[link.ours] = np.stack(pieces) if link.layered else pieces[0]
+
+
+def _check_alias(
+    found: _Found,
+    alias: str,
+    original: str,
+    weights: Mapping[str, np.ndarray],
+    origin: Mapping[str, str],
+) -> None:
+    """A stored tied copy is used, and must equal the tensor it duplicates."""
+    if alias not in weights:
+        return
+    found.used.add(alias)
+    same = original in weights and np.array_equal(
+        np.asarray(weights[alias], np.float32), np.asarray(weights[original], np.float32)
+    )
+    if not same:
+        found.differing.append(f"{origin.get(alias, alias)} != {origin.get(original, original)}")
+
+
+def _raise_problems(
+    found: _Found,
+    model_type: str,
+    family: Family,
+    weights: Mapping[str, np.ndarray],
+    origin: Mapping[str, str],
+) -> None:
+    """One HFCheckpointError listing every missing, unexpected, mis-shaped or differing key."""
     ignored = re.compile("|".join(f"(?:{p})" for p in family.ignored))
     unexpected = sorted(
-        origin.get(k, k) for k in weights if k not in used and not ignored.fullmatch(k)
+        origin.get(k, k) for k in weights if k not in found.used and not ignored.fullmatch(k)
     )
     problems = []
-    if missing:
+    if found.missing:
         prefix = f" (prefix {family.strip!r} optional)" if family.strip else ""
-        problems.append(f"missing keys{prefix}: {_listing(missing)}")
+        problems.append(f"missing keys{prefix}: {_listing(found.missing)}")
     if unexpected:
         problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"shape mismatches: {_listing(misshaped)}")
-    if differing:
-        problems.append(f"tied copies that differ from their originals: {_listing(differing)}")
+    if found.misshaped:
+        problems.append(f"shape mismatches: {_listing(found.misshaped)}")
+    if found.differing:
+        problems.append(
+            f"tied copies that differ from their originals: {_listing(found.differing)}"
+        )
     if problems:
         raise HFCheckpointError(
             f"the {model_type} checkpoint does not match its config.json: "
             + "; ".join(problems)
             + ". Check that config.json belongs to these weights."
         )
-    unfilled = sorted(set(shapes) - set(flat))
-    if unfilled:  # a table bug: never hand back a partly random model
-        raise AssertionError(f"parameters not covered by the conversion table: {unfilled}")
-    return unflatten_tree(flat)
 
 
 # --- export ---------------------------------------------------------------------------------
