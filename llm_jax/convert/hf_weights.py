@@ -402,24 +402,23 @@ def params_from_hf(
         that differs from its original; every problem is listed.
     """
     family = FAMILIES[model_type]
-    origin = origin or {k: k for k in weights}
-    found = _Found()
+    found = _Reading(weights, origin or {k: k for k in weights})
     for link in family.links(cfg):
-        _read_link(found, link, weights, shapes, origin)
+        found.read_link(link, shapes)
     for alias, original in family.aliases(cfg):
-        _check_alias(found, alias, original, weights, origin)
-    _raise_problems(found, model_type, family, weights, origin)
+        found.check_alias(alias, original)
+    found.raise_problems(model_type, family)
     unfilled = sorted(set(shapes) - set(found.flat))
     if unfilled:  # a table bug: never hand back a partly random model
         raise AssertionError(f"parameters not covered by the conversion table: {unfilled}")
     return unflatten_tree(found.flat)
 
 
-@dataclasses.dataclass
-class _Found:
-    """What `params_from_hf` found so far: converted parameters, and the problems to list.
+class _Reading:
+    """One `params_from_hf` pass: the converted parameters so far, and the problems to list.
 
     Attributes:
+      weights: normalised key -> tensor; origin: normalised key -> stored key.
       flat: our '/'-joined path -> converted parameter.
       used: normalised keys that were read.
       missing: keys the table wants that the checkpoint lacks (in table order).
@@ -427,98 +426,82 @@ class _Found:
       differing: notes on stored tied copies that differ from their originals.
     """
 
-    flat: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    used: set[str] = dataclasses.field(default_factory=set)
-    missing: list[str] = dataclasses.field(default_factory=list)
-    misshaped: list[str] = dataclasses.field(default_factory=list)
-    differing: list[str] = dataclasses.field(default_factory=list)
+    def __init__(self, weights: Mapping[str, np.ndarray], origin: Mapping[str, str]):
+        self.weights, self.origin = weights, origin
+        self.flat: dict[str, np.ndarray] = {}
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.misshaped: list[str] = []
+        self.differing: list[str] = []
 
+    def read_link(self, link: Link, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Converts the tensors of one link (one per layer when layered) into `flat`; one
+        missing or mis-shaped in any layer is recorded and the parameter left out."""
+        if link.ours not in shapes:
+            raise AssertionError(f"conversion table names {link.ours!r}, not in the model")
+        full = tuple(shapes[link.ours])
+        shape = full[1:] if link.layered else full
+        layers = range(full[0]) if link.layered else [None]
+        pieces = []
+        for i in layers:
+            key = link.hf.format(i=i) if link.layered else link.hf
+            if key not in self.weights:
+                if key not in self.missing:
+                    self.missing.append(key)
+                continue
+            self.used.add(key)
+            x = self.weights[key]
+            want = link.hf_shape(shape)
+            if tuple(x.shape) != want:
+                stored = self.origin.get(key, key)
+                note = f"{stored} {tuple(x.shape)} (expected {want} for {link.ours})"
+                if note not in self.misshaped:
+                    self.misshaped.append(note)
+                continue
+            pieces.append(link.to_ours(np.asarray(x, np.float32), shape))
+        if len(pieces) == len(layers):
+            self.flat[link.ours] = np.stack(pieces) if link.layered else pieces[0]
 
-def _read_link(
-    found: _Found,
-    link: Link,
-    weights: Mapping[str, np.ndarray],
-    shapes: Mapping[str, tuple[int, ...]],
-    origin: Mapping[str, str],
-) -> None:
-    """Converts the tensors of one link (one per layer when layered) into `found.flat`.
-
-    A link that is missing or mis-shaped in any layer is recorded and left out of
-    `found.flat`.
-    """
-    if link.ours not in shapes:
-        raise AssertionError(f"conversion table names {link.ours!r}, not in the model")
-    full = tuple(shapes[link.ours])
-    shape = full[1:] if link.layered else full
-    layers = range(full[0]) if link.layered else [None]
-    pieces = []
-    for i in layers:
-        key = link.hf.format(i=i) if link.layered else link.hf
-        if key not in weights:
-            if key not in found.missing:
-                found.missing.append(key)
-            continue
-        found.used.add(key)
-        x = weights[key]
-        want = link.hf_shape(shape)
-        if tuple(x.shape) != want:
-            note = f"{origin.get(key, key)} {tuple(x.shape)} (expected {want} for {link.ours})"
-            if note not in found.misshaped:
-                found.misshaped.append(note)
-            continue
-        pieces.append(link.to_ours(np.asarray(x, np.float32), shape))
-    if len(pieces) == len(layers):
-        found.flat[link.ours] = np.stack(pieces) if link.layered else pieces[0]
-
-
-def _check_alias(
-    found: _Found,
-    alias: str,
-    original: str,
-    weights: Mapping[str, np.ndarray],
-    origin: Mapping[str, str],
-) -> None:
-    """A stored tied copy is used, and must equal the tensor it duplicates."""
-    if alias not in weights:
-        return
-    found.used.add(alias)
-    same = original in weights and np.array_equal(
-        np.asarray(weights[alias], np.float32), np.asarray(weights[original], np.float32)
-    )
-    if not same:
-        found.differing.append(f"{origin.get(alias, alias)} != {origin.get(original, original)}")
-
-
-def _raise_problems(
-    found: _Found,
-    model_type: str,
-    family: Family,
-    weights: Mapping[str, np.ndarray],
-    origin: Mapping[str, str],
-) -> None:
-    """One HFCheckpointError listing every missing, unexpected, mis-shaped or differing key."""
-    ignored = re.compile("|".join(f"(?:{p})" for p in family.ignored))
-    unexpected = sorted(
-        origin.get(k, k) for k in weights if k not in found.used and not ignored.fullmatch(k)
-    )
-    problems = []
-    if found.missing:
-        prefix = f" (prefix {family.strip!r} optional)" if family.strip else ""
-        problems.append(f"missing keys{prefix}: {_listing(found.missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if found.misshaped:
-        problems.append(f"shape mismatches: {_listing(found.misshaped)}")
-    if found.differing:
-        problems.append(
-            f"tied copies that differ from their originals: {_listing(found.differing)}"
+    def check_alias(self, alias: str, original: str) -> None:
+        """A stored tied copy is used, and must equal the tensor it duplicates."""
+        if alias not in self.weights:
+            return
+        self.used.add(alias)
+        same = original in self.weights and np.array_equal(
+            np.asarray(self.weights[alias], np.float32),
+            np.asarray(self.weights[original], np.float32),
         )
-    if problems:
-        raise HFCheckpointError(
-            f"the {model_type} checkpoint does not match its config.json: "
-            + "; ".join(problems)
-            + ". Check that config.json belongs to these weights."
+        if not same:
+            name = self.origin.get
+            self.differing.append(f"{name(alias, alias)} != {name(original, original)}")
+
+    def raise_problems(self, model_type: str, family: Family) -> None:
+        """One HFCheckpointError listing every missing, unexpected, mis-shaped or differing
+        key; nothing when there are none."""
+        ignored = re.compile("|".join(f"(?:{p})" for p in family.ignored))
+        unexpected = sorted(
+            self.origin.get(k, k)
+            for k in self.weights
+            if k not in self.used and not ignored.fullmatch(k)
         )
+        problems = []
+        if self.missing:
+            prefix = f" (prefix {family.strip!r} optional)" if family.strip else ""
+            problems.append(f"missing keys{prefix}: {_listing(self.missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_listing(unexpected)}")
+        if self.misshaped:
+            problems.append(f"shape mismatches: {_listing(self.misshaped)}")
+        if self.differing:
+            problems.append(
+                f"tied copies that differ from their originals: {_listing(self.differing)}"
+            )
+        if problems:
+            raise HFCheckpointError(
+                f"the {model_type} checkpoint does not match its config.json: "
+                + "; ".join(problems)
+                + ". Check that config.json belongs to these weights."
+            )
 
 
 # --- export ---------------------------------------------------------------------------------
