@@ -181,6 +181,43 @@ def _json_copy(value: Any, what: str) -> dict[str, Any] | None:
         ) from e
 
 
+def _check_save_options(save_interval_steps: Any, max_to_keep: Any) -> None:
+    if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int):
+        raise TypeError(f"save_interval_steps must be an int, got {save_interval_steps!r}")
+    if save_interval_steps < 1:
+        raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
+        raise ValueError(f"max_to_keep must be an int >= 1 or None, got {max_to_keep!r}")
+
+
+def _check_step(step: Any) -> int:
+    """``step`` as a Python int (ints, numpy and jax integer scalars), or ValueError."""
+    try:
+        index = operator.index(step)
+    except TypeError:
+        index = -1
+    if index < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return index
+
+
+def _save_items(
+    state: Any,
+    data_state: dict[str, Any] | None,
+    config: dict[str, Any] | None,
+    tokenizer_dir: str | os.PathLike | None,
+) -> dict[str, ocp.args.CheckpointArgs]:
+    """The orbax items of one step, less the tokenizer files; checks the inputs."""
+    items: dict[str, ocp.args.CheckpointArgs] = {_STATE: ocp.args.StandardSave(state)}
+    if (data := _json_copy(data_state, "data_state")) is not None:
+        items[_DATA] = ocp.args.JsonSave(data)
+    if (cfg := _json_copy(config, "config")) is not None:
+        items[_CONFIG] = ocp.args.JsonSave(cfg)
+    if tokenizer_dir is not None and not epath.Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer_dir {os.fspath(tokenizer_dir)!r} is not a directory")
+    return items
+
+
 def _read_tokenizer_files(tokenizer_dir: str | os.PathLike) -> dict[str, bytes]:
     root = epath.Path(tokenizer_dir)
     if not root.is_dir():
@@ -301,12 +338,7 @@ class CheckpointManager:
             allow_unverified: Restore steps that have no checksum manifest (with a warning)
                 instead of skipping them.
         """
-        if isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int):
-            raise TypeError(f"save_interval_steps must be an int, got {save_interval_steps!r}")
-        if save_interval_steps < 1:
-            raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
-        if max_to_keep is not None and (not isinstance(max_to_keep, int) or max_to_keep < 1):
-            raise ValueError(f"max_to_keep must be an int >= 1 or None, got {max_to_keep!r}")
+        _check_save_options(save_interval_steps, max_to_keep)
         directory = epath.Path(directory)
         # orbax/tensorstore need absolute local paths; remote (gs://...) paths already are.
         self._directory = (
@@ -322,16 +354,20 @@ class CheckpointManager:
         self._checked: dict[int, Verification] = {}
         self._warned: set[int] = set()
         self._closed = False
+        self._mngr = self._open_orbax(max_to_keep)
+
+    def _open_orbax(self, max_to_keep: int | None) -> ocp.CheckpointManager:
+        """The orbax manager of the workdir, one item handler per step subdirectory."""
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
+            save_interval_steps=self._interval,
             # Always async underneath: the manifest hook needs orbax's AsyncCheckpointer;
             # ``async_save=False`` waits right after each save instead.
             enable_async_checkpointing=True,
             async_options=ocp.AsyncOptions(post_finalization_callback=self._on_finalized),
             cleanup_tmp_directories=True,
         )
-        self._mngr = ocp.CheckpointManager(
+        return ocp.CheckpointManager(
             self._directory,
             options=options,
             item_handlers={
@@ -375,7 +411,7 @@ class CheckpointManager:
         True at multiples of ``save_interval_steps`` (and at orbax preemption sync points),
         unless the workdir already holds this or a later step not known to be corrupted.
         """
-        if not (step % self._interval == 0 or self._mngr.reached_preemption(step)):
+        if not self._on_interval(step):
             return False
         return not any(
             s >= step and (s not in self._checked or self._checked[s].ok)
@@ -420,30 +456,28 @@ class CheckpointManager:
         """
         if self._closed:
             raise RuntimeError("save() on a closed CheckpointManager; open a new one")
-        try:
-            index = operator.index(step)  # ints, numpy and jax integer scalars
-        except TypeError:
-            index = -1
-        if index < 0:
-            raise ValueError(f"step must be an integer >= 0, got {step!r}")
-        step = index
+        step = _check_step(step)
         # Inputs are checked on every call (cheap), so a bad one fails at the first step
         # rather than at the first save; the tokenizer files are read only when saving.
-        items = {_STATE: ocp.args.StandardSave(state)}
-        if (data := _json_copy(data_state, "data_state")) is not None:
-            items[_DATA] = ocp.args.JsonSave(data)
-        if (cfg := _json_copy(config, "config")) is not None:
-            items[_CONFIG] = ocp.args.JsonSave(cfg)
-        if tokenizer_dir is not None and not epath.Path(tokenizer_dir).is_dir():
-            raise FileNotFoundError(
-                f"tokenizer_dir {os.fspath(tokenizer_dir)!r} is not a directory"
-            )
-        if not force and not (step % self._interval == 0 or self._mngr.reached_preemption(step)):
+        items = _save_items(state, data_state, config, tokenizer_dir)
+        if not force and not self._on_interval(step):
             return False
         if tokenizer_dir is not None:
             items[_TOKENIZER] = TokenizerDirSave(_read_tokenizer_files(tokenizer_dir))
-
         self.wait_until_finished()
+        if not self._make_room(step):
+            return False
+        return self._start_save(step, items)
+
+    def _on_interval(self, step: int) -> bool:
+        return step % self._interval == 0 or self._mngr.reached_preemption(step)
+
+    def _make_room(self, step: int) -> bool:
+        """Whether ``step`` may be saved; moves aside the bad steps at or after it.
+
+        False (with a warning for a later step) when this or a later step is good: orbax
+        only appends steps.
+        """
         blocking = [s for s in sorted(self._mngr.all_steps()) if s >= step]
         good = [s for s in blocking if self._verify(s).ok]
         if step in good:
@@ -453,12 +487,15 @@ class CheckpointManager:
                 f"not saving step {step}: {self._directory} already holds the later good "
                 f"checkpoint step {good[-1]}; orbax only appends steps. Restore the latest step "
                 "to continue, or use a new workdir.",
-                stacklevel=2,
+                stacklevel=3,
             )
             return False
         if blocking:
             self._quarantine(blocking)
+        return True
 
+    def _start_save(self, step: int, items: dict[str, ocp.args.CheckpointArgs]) -> bool:
+        """Hands the step to orbax, tracked as pending until its manifest is written."""
         with self._lock:
             self._pending.append(step)
             self._checked.pop(step, None)
@@ -635,7 +672,7 @@ class CheckpointManager:
                     f"moved corrupted checkpoint step {step} to {dest} so that step {step} and "
                     "later can be saved again; delete it once inspected",
                     CheckpointIntegrityWarning,
-                    stacklevel=3,
+                    stacklevel=4,
                 )
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

@@ -190,7 +190,22 @@ def verify_step_dir(step_dir: str | os.PathLike, step: int) -> Verification:
     if manifest is None:
         return Verification(False, reason)
 
-    expected: dict[str, dict[str, Any]] = manifest["files"]
+    problems = _file_problems(step_dir, manifest["files"])
+    metadata = step_dir / "_CHECKPOINT_METADATA"
+    if metadata.exists():
+        try:
+            json.loads(metadata.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            problems.append("orbax's _CHECKPOINT_METADATA is not valid JSON")
+    if not problems:
+        return Verification(True)
+    shown = "; ".join(problems[:_MAX_REASONS])
+    more = len(problems) - _MAX_REASONS
+    return Verification(False, shown + (f"; and {more} more problem(s)" if more > 0 else ""))
+
+
+def _file_problems(step_dir: epath.Path, expected: dict[str, dict[str, Any]]) -> list[str]:
+    """How the files of ``step_dir`` differ from the manifest's ``files`` table."""
     present = set(_list_files(step_dir))
     problems = [f"file {rel} is missing" for rel in sorted(set(expected) - present)]
     problems += [f"file {rel} is not in the manifest" for rel in sorted(present - set(expected))]
@@ -211,14 +226,4 @@ def verify_step_dir(step_dir: str | os.PathLike, step: int) -> Verification:
             problems.append(f"file {rel} changed size while being verified")
         elif got["sha256"] != expected[rel]["sha256"]:
             problems.append(f"file {rel} has a different sha256 than the manifest (bytes changed)")
-    metadata = step_dir / "_CHECKPOINT_METADATA"
-    if metadata.exists():
-        try:
-            json.loads(metadata.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            problems.append("orbax's _CHECKPOINT_METADATA is not valid JSON")
-    if not problems:
-        return Verification(True)
-    shown = "; ".join(problems[:_MAX_REASONS])
-    more = len(problems) - _MAX_REASONS
-    return Verification(False, shown + (f"; and {more} more problem(s)" if more > 0 else ""))
+    return problems

@@ -402,12 +402,41 @@ def params_from_hf(
         that differs from its original; every problem is listed.
     """
     family = FAMILIES[model_type]
-    origin = origin or {k: k for k in weights}
-    used: set[str] = set()
-    missing: list[str] = []
-    misshaped: list[str] = []
-    flat: dict[str, np.ndarray] = {}
+    found = _Reading(weights, origin or {k: k for k in weights})
     for link in family.links(cfg):
+        found.read_link(link, shapes)
+    for alias, original in family.aliases(cfg):
+        found.check_alias(alias, original)
+    found.raise_problems(model_type, family)
+    unfilled = sorted(set(shapes) - set(found.flat))
+    if unfilled:  # a table bug: never hand back a partly random model
+        raise AssertionError(f"parameters not covered by the conversion table: {unfilled}")
+    return unflatten_tree(found.flat)
+
+
+class _Reading:
+    """One `params_from_hf` pass: the converted parameters so far, and the problems to list.
+
+    Attributes:
+      weights: normalised key -> tensor; origin: normalised key -> stored key.
+      flat: our '/'-joined path -> converted parameter.
+      used: normalised keys that were read.
+      missing: keys the table wants that the checkpoint lacks (in table order).
+      misshaped: notes on tensors of the wrong shape.
+      differing: notes on stored tied copies that differ from their originals.
+    """
+
+    def __init__(self, weights: Mapping[str, np.ndarray], origin: Mapping[str, str]):
+        self.weights, self.origin = weights, origin
+        self.flat: dict[str, np.ndarray] = {}
+        self.used: set[str] = set()
+        self.missing: list[str] = []
+        self.misshaped: list[str] = []
+        self.differing: list[str] = []
+
+    def read_link(self, link: Link, shapes: Mapping[str, tuple[int, ...]]) -> None:
+        """Converts the tensors of one link (one per layer when layered) into `flat`; one
+        missing or mis-shaped in any layer is recorded and the parameter left out."""
         if link.ours not in shapes:
             raise AssertionError(f"conversion table names {link.ours!r}, not in the model")
         full = tuple(shapes[link.ours])
@@ -416,54 +445,63 @@ def params_from_hf(
         pieces = []
         for i in layers:
             key = link.hf.format(i=i) if link.layered else link.hf
-            if key not in weights:
-                if key not in missing:
-                    missing.append(key)
+            if key not in self.weights:
+                if key not in self.missing:
+                    self.missing.append(key)
                 continue
-            used.add(key)
-            x = weights[key]
+            self.used.add(key)
+            x = self.weights[key]
             want = link.hf_shape(shape)
             if tuple(x.shape) != want:
-                note = f"{origin.get(key, key)} {tuple(x.shape)} (expected {want} for {link.ours})"
-                if note not in misshaped:
-                    misshaped.append(note)
+                stored = self.origin.get(key, key)
+                note = f"{stored} {tuple(x.shape)} (expected {want} for {link.ours})"
+                if note not in self.misshaped:
+                    self.misshaped.append(note)
                 continue
             pieces.append(link.to_ours(np.asarray(x, np.float32), shape))
         if len(pieces) == len(layers):
-            flat[link.ours] = np.stack(pieces) if link.layered else pieces[0]
-    differing = []
-    for alias, original in family.aliases(cfg):
-        if alias in weights:
-            used.add(alias)
-            same = original in weights and np.array_equal(
-                np.asarray(weights[alias], np.float32), np.asarray(weights[original], np.float32)
-            )
-            if not same:
-                differing.append(f"{origin.get(alias, alias)} != {origin.get(original, original)}")
-    ignored = re.compile("|".join(f"(?:{p})" for p in family.ignored))
-    unexpected = sorted(
-        origin.get(k, k) for k in weights if k not in used and not ignored.fullmatch(k)
-    )
-    problems = []
-    if missing:
-        prefix = f" (prefix {family.strip!r} optional)" if family.strip else ""
-        problems.append(f"missing keys{prefix}: {_listing(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_listing(unexpected)}")
-    if misshaped:
-        problems.append(f"shape mismatches: {_listing(misshaped)}")
-    if differing:
-        problems.append(f"tied copies that differ from their originals: {_listing(differing)}")
-    if problems:
-        raise HFCheckpointError(
-            f"the {model_type} checkpoint does not match its config.json: "
-            + "; ".join(problems)
-            + ". Check that config.json belongs to these weights."
+            self.flat[link.ours] = np.stack(pieces) if link.layered else pieces[0]
+
+    def check_alias(self, alias: str, original: str) -> None:
+        """A stored tied copy is used, and must equal the tensor it duplicates."""
+        if alias not in self.weights:
+            return
+        self.used.add(alias)
+        same = original in self.weights and np.array_equal(
+            np.asarray(self.weights[alias], np.float32),
+            np.asarray(self.weights[original], np.float32),
         )
-    unfilled = sorted(set(shapes) - set(flat))
-    if unfilled:  # a table bug: never hand back a partly random model
-        raise AssertionError(f"parameters not covered by the conversion table: {unfilled}")
-    return unflatten_tree(flat)
+        if not same:
+            name = self.origin.get
+            self.differing.append(f"{name(alias, alias)} != {name(original, original)}")
+
+    def raise_problems(self, model_type: str, family: Family) -> None:
+        """One HFCheckpointError listing every missing, unexpected, mis-shaped or differing
+        key; nothing when there are none."""
+        ignored = re.compile("|".join(f"(?:{p})" for p in family.ignored))
+        unexpected = sorted(
+            self.origin.get(k, k)
+            for k in self.weights
+            if k not in self.used and not ignored.fullmatch(k)
+        )
+        problems = []
+        if self.missing:
+            prefix = f" (prefix {family.strip!r} optional)" if family.strip else ""
+            problems.append(f"missing keys{prefix}: {_listing(self.missing)}")
+        if unexpected:
+            problems.append(f"unexpected keys: {_listing(unexpected)}")
+        if self.misshaped:
+            problems.append(f"shape mismatches: {_listing(self.misshaped)}")
+        if self.differing:
+            problems.append(
+                f"tied copies that differ from their originals: {_listing(self.differing)}"
+            )
+        if problems:
+            raise HFCheckpointError(
+                f"the {model_type} checkpoint does not match its config.json: "
+                + "; ".join(problems)
+                + ". Check that config.json belongs to these weights."
+            )
 
 
 # --- export ---------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from llm_jax.data.tokenize import train_tokenizer_from
 from llm_jax.data.tokenizer import MAX_SENTINELS, MODEL_TYPES, load_tokenizer
 
 
+# Long because it is the argparse table of three subcommands, read top to bottom like --help.
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Register `tokenizer` with its `train`, `encode` and `decode` subcommands."""
     tok = subparsers.add_parser(

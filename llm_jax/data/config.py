@@ -101,6 +101,14 @@ class DataConfig(Config):
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would be valid."""
+        self._check_types()
+        self._check_fractions()
+        self._check_tokenizer()
+        self._check_objective()
+        self._check_columns_and_splits()
+
+    def _check_types(self) -> None:
+        """Tuples, choices and integer bounds of single fields."""
         for name in _TUPLE_FIELDS:
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
@@ -134,6 +142,9 @@ class DataConfig(Config):
                     f"DataConfig.text_columns={self.text_columns} must hold 0-based column "
                     "indices (integers >= 0)."
                 )
+
+    def _check_fractions(self) -> None:
+        """Probabilities and fractions, alone and summed; the noise span length."""
         if self.character_coverage is not None:
             in_interval(self, "character_coverage", 0, 1, low_open=True)
         in_interval(self, "validation_fraction", 0, 1, high_open=True)
@@ -141,11 +152,6 @@ class DataConfig(Config):
         in_interval(self, "mask_token_fraction", 0, 1)
         in_interval(self, "random_token_fraction", 0, 1)
         in_interval(self, "noise_density", 0, 1, low_open=True, high_open=True)
-        if self.num_sentinels > 100:
-            raise ValueError(
-                f"DataConfig.num_sentinels={self.num_sentinels} must be in [0, 100] "
-                "(<extra_id_0> .. <extra_id_99>, as in T5)."
-            )
         if self.mask_token_fraction + self.random_token_fraction > 1:
             raise ValueError(
                 f"DataConfig.mask_token_fraction + random_token_fraction = "
@@ -156,21 +162,36 @@ class DataConfig(Config):
             raise ValueError(
                 f"DataConfig.mean_noise_span_length={self.mean_noise_span_length} must be >= 1."
             )
+
+    def _check_tokenizer(self) -> None:
+        if self.num_sentinels > 100:
+            raise ValueError(
+                f"DataConfig.num_sentinels={self.num_sentinels} must be in [0, 100] "
+                "(<extra_id_0> .. <extra_id_99>, as in T5)."
+            )
         if self.vocab_size is None and self.tokenizer_type != "char":
             raise ValueError(
                 "DataConfig.vocab_size=None is only allowed for tokenizer_type='char'; give "
                 "SentencePiece a vocabulary size (e.g. 8000)."
             )
-        if self.format not in OBJECTIVE_FORMATS[self.objective]:
+
+    def _check_objective(self) -> None:
+        """What the objective can read, the mlm-only pair task, and the spec's own checks."""
+        spec = _REGISTRY[self.objective]
+        if self.format not in spec.formats:
             raise ValueError(
                 f"DataConfig.format={self.format!r} cannot feed objective={self.objective!r}; "
-                f"use format in {list(OBJECTIVE_FORMATS[self.objective])}."
+                f"use format in {list(spec.formats)}."
             )
         if self.pair_task != "none" and self.objective != "mlm":
             raise ValueError(
                 f"DataConfig.pair_task={self.pair_task!r} needs objective='mlm' (NSP/SOP are "
                 "BERT/ALBERT pretraining tasks); set pair_task='none'."
             )
+        if spec.check is not None:
+            spec.check(self)
+
+    def _check_columns_and_splits(self) -> None:
         if not 1 <= len(self.text_columns) <= 2:
             raise ValueError(
                 f"DataConfig.text_columns={self.text_columns} must name 1 column (text) or "
@@ -179,11 +200,6 @@ class DataConfig(Config):
         if self.validation_paths and self.validation_fraction > 0:
             raise ValueError(
                 "DataConfig: set either validation_fraction or validation_paths, not both."
-            )
-        if self.objective == "span_corruption" and self.num_sentinels < 1:
-            raise ValueError(
-                "DataConfig.num_sentinels=0 but objective='span_corruption' needs sentinel "
-                "tokens; set num_sentinels=100 (T5)."
             )
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ValueError(f"DataConfig.label_names={self.label_names} has duplicates.")

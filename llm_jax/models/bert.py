@@ -10,6 +10,8 @@ Shape letters: B batch, T length, D model dim, E embedding dim, V vocab, C class
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -27,16 +29,29 @@ from llm_jax.models.inputs import (
     split_key,
 )
 from llm_jax.models.layers import (
-    Block,
+    BlockSpec,
     Einsum,
     Embed,
-    Stack,
     block_spec,
+    block_stack,
     lookup_table,
     make_norm,
     param,
 )
 from llm_jax.parallel.rules import constrain
+
+
+def _dense_maker(spec: BlockSpec, std: float, rngs: nnx.Rngs) -> Callable[..., Einsum]:
+    """`dense(equation, shape, axes, bias_shape, bias_axes)`: BERT's dense layers, which keep
+    their biases whatever `use_bias` says."""
+    common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+
+    def dense(equation, shape, axes, bias_shape, bias_axes) -> Einsum:
+        return Einsum(
+            equation, shape, axes, std=std, bias_shape=bias_shape, bias_axes=bias_axes, **common
+        )
+
+    return dense
 
 
 class BERT(nnx.Module):
@@ -51,46 +66,44 @@ class BERT(nnx.Module):
             raise ValueError(f"BERT needs a config with family='bert'; got {cfg.family!r}.")
         self.cfg = cfg
         spec, init = block_spec(cfg), init_scheme(cfg)
-        dtype, pdtype = spec.dtype, spec.param_dtype
-        r, d, e = init.dense, cfg.d_model, cfg.embed_dim
-        common = dict(dtype=dtype, param_dtype=pdtype, rngs=rngs)
+        dense = _dense_maker(spec, init.dense, rngs)
+        self._init_embeddings(spec, init.dense, dense, rngs)
+        self.layers = block_stack(
+            cfg, spec, init, cfg.num_layers, shared=cfg.share_layers, rngs=rngs
+        )
+        self._init_heads(spec, dense)
 
-        def norm(dim):
-            return make_norm(spec, dim)
-
-        def dense(equation, shape, axes, bias_shape, bias_axes):
-            return Einsum(
-                equation, shape, axes, std=r, bias_shape=bias_shape, bias_axes=bias_axes, **common
-            )
-
-        self.embed = Embed(cfg.vocab_size, e, std=r, **common)
+    def _init_embeddings(
+        self, spec: BlockSpec, std: float, dense: Callable[..., Einsum], rngs: nnx.Rngs
+    ):
+        """Word, position and token-type tables [., E], their norm, ALBERT's E -> D."""
+        cfg, pdtype, d, e = self.cfg, spec.param_dtype, self.cfg.d_model, self.cfg.embed_dim
+        self.embed = Embed(
+            cfg.vocab_size, e, std=std, dtype=spec.dtype, param_dtype=pdtype, rngs=rngs
+        )
         self.pos_embed = param(
-            rngs, (cfg.max_position_embeddings, e), ("positions", "embed"), std=r, dtype=pdtype
+            rngs, (cfg.max_position_embeddings, e), ("positions", "embed"), std=std, dtype=pdtype
         )
         self.type_embed = (
-            param(rngs, (cfg.type_vocab_size, e), ("types", "embed"), std=r, dtype=pdtype)
+            param(rngs, (cfg.type_vocab_size, e), ("types", "embed"), std=std, dtype=pdtype)
             if cfg.type_vocab_size
             else None
         )
-        self.embed_norm = norm(e)
+        self.embed_norm = make_norm(spec, e)
         self.embed_proj = (
             dense("BTE,ED->BTD", (e, d), ("embed", "mlp"), (d,), ("mlp",)) if e != d else None
         )
-        self.layers = Stack(
-            lambda r_: Block(spec, init, cross_attention=False, rngs=r_),
-            cfg.num_layers,
-            scan=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            shared=cfg.share_layers,
-            rngs=rngs,
-        )
+
+    def _init_heads(self, spec: BlockSpec, dense: Callable[..., Einsum]):
+        """Pooler, MLM head, NSP head and classifier, each None unless the config asks."""
+        cfg, d, e = self.cfg, self.cfg.d_model, self.cfg.embed_dim
         self.pooler = (
             dense("BD,DE->BE", (d, d), ("embed", "mlp"), (d,), ("mlp",)) if cfg.use_pooler else None
         )
         if cfg.use_mlm_head:
             self.mlm_transform = dense("BTD,DE->BTE", (d, e), ("mlp", "embed"), (e,), ("embed",))
-            self.mlm_norm = norm(e)
-            self.mlm_bias = param(None, (cfg.vocab_size,), ("vocab",), dtype=pdtype)
+            self.mlm_norm = make_norm(spec, e)
+            self.mlm_bias = param(None, (cfg.vocab_size,), ("vocab",), dtype=spec.param_dtype)
         else:
             self.mlm_transform = self.mlm_norm = self.mlm_bias = None
         self.nsp_head = (
@@ -98,16 +111,9 @@ class BERT(nnx.Module):
             if cfg.use_nsp
             else None
         )
+        c = cfg.num_labels
         self.classifier = (
-            dense(
-                "BD,DC->BC",
-                (d, cfg.num_labels),
-                ("embed", "classes"),
-                (cfg.num_labels,),
-                ("classes",),
-            )
-            if cfg.num_labels
-            else None
+            dense("BD,DC->BC", (d, c), ("embed", "classes"), (c,), ("classes",)) if c else None
         )
 
     def encode(

@@ -99,6 +99,26 @@ class KVCache:
     cross_kv: LayerKV | None = None
     encoder_valid: Bool[Array, "B Se"] | None = None
 
+    @classmethod
+    def empty(
+        cls,
+        shape: tuple[int, int, int, int, int],
+        dtype,
+        *,
+        heads_major: bool,
+        cross_kv: LayerKV | None = None,
+        encoder_valid: Bool[Array, "B Se"] | None = None,
+    ) -> KVCache:
+        """A cache with no slot written; `shape` is the self-attention [L, B, S, K, H]."""
+        _, b, s = shape[:3]
+        return cls(
+            self_kv=LayerKV.zeros(shape, dtype, heads_major=heads_major),
+            valid=jnp.zeros((b, s), bool),
+            index=jnp.zeros((), jnp.int32),
+            cross_kv=cross_kv,
+            encoder_valid=encoder_valid,
+        )
+
     @property
     def max_length(self) -> int:
         return self.valid.shape[1]

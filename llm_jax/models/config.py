@@ -126,6 +126,15 @@ class ModelConfig(Config):
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field, its value and what would be valid."""
+        self._check_choices()
+        self._check_sizes()
+        self._check_rope()
+        self._check_heads()
+        self._check_positions()
+        self._check_rates()
+        self._check_family_options()
+
+    def _check_choices(self) -> None:
         one_of(self, "family", FAMILIES)
         one_of(self, "position", POSITIONS)
         one_of(self, "norm", NORMS)
@@ -135,6 +144,8 @@ class ModelConfig(Config):
         one_of(self, "remat_policy", REMAT_POLICIES)
         one_of(self, "dtype", DTYPES)
         one_of(self, "param_dtype", DTYPES)
+
+    def _check_sizes(self) -> None:
         for name in (
             "vocab_size",
             "d_model",
@@ -149,19 +160,26 @@ class ModelConfig(Config):
             "rope_original_max_position",
         ):
             at_least(self, name, 1)
-        if self.rope_type != "default":
-            if self.position != "rope":
-                raise ValueError(
-                    f"ModelConfig.rope_type={self.rope_type!r} rescales RoPE; it needs "
-                    f"position='rope' (got {self.position!r}), or set rope_type='default'."
-                )
-            at_least(self, "rope_factor", 1)
-            if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
-                raise ValueError(
-                    "ModelConfig: llama3 RoPE needs 0 < rope_low_freq_factor < "
-                    f"rope_high_freq_factor; got {self.rope_low_freq_factor} and "
-                    f"{self.rope_high_freq_factor}."
-                )
+
+    def _check_rope(self) -> None:
+        """The llama3 rescaling fields, read only with rope_type='llama3'."""
+        if self.rope_type == "default":
+            return
+        if self.position != "rope":
+            raise ValueError(
+                f"ModelConfig.rope_type={self.rope_type!r} rescales RoPE; it needs "
+                f"position='rope' (got {self.position!r}), or set rope_type='default'."
+            )
+        at_least(self, "rope_factor", 1)
+        if not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ValueError(
+                "ModelConfig: llama3 RoPE needs 0 < rope_low_freq_factor < "
+                f"rope_high_freq_factor; got {self.rope_low_freq_factor} and "
+                f"{self.rope_high_freq_factor}."
+            )
+
+    def _check_heads(self) -> None:
+        """N, K and H must split D and each other evenly."""
         if self.head_dim is None and self.d_model % self.num_heads:
             raise ValueError(
                 f"ModelConfig: num_heads={self.num_heads} does not divide d_model="
@@ -173,6 +191,9 @@ class ModelConfig(Config):
                 f"ModelConfig: num_kv_heads={self.num_kv_heads} does not divide num_heads="
                 f"{self.num_heads}; choose num_kv_heads among the divisors of num_heads."
             )
+
+    def _check_positions(self) -> None:
+        """Each position scheme's width constraint, and which families implement it."""
         if self.position == "rope" and self.head_dim % 2:
             raise ValueError(f"ModelConfig: RoPE needs an even head_dim; got {self.head_dim}.")
         if self.position == "sinusoidal" and self.embed_dim % 2:
@@ -191,9 +212,14 @@ class ModelConfig(Config):
             )
         if self.family == "bert" and self.position != "learned":
             raise ValueError("ModelConfig.position must be 'learned' for family='bert'.")
+
+    def _check_rates(self) -> None:
         for name in ("dropout_rate", "attention_dropout_rate"):
             in_interval(self, name, 0, 1, high_open=True)
         at_least(self, "norm_eps", 0, strict=True)
+
+    def _check_family_options(self) -> None:
+        """BERT/ALBERT-only heads and sharing, and what each head reads."""
         if self.family != "bert" and (
             self.use_pooler or self.use_nsp or self.use_mlm_head or self.type_vocab_size
         ):

@@ -15,7 +15,7 @@ from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
 from llm_jax.models import _xla_cpu
-from llm_jax.models.cache import KVCache, LayerKV
+from llm_jax.models.cache import KVCache
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import init_scheme
 from llm_jax.models.inputs import (
@@ -26,14 +26,13 @@ from llm_jax.models.inputs import (
     split_key,
 )
 from llm_jax.models.layers import (
-    Block,
-    Einsum,
     Embed,
-    Stack,
     block_spec,
+    block_stack,
     lookup_table,
     make_norm,
     param,
+    untied_lm_head,
 )
 from llm_jax.parallel.rules import constrain
 
@@ -62,28 +61,9 @@ class GPT(nnx.Module):
             if cfg.position == "learned"
             else None
         )
-        self.layers = Stack(
-            lambda r_: Block(spec, init, cross_attention=False, rngs=r_),
-            cfg.num_layers,
-            scan=cfg.scan_layers,
-            remat_policy=cfg.remat_policy,
-            shared=False,
-            rngs=rngs,
-        )
+        self.layers = block_stack(cfg, spec, init, cfg.num_layers, rngs=rngs)
         self.final_norm = make_norm(spec) if cfg.final_norm else None
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Einsum(
-                "BTD,DV->BTV",
-                (cfg.d_model, cfg.vocab_size),
-                ("embed", "vocab"),
-                std=r,
-                dtype=dtype,
-                param_dtype=pdtype,
-                rngs=rngs,
-            )
-        )
+        self.lm_head = untied_lm_head(cfg, spec, r, rngs)
 
     def init_cache(
         self, batch_size: int, max_length: int, dtype=None, *, heads_major: bool | None = None
@@ -99,11 +79,7 @@ class GPT(nnx.Module):
         dtype = jnp.dtype(cfg.dtype) if dtype is None else dtype
         heads_major = _xla_cpu.use_cpu_tricks() if heads_major is None else heads_major
         shape = (cfg.num_layers, batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
-        return KVCache(
-            self_kv=LayerKV.zeros(shape, dtype, heads_major=heads_major),
-            valid=jnp.zeros((batch_size, max_length), bool),
-            index=jnp.zeros((), jnp.int32),
-        )
+        return KVCache.empty(shape, dtype, heads_major=heads_major)
 
     def features(
         self,

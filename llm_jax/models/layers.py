@@ -238,22 +238,18 @@ class _Projections(nnx.Module):
         self.q = dense(
             "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), init.q, (n, h), ("heads", "kv")
         )
-        self.k = dense(
-            "BSD,DKH->BSKH",
-            (d, k, h),
-            ("embed", "kv_heads", "kv"),
-            init.kv,
-            (k, h),
-            ("kv_heads", "kv"),
-        )
-        self.v = dense(
-            "BSD,DKH->BSKH",
-            (d, k, h),
-            ("embed", "kv_heads", "kv"),
-            init.kv,
-            (k, h),
-            ("kv_heads", "kv"),
-        )
+
+        def kv():  # k and v: the same shape and init, separate parameters
+            return dense(
+                "BSD,DKH->BSKH",
+                (d, k, h),
+                ("embed", "kv_heads", "kv"),
+                init.kv,
+                (k, h),
+                ("kv_heads", "kv"),
+            )
+
+        self.k, self.v = kv(), kv()
         self.o = dense(
             "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), init.o, (d,), ("embed",)
         )
@@ -544,3 +540,42 @@ class Stack(nnx.Module):
         if cache is None:
             return x, None
         return x, jax.tree.map(lambda *a: jnp.stack(a), *new_caches)
+
+
+# Model assembly ----------------------------------------------------------------------------
+
+
+def block_stack(
+    cfg: ModelConfig,
+    spec: BlockSpec,
+    init: InitScheme,
+    num_layers: int,
+    *,
+    cross_attention: bool = False,
+    shared: bool = False,
+    rngs: nnx.Rngs,
+) -> Stack:
+    """`num_layers` blocks, scanned and rematerialised as `cfg` says."""
+    return Stack(
+        lambda r_: Block(spec, init, cross_attention=cross_attention, rngs=r_),
+        num_layers,
+        scan=cfg.scan_layers,
+        remat_policy=cfg.remat_policy,
+        shared=shared,
+        rngs=rngs,
+    )
+
+
+def untied_lm_head(cfg: ModelConfig, spec: BlockSpec, std: float, rngs: nnx.Rngs) -> Einsum | None:
+    """The output projection [D, V], or None when it is the input embedding transposed."""
+    if cfg.tie_embeddings:
+        return None
+    return Einsum(
+        "BTD,DV->BTV",
+        (cfg.d_model, cfg.vocab_size),
+        ("embed", "vocab"),
+        std=std,
+        dtype=spec.dtype,
+        param_dtype=spec.param_dtype,
+        rngs=rngs,
+    )

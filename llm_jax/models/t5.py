@@ -19,11 +19,18 @@ from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
 from llm_jax.models import _xla_cpu
-from llm_jax.models.cache import KVCache, LayerKV
+from llm_jax.models.cache import KVCache
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import init_scheme
 from llm_jax.models.inputs import check_length, default_positions, embed_inputs, split_key
-from llm_jax.models.layers import Block, Einsum, Embed, Stack, block_spec, make_norm, param
+from llm_jax.models.layers import (
+    Embed,
+    block_spec,
+    block_stack,
+    make_norm,
+    param,
+    untied_lm_head,
+)
 from llm_jax.parallel.rules import constrain
 
 
@@ -53,35 +60,15 @@ class T5(nnx.Module):
                 dtype=pdtype,
             )
 
-        def stack(num_layers: int, cross_attention: bool) -> Stack:
-            return Stack(
-                lambda r_: Block(spec, init, cross_attention=cross_attention, rngs=r_),
-                num_layers,
-                scan=cfg.scan_layers,
-                remat_policy=cfg.remat_policy,
-                shared=False,
-                rngs=rngs,
-            )
-
         self.encoder_rel_bias = rel_table() if relative else None
         self.decoder_rel_bias = rel_table() if relative else None
-        self.encoder = stack(cfg.num_layers, False)
-        self.decoder = stack(cfg.num_decoder_layers, True)
+        self.encoder = block_stack(cfg, spec, init, cfg.num_layers, rngs=rngs)
+        self.decoder = block_stack(
+            cfg, spec, init, cfg.num_decoder_layers, cross_attention=True, rngs=rngs
+        )
         self.encoder_norm = make_norm(spec) if cfg.final_norm else None
         self.decoder_norm = make_norm(spec) if cfg.final_norm else None
-        self.lm_head = (
-            None
-            if cfg.tie_embeddings
-            else Einsum(
-                "BTD,DV->BTV",
-                (d, cfg.vocab_size),
-                ("embed", "vocab"),
-                std=r,
-                dtype=dtype,
-                param_dtype=pdtype,
-                rngs=rngs,
-            )
-        )
+        self.lm_head = untied_lm_head(cfg, spec, r, rngs)
 
     def _embed(
         self,
@@ -178,10 +165,10 @@ class T5(nnx.Module):
             if encoder_segment_ids is None
             else encoder_segment_ids != 0
         )
-        return KVCache(
-            self_kv=LayerKV.zeros(shape, dtype, heads_major=heads_major),
-            valid=jnp.zeros((batch_size, max_length), bool),
-            index=jnp.zeros((), jnp.int32),
+        return KVCache.empty(
+            shape,
+            dtype,
+            heads_major=heads_major,
             cross_kv=jax.tree.map(lambda a: a.astype(dtype), memory),
             encoder_valid=enc_valid,
         )

@@ -140,38 +140,48 @@ def model_flops_per_sequence(
       FLOPs per sequence (float).
     """
     _check_lengths(cfg, seq_len, enc_len, dec_len)
+    head = _vocab_head_params(cfg, lm_head)
+    if cfg.family == "t5":
+        forward = _encoder_decoder_forward(cfg, enc_len, dec_len, head)
+    else:
+        forward = _single_stack_forward(cfg, seq_len, head)
+    return float(3 * forward if training else forward)
+
+
+def _attention_flops(cfg: ModelConfig, q_len: int, k_len: int) -> int:
+    """QK^T [T, S] and AV of one layer, each 2·T·S·(N·H) FLOPs."""
+    return 4 * q_len * k_len * cfg.num_heads * cfg.head_dim
+
+
+def _single_stack_forward(cfg: ModelConfig, t: int, head: int) -> int:
+    """Forward FLOPs of one T-token sequence through a GPT or BERT."""
+    d = cfg.d_model
+    per_token = cfg.num_layers * (_attention_params(cfg) + _mlp_params(cfg)) + head
+    if cfg.family == "bert" and cfg.embed_dim != d:
+        per_token += cfg.embed_dim * d
+    forward = 2 * t * per_token + cfg.num_layers * _attention_flops(cfg, t, t)
+    if cfg.family == "bert":
+        # Heads on the first token only: pooler [D, D], NSP [D, 2], classifier [D, C].
+        pooled = (d * d if cfg.use_pooler else 0) + (2 * d if cfg.use_nsp else 0)
+        pooled += d * cfg.num_labels
+        forward += 2 * pooled
+    return forward
+
+
+def _encoder_decoder_forward(cfg: ModelConfig, s: int, t: int, head: int) -> int:
+    """Forward FLOPs of a T5 example: S source tokens, T target tokens."""
     qw, kvw, d = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.d_model
     block = _attention_params(cfg) + _mlp_params(cfg)
-    head = _vocab_head_params(cfg, lm_head)
-
-    def attention(q_len: int, k_len: int) -> int:
-        # QK^T [T, S] and AV, each 2·T·S·(N·H) FLOPs.
-        return 4 * q_len * k_len * qw
-
-    if cfg.family == "t5":
-        s, t = enc_len, dec_len
-        encoder = 2 * s * cfg.num_layers * block + cfg.num_layers * attention(s, s)
-        cross_q_o = 2 * d * qw  # cross-attention q and o run on decoder tokens
-        cross_k_v = 2 * d * kvw  # cross-attention k and v run on encoder outputs
-        decoder = (
-            2 * t * cfg.num_decoder_layers * (block + cross_q_o)
-            + 2 * s * cfg.num_decoder_layers * cross_k_v
-            + cfg.num_decoder_layers * (attention(t, t) + attention(t, s))
-            + 2 * t * head
-        )
-        forward = encoder + decoder
-    else:
-        t = seq_len
-        per_token = cfg.num_layers * block + head
-        if cfg.family == "bert" and cfg.embed_dim != d:
-            per_token += cfg.embed_dim * d
-        forward = 2 * t * per_token + cfg.num_layers * attention(t, t)
-        if cfg.family == "bert":
-            # Heads on the first token only: pooler [D, D], NSP [D, 2], classifier [D, C].
-            pooled = (d * d if cfg.use_pooler else 0) + (2 * d if cfg.use_nsp else 0)
-            pooled += d * cfg.num_labels
-            forward += 2 * pooled
-    return float(3 * forward if training else forward)
+    encoder = 2 * s * cfg.num_layers * block + cfg.num_layers * _attention_flops(cfg, s, s)
+    cross_q_o = 2 * d * qw  # cross-attention q and o run on decoder tokens
+    cross_k_v = 2 * d * kvw  # cross-attention k and v run on encoder outputs
+    decoder = (
+        2 * t * cfg.num_decoder_layers * (block + cross_q_o)
+        + 2 * s * cfg.num_decoder_layers * cross_k_v
+        + cfg.num_decoder_layers * (_attention_flops(cfg, t, t) + _attention_flops(cfg, t, s))
+        + 2 * t * head
+    )
+    return encoder + decoder
 
 
 def model_flops_per_token(

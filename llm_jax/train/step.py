@@ -55,6 +55,48 @@ def _split_micro(batch: Batch, accum: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def _loss_and_grads(grad_fn: Callable, params: Any, batch: Batch, rng: jax.Array, accum: int):
+    """(loss, {name: (sum, count)}, grads) of `grad_fn` over the batch.
+
+    With `accum` > 1 the batch is split into A micro-batches (see `_split_micro`), each with
+    its own dropout key, scanned, and the three results summed: the counts in `grad_fn` are
+    those of the whole batch, so the sums add up to the large-batch values.
+    """
+    if accum == 1:
+        (loss, losses), grads = grad_fn(params, batch, rng)
+        return loss, losses, grads
+    micro = _split_micro(batch, accum)
+    rngs = jax.random.split(rng, accum)
+
+    def body(acc, xs):
+        (loss, losses), grads = grad_fn(params, *xs)
+        return jax.tree.map(jnp.add, acc, (loss, losses, grads)), None
+
+    zero = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rngs[0])
+    zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1]))
+    (loss, losses, grads), _ = jax.lax.scan(body, zero, (micro, rngs))
+    return loss, losses, grads
+
+
+def _update(
+    tx: optax.GradientTransformation,
+    state: TrainState,
+    grads: Any,
+    finite: jax.Array | None,
+) -> tuple[Any, Any]:
+    """(params, opt_state) after one optimizer step; given `finite` [] bool, the old ones
+    where it is False (a non-finite step is skipped)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    if finite is not None:
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old),
+            (params, opt_state),
+            (state.params, state.opt_state),
+        )
+    return params, opt_state
+
+
 def make_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
@@ -97,35 +139,13 @@ def make_train_step(
             return total, losses
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-        if grad_accum_steps == 1:
-            (loss, losses), grads = grad_fn(state.params, batch, step_rng)
-        else:
-            micro = _split_micro(batch, grad_accum_steps)
-            rngs = jax.random.split(step_rng, grad_accum_steps)
-
-            def body(acc, xs):
-                (loss, losses), grads = grad_fn(state.params, *xs)
-                return jax.tree.map(jnp.add, acc, (loss, losses, grads)), None
-
-            zero = jax.eval_shape(
-                grad_fn, state.params, jax.tree.map(lambda x: x[0], micro), rngs[0]
-            )
-            zero = jax.tree.map(
-                lambda s: jnp.zeros(s.shape, s.dtype), (zero[0][0], zero[0][1], zero[1])
-            )
-            (loss, losses, grads), _ = jax.lax.scan(body, zero, (micro, rngs))
-        loss, grads = psum(loss), psum(grads)
-        losses = psum(losses)
+        loss, losses, grads = _loss_and_grads(
+            grad_fn, state.params, batch, step_rng, grad_accum_steps
+        )
+        loss, losses, grads = psum((loss, losses, grads))
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        if skip_nonfinite:
-            params, opt_state = jax.tree.map(
-                lambda new, old: jnp.where(finite, new, old),
-                (params, opt_state),
-                (state.params, state.opt_state),
-            )
+        params, opt_state = _update(tx, state, grads, finite if skip_nonfinite else None)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite.astype(jnp.int32)}
         metrics.update({f"{k}_loss": s / jnp.maximum(c, 1.0) for k, (s, c) in losses.items()})
         if learning_rate_fn is not None:

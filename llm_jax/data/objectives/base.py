@@ -167,6 +167,8 @@ class ObjectiveSpec:
             (TSV / fastText); None for running text, which trains on the files.
         sentinels: how many T5 sentinels a tokenizer trained for it reserves by default
             (`DataConfig.num_sentinels=None`); 0 for objectives that never use them.
+        check: the objective's own cross-checks of a `DataConfig`, run by its `validate`
+            after the generic ones; raises ValueError naming the field. None: no extra ones.
     """
 
     name: str
@@ -179,6 +181,7 @@ class ObjectiveSpec:
     lm_head: bool = True
     tokenizer_texts: Callable[[DataConfig], list[str]] | None = None
     sentinels: int = 0
+    check: Callable[[DataConfig], None] | None = None
 
     def __post_init__(self) -> None:
         if self.main_loss not in self.loss_weights:

@@ -6,6 +6,8 @@ Batch: the encoder-decoder batch of `seq2seq` (encoder rows [B, T], decoder rows
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from llm_jax.data import packing
@@ -19,6 +21,9 @@ from llm_jax.data.objectives.base import (
     read_docs,
 )
 from llm_jax.data.objectives.seq2seq import decoder_side, enc_dec_spec
+
+if TYPE_CHECKING:
+    from llm_jax.data.config import DataConfig
 
 # Pure builders ---------------------------------------------------------------------------------
 
@@ -259,6 +264,15 @@ def span_source(split: Split) -> SpanCorruptionSource:
     return SpanCorruptionSource(docs.tokens, pieces, layout, T, S, config, tokenizer)
 
 
+def check_config(config: DataConfig) -> None:
+    """Span corruption replaces each noise span by a sentinel, so it needs some."""
+    if config.num_sentinels < 1:
+        raise ValueError(
+            "DataConfig.num_sentinels=0 but objective='span_corruption' needs sentinel "
+            "tokens; set num_sentinels=100 (T5)."
+        )
+
+
 SPEC = ObjectiveSpec(
     name="span_corruption",
     formats=("text",),
@@ -268,4 +282,5 @@ SPEC = ObjectiveSpec(
     main_loss="lm",
     token_fields=("encoder_tokens", "decoder_tokens"),
     sentinels=100,  # T5's <extra_id_0..99>
+    check=check_config,
 )
