@@ -239,6 +239,28 @@ def _load_hf_folder(path: str) -> tuple[Any, Any, dict[str, Any], str]:
     return model, load_hf_tokenizer(source), {}, f"Hugging Face model from {source}"
 
 
+def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], str]:
+    if args.hf is not None:
+        if args.step is not None:
+            raise ValueError("--step applies to --checkpoint, not to --hf folders.")
+        return _load_hf_folder(args.hf)
+    return _load_checkpoint(args.checkpoint, args.step)
+
+
+def _check_lengths(decoder: Any, n: int, max_new_tokens: int) -> None:
+    """generate's length check, run before the banner and naming the flags to change."""
+    from llm_jax.sample.generate import check_fits
+
+    flags = dict(new="--max-new-tokens", limit="the model has {} positions")
+    limit = decoder.info.max_length
+    if decoder.info.is_encoder_decoder:
+        encoder_limit = decoder.info.max_encoder_length
+        check_fits(n, 0, encoder_limit, prompt="--prompt", **flags)
+        check_fits(1, max_new_tokens, limit, prompt="the decoder's start token", **flags)
+    else:
+        check_fits(n, max_new_tokens, limit, prompt="--prompt", **flags)
+
+
 def _sample(args: argparse.Namespace) -> int:
     name = _strategy_name(args)
     if args.max_new_tokens < 1:
@@ -249,26 +271,12 @@ def _sample(args: argparse.Namespace) -> int:
 
     import llm_jax.sample as sample
     from llm_jax.models import count_params
-    from llm_jax.sample.generate import check_fits
 
-    if args.hf is not None:
-        if args.step is not None:
-            raise ValueError("--step applies to --checkpoint, not to --hf folders.")
-        model, tokenizer, run_config, what = _load_hf_folder(args.hf)
-    else:
-        model, tokenizer, run_config, what = _load_checkpoint(args.checkpoint, args.step)
+    model, tokenizer, run_config, what = _load(args)
     decoder = sample.as_decoder(model)
     encoder_decoder = decoder.info.is_encoder_decoder
     ids = prompt_ids(tokenizer, args.prompt, run_config, encoder_decoder)
-    # generate's length check, run before the banner and naming the flags to change.
-    flags = dict(new="--max-new-tokens", limit="the model has {} positions")
-    limit = decoder.info.max_length
-    if encoder_decoder:
-        encoder_limit = decoder.info.max_encoder_length
-        check_fits(len(ids), 0, encoder_limit, prompt="--prompt", **flags)
-        check_fits(1, args.max_new_tokens, limit, prompt="the decoder's start token", **flags)
-    else:
-        check_fits(len(ids), args.max_new_tokens, limit, prompt="--prompt", **flags)
+    _check_lengths(decoder, len(ids), args.max_new_tokens)
     print(
         f"loaded {what} ({model.cfg.family}, {count_params(model):,} parameters)",
         file=sys.stderr,
