@@ -9,7 +9,7 @@ temporaries reach 32 MiB: below that no block of them can pass glibc's threshold
 Measured on the 2-core development machine (see `benchmarks/README.md`): a gpt2-small step
 (4x256, `benchmarks/train_step.py` with its oneDNN XLA flags, ~2 GB of temporaries) took
 5.75 s under glibc and 3.48 s under tcmalloc; `configs/tiny.yaml` (185 MiB of temporaries)
-trained a median 15% faster over 8 alternating pairs of 40-step runs (-8% to +71% on the
+trained a median 15% faster over 8 alternating pairs of 40-step runs (-25% to +71% on the
 busy machine), its kernel time down from ~3.6 s to ~1.0 s per run.
 
 The allocator is chosen when the process starts (`LD_PRELOAD`), so the library can only say
