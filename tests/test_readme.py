@@ -87,6 +87,7 @@ def test_python_block_runs(index, tmp_path):
     _, body = PYTHON_BLOCKS[index]
     env = dict(os.environ)  # conftest's fast-compile XLA flags and JAX_PLATFORMS=cpu
     env["LLM_JAX_CACHE"] = str(tmp_path / "cache")  # keep the user's token cache clean
+    env["TMPDIR"] = str(tmp_path)  # the blocks' tempfile.mkdtemp() folders, cleaned by pytest
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     proc = subprocess.run(
         [sys.executable, "-c", body],
