@@ -410,6 +410,13 @@ def test_allocator_hint_only_for_cpu_runs_without_tcmalloc(tmp_path):
         allocator.allocator_hint("cpu", big, {"LD_PRELOAD": "/x/libtcmalloc_minimal.so.4"}) is None
     )
     assert allocator.allocator_hint("cpu", 2**20, {}) is None  # small temporaries: no tip
+    # The rule: temporaries of glibc's largest mmap threshold (32 MiB) or more get the tip,
+    # e.g. configs/tiny.yaml's compiled step (184.5 MiB), which runs faster under tcmalloc.
+    threshold = 32 * 2**20
+    assert allocator.allocator_hint("cpu", threshold - 1, {}) is None
+    assert allocator.allocator_hint("cpu", threshold, {}) is not None
+    tiny = allocator.allocator_hint("cpu", int(184.5 * 2**20), {}, (str(tmp_path / "none"),))
+    assert "184 MiB" in tiny or "185 MiB" in tiny
     fake = tmp_path / "libtcmalloc_minimal.so.4"
     fake.write_bytes(b"")
     assert allocator.find_tcmalloc((str(tmp_path / "none"), str(tmp_path))) == str(fake)
