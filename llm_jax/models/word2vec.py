@@ -378,6 +378,7 @@ def train(
     keep = keep_probability(vocab.counts, cfg.sample)
     step = jax.jit(_update, static_argnames="loss", donate_argnums=(0, 1))
     total_words, steps = cfg.epochs * len(ids), 0
+    loss_sum, count, lr = 0.0, 1.0, cfg.alpha  # what a step-less epoch reports
     for epoch in range(cfg.epochs):
         kept = np.flatnonzero(rng.random(len(ids)) < keep[ids])
         e_ids, e_sent = ids[kept], sent[kept]
@@ -397,6 +398,9 @@ def train(
                 if on_step is not None and steps % log_every == 0:  # a sync: not every step
                     loss = float(loss_sum) / max(float(count), 1.0)
                     on_step(Progress(int(done), total_words, loss, lr, epoch))
+        if on_step is not None:
+            loss = float(loss_sum) / max(float(count), 1.0)
+            on_step(Progress((epoch + 1) * len(ids), total_words, loss, lr, epoch))
     return Word2Vec(cfg, vocab, np.asarray(w_in), np.asarray(w_out))
 
 
