@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -57,7 +56,8 @@ class Word2VecConfig(Config):
     epochs: int = 5
     alpha: float = 0.025
     min_alpha: float = 1e-4
-    batch: int = 4096  # examples (pairs for sg, centre words for cbow) per jitted step
+    batch: int = 512  # examples (pairs for sg, centre words for cbow) per SGD update
+    steps_per_call: int = 32  # updates per call of the jitted function (a lax.scan)
     chunk_words: int = 200_000  # corpus positions whose examples are built at once
     max_sentence_length: int = 10_000  # gensim's LineSentence splits longer lines
     seed: int = 1
@@ -65,10 +65,11 @@ class Word2VecConfig(Config):
     def __post_init__(self) -> None:
         one_of(self, "model", ("sg", "cbow"))
         one_of(self, "loss", ("ns", "hs"))
-        for name in ("dim", "window", "min_count", "epochs", "batch", "chunk_words"):
+        for name in ("dim", "window", "min_count", "epochs", "batch", "steps_per_call"):
             at_least(self, name, 1)
         at_least(self, "negative", 1 if self.loss == "ns" else 0)
         at_least(self, "max_sentence_length", 2)
+        at_least(self, "chunk_words", 1)
         in_interval(self, "ns_exponent", -1.0, 1.0)
         at_least(self, "sample", 0.0)
         at_least(self, "alpha", 0.0, strict=True)
@@ -146,6 +147,16 @@ def noise_cdf(counts: np.ndarray, exponent: float = 0.75) -> np.ndarray:
     cdf = np.cumsum(p / p.sum())
     cdf[-1] = 1.0
     return cdf
+
+
+def noise_table(cdf: np.ndarray, size: int | None = None) -> np.ndarray:
+    """word2vec.c's unigram table: `size` word ids, word i filling a share cdf[i] - cdf[i-1]
+    of it, so that a uniform index draws a noise word in O(1) (a binary search over the
+    cdf per draw made example building 20x slower). Default size: 100 slots per word,
+    between 10^6 and 10^8 (word2vec.c's)."""
+    if size is None:
+        size = int(min(max(100 * len(cdf), 10**6), 10**8))
+    return np.searchsorted(cdf, (np.arange(size) + 0.5) / size, side="right").astype(np.int32)
 
 
 def huffman(counts: Sequence[int]) -> tuple[list[list[int]], list[list[int]]]:
@@ -327,7 +338,7 @@ class Progress:
     epoch: int
 
 
-def _examples(cfg, vocab, ids, sent, rng, tree, cdf, start, stop, reach):
+def _examples(cfg, ids, sent, rng, tree, table, start, stop, reach):
     """Arrays (inp, inp_mask, out, codes, out_mask) of one chunk, unpadded, example-major."""
     if cfg.model == "sg":
         c, x = window_pairs(sent, start, stop, reach, cfg.window)
@@ -337,8 +348,7 @@ def _examples(cfg, vocab, ids, sent, rng, tree, cdf, start, stop, reach):
         inp = ids[ctx]
     target = ids[c]
     if cfg.loss == "ns":
-        neg = np.searchsorted(cdf, rng.random((len(c), cfg.negative)), side="right")
-        neg = np.minimum(neg, len(cdf) - 1).astype(np.int32)
+        neg = table[rng.integers(0, len(table), (len(c), cfg.negative))]
         out = np.concatenate([target[:, None], neg], axis=1)
         out_mask = np.concatenate(
             [np.ones((len(c), 1), np.float32), (neg != target[:, None]).astype(np.float32)], 1
@@ -347,11 +357,46 @@ def _examples(cfg, vocab, ids, sent, rng, tree, cdf, start, stop, reach):
     else:
         codes, points, mask = tree
         out, codes, out_mask = points[target], codes[target], mask[target]
-    return inp.astype(np.int32), inp_mask, out, codes, out_mask, c
+    return inp.astype(np.int32), inp_mask, out, codes, out_mask
 
 
-def _pad(a: np.ndarray, size: int) -> np.ndarray:
-    return np.concatenate([a, np.zeros((size - len(a), *a.shape[1:]), a.dtype)])
+def _scan_updates(w_in, w_out, inp, inp_mask, out, codes, out_mask, lr, *, loss: str):
+    """M sequential `_update`s in one call: arrays [M, P, ...], lr [M]. Small updates in a
+    scan keep the gathered rows in cache; one dispatch per M of them hides the call cost
+    (P=512, M=32 is 3x faster per example than one update of P=4096 on CPU)."""
+
+    def body(tables, xs):
+        *xs, lr_m = xs
+        w_in, w_out, total, count = _update(*tables, *xs, lr_m, loss=loss)
+        return (w_in, w_out), (total, count)
+
+    (w_in, w_out), (total, count) = jax.lax.scan(
+        body, (w_in, w_out), (inp, inp_mask, out, codes, out_mask, lr)
+    )
+    return w_in, w_out, jnp.sum(total), jnp.sum(count)
+
+
+def _lr(cfg: Word2VecConfig, done: np.ndarray, total_words: int) -> np.ndarray:
+    """Linear decay from alpha by raw words done, floored at min_alpha (word2vec.c)."""
+    return np.maximum(cfg.alpha * (1.0 - done / (total_words + 1)), cfg.min_alpha)
+
+
+def _calls(cfg: Word2VecConfig, arrays, raw_lo: float, raw_hi: float, total_words: int):
+    """Split one chunk's examples into calls of [M, P, ...] (zero-padded, weight 0), each
+    with its learning rates [M] and the raw word position it reaches."""
+    n, per_call = len(arrays[0]), cfg.batch * cfg.steps_per_call
+    calls = max(-(-n // per_call), 1)
+    padded = [
+        np.concatenate([a, np.zeros((calls * per_call - n, *a.shape[1:]), a.dtype)]).reshape(
+            calls, cfg.steps_per_call, cfg.batch, *a.shape[1:]
+        )
+        for a in arrays
+    ]
+    starts = np.arange(calls * cfg.steps_per_call) * cfg.batch
+    done = raw_lo + (raw_hi - raw_lo) * np.minimum(starts / max(n, 1), 1.0)
+    lrs = _lr(cfg, done, total_words).astype(np.float32).reshape(calls, cfg.steps_per_call)
+    for c in range(calls):
+        yield [a[c] for a in padded], lrs[c], done[min((c + 1) * cfg.steps_per_call, len(done) - 1)]
 
 
 def train(
@@ -359,13 +404,12 @@ def train(
     paths: Sequence[str | os.PathLike],
     *,
     on_step: Callable[[Progress], None] | None = None,
-    log_every: int = 20,
+    log_every: int = 5,
 ) -> Word2Vec:
     """Train on whitespace-tokenised text files (one sentence per line); `on_step` sees the
-    progress every `log_every` steps."""
+    progress every `log_every` calls of the jitted update (and at the end of each epoch)."""
     sentences = list(read_sentences(paths, cfg.max_sentence_length))
-    counts = Counter(w for s in sentences for w in s)
-    vocab = build_vocab(counts, cfg.min_count)
+    vocab = build_vocab(Counter(w for s in sentences for w in s), cfg.min_count)
     ids, sent = encode_corpus(sentences, vocab)
     del sentences
     rng = np.random.default_rng(cfg.seed)
@@ -374,37 +418,29 @@ def train(
     w_in = jnp.asarray((rng.random((v, d), np.float32) - 0.5) / d)
     w_out = jnp.zeros((v if cfg.loss == "ns" else v - 1, d), jnp.float32)
     tree = padded_tree(vocab.counts) if cfg.loss == "hs" else None
-    cdf = noise_cdf(vocab.counts, cfg.ns_exponent) if cfg.loss == "ns" else None
+    table = noise_table(noise_cdf(vocab.counts, cfg.ns_exponent)) if cfg.loss == "ns" else None
     keep = keep_probability(vocab.counts, cfg.sample)
-    step = jax.jit(_update, static_argnames="loss", donate_argnums=(0, 1))
-    total_words, steps = cfg.epochs * len(ids), 0
-    loss_sum, count, lr = 0.0, 1.0, cfg.alpha  # what a step-less epoch reports
+    step = jax.jit(_scan_updates, static_argnames="loss", donate_argnums=(0, 1))
+    total_words, calls = cfg.epochs * len(ids), 0
+    loss_sum, count, lrs = 0.0, 1.0, np.asarray([cfg.alpha])  # what a call-less epoch reports
+
+    def report(done: float, epoch: int) -> None:
+        loss = float(loss_sum) / max(float(count), 1.0)  # a sync, hence every log_every calls
+        on_step(Progress(int(done), total_words, loss, float(lrs[-1]), epoch))
+
     for epoch in range(cfg.epochs):
         kept = np.flatnonzero(rng.random(len(ids)) < keep[ids])
+        bounds = np.append(kept, len(ids)) + epoch * len(ids)  # raw position of each kept word
         e_ids, e_sent = ids[kept], sent[kept]
-        for start in range(0, len(e_ids), cfg.chunk_words):
-            stop = min(start + cfg.chunk_words, len(e_ids))
+        for start in range(0, len(kept), cfg.chunk_words):
+            stop = min(start + cfg.chunk_words, len(kept))
             reach = rng.integers(1, cfg.window + 1, size=stop - start)
-            arrays = _examples(cfg, vocab, e_ids, e_sent, rng, tree, cdf, start, stop, reach)
-            n = len(arrays[0])
-            raw_lo = epoch * len(ids) + (kept[start] if start < len(kept) else len(ids))
-            raw_hi = epoch * len(ids) + (kept[stop] if stop < len(kept) else len(ids))
-            for b in range(0, n, cfg.batch):
-                done = raw_lo + (raw_hi - raw_lo) * b / max(n, 1)
-                lr = max(cfg.alpha * (1.0 - done / (total_words + 1)), cfg.min_alpha)
-                batch = [_pad(a[b : b + cfg.batch], cfg.batch) for a in arrays[:5]]
-                w_in, w_out, loss_sum, count = step(w_in, w_out, *batch, lr, loss=cfg.loss)
-                steps += 1
-                if on_step is not None and steps % log_every == 0:  # a sync: not every step
-                    loss = float(loss_sum) / max(float(count), 1.0)
-                    on_step(Progress(int(done), total_words, loss, lr, epoch))
+            arrays = _examples(cfg, e_ids, e_sent, rng, tree, table, start, stop, reach)
+            for batch, lrs, done in _calls(cfg, arrays, bounds[start], bounds[stop], total_words):
+                w_in, w_out, loss_sum, count = step(w_in, w_out, *batch, lrs, loss=cfg.loss)
+                calls += 1
+                if on_step is not None and calls % log_every == 0:
+                    report(done, epoch)
         if on_step is not None:
-            loss = float(loss_sum) / max(float(count), 1.0)
-            on_step(Progress((epoch + 1) * len(ids), total_words, loss, lr, epoch))
+            report((epoch + 1) * len(ids), epoch)
     return Word2Vec(cfg, vocab, np.asarray(w_in), np.asarray(w_out))
-
-
-def subsampled_share(counts: np.ndarray, sample: float) -> float:
-    """Expected share of corpus positions subsampling keeps."""
-    c = np.asarray(counts, np.float64)
-    return float((keep_probability(c, sample) * c).sum() / c.sum()) if len(c) else math.nan
