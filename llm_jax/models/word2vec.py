@@ -329,13 +329,13 @@ class Word2Vec:
 
 @dataclasses.dataclass
 class Progress:
-    """What a progress callback sees after each step."""
+    """What a progress callback sees every `log_every` calls and at the end of each epoch."""
 
     words_done: int  # raw corpus positions processed, all epochs
     words_total: int
-    loss: float  # mean loss per example of the last step
-    lr: float
-    epoch: int
+    loss: float  # mean loss per example over the last call's updates
+    lr: float  # the learning rate of the last update
+    epoch: int  # 0-based
 
 
 def _examples(cfg, ids, sent, rng, tree, table, start, stop, reach):
