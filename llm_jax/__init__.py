@@ -7,7 +7,17 @@ The subpackages load on first use (`lj.models`, `lj.ops`, ...), so `import llm_j
 import importlib
 from typing import Any
 
-_SUBPACKAGES = ("checkpoint", "convert", "data", "models", "ops", "parallel", "sample", "train")
+_SUBPACKAGES = (
+    "checkpoint",
+    "convert",
+    "data",
+    "eval",
+    "models",
+    "ops",
+    "parallel",
+    "sample",
+    "train",
+)
 _NAMES = {"DataConfig": "llm_jax.data.config", "ModelConfig": "llm_jax.models.config"}
 
 __all__ = ["DataConfig", "ModelConfig", *_SUBPACKAGES]

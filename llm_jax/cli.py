@@ -15,6 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_jax.convert.cli import add_parser as add_convert
     from llm_jax.data.cli import add_parser as add_data
     from llm_jax.models.cli import add_parser as add_models
+    from llm_jax.models.word2vec_cli import add_parser as add_word2vec
     from llm_jax.sample.cli import add_parser as add_sample
     from llm_jax.train.cli import add_parser as add_train
 
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(sub)
     add_convert(sub)
     add_sample(sub)
+    add_word2vec(sub)
     return parser
 
 

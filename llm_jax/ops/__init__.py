@@ -34,6 +34,7 @@ from llm_jax.ops.positions import (
     t5_relative_position_bucket,
 )
 from llm_jax.ops.softmax import log_softmax, logsumexp, softmax
+from llm_jax.ops.word2vec import hierarchical_softmax_loss, negative_sampling_loss
 
 __all__ = [
     "accuracy",
@@ -52,12 +53,14 @@ __all__ = [
     "gelu_tanh",
     "get_activation",
     "glu",
+    "hierarchical_softmax_loss",
     "kl_divergence",
     "layer_norm",
     "learned_positions",
     "llama3_rope_frequencies",
     "log_softmax",
     "logsumexp",
+    "negative_sampling_loss",
     "padding_mask",
     "relu",
     "rms_norm",

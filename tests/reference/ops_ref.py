@@ -495,3 +495,46 @@ def dropout_ref(x, rate, keep):
     """
     x = np.asarray(x, np.float64)
     return np.where(np.asarray(keep, bool), x / (1.0 - rate), 0.0)
+
+
+# ---------------------------------------------------------------------------- word2vec
+
+
+def _log_sigmoid_ref(x):
+    # log σ(x) = -log(1 + e^-x), written so that neither branch overflows.
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def negative_sampling_loss_ref(h, rows, weights):
+    """-w_0 log σ(h·r_0) - Σ_{k>=1} w_k log σ(-h·r_k) summed over examples, and Σ w_0.
+
+    Mikolov et al. 2013, eq. 4. h [P, D], rows [P, K, D] (true word first), weights [P, K].
+    """
+    h = np.asarray(h, np.float64)
+    rows = np.asarray(rows, np.float64)
+    weights = np.asarray(weights, np.float64)
+    total, count = [], []
+    for p in range(h.shape[0]):
+        for k in range(rows.shape[1]):
+            dot = math.fsum(float(a) * float(b) for a, b in zip(h[p], rows[p, k], strict=True))
+            total.append(-weights[p, k] * _log_sigmoid_ref(dot if k == 0 else -dot))
+        count.append(weights[p, 0])
+    return math.fsum(total), math.fsum(count)
+
+
+def hierarchical_softmax_loss_ref(h, nodes, codes, mask):
+    """-Σ_l m_l log σ(±h·n_l), + for code 0 and - for code 1, summed; and the paths counted.
+
+    h [P, D], nodes [P, L, D], codes and mask [P, L].
+    """
+    h = np.asarray(h, np.float64)
+    nodes = np.asarray(nodes, np.float64)
+    total, count = [], 0.0
+    for p in range(h.shape[0]):
+        for l in range(nodes.shape[1]):
+            if not mask[p][l]:
+                continue
+            dot = math.fsum(float(a) * float(b) for a, b in zip(h[p], nodes[p, l], strict=True))
+            total.append(-_log_sigmoid_ref(dot if int(codes[p][l]) == 0 else -dot))
+        count += 1.0 if any(mask[p]) else 0.0
+    return math.fsum(total), count
