@@ -378,6 +378,8 @@ def test_manifest_detects_each_kind_of_damage(tmp_path, damage, words):
     damage(tmp_path)
     check = verify_step_dir(tmp_path, 9)
     assert not check.ok and words in check.reason
+    # Every reason reads as a predicate after "it" in the warnings ("it fails its ...").
+    assert check.reason.split()[0] in ("has", "fails"), check.reason
 
 
 def test_locate_picks_the_newest_good_step_and_leaves_the_workdir_alone(tmp_path, mesh8):

@@ -201,7 +201,11 @@ def verify_step_dir(step_dir: str | os.PathLike, step: int) -> Verification:
         return Verification(True)
     shown = "; ".join(problems[:_MAX_REASONS])
     more = len(problems) - _MAX_REASONS
-    return Verification(False, shown + (f"; and {more} more problem(s)" if more > 0 else ""))
+    # Reasons read after "it" ("step 3 is corrupted: it fails its checksums: ...").
+    return Verification(
+        False,
+        "fails its checksums: " + shown + (f"; and {more} more problem(s)" if more > 0 else ""),
+    )
 
 
 def _file_problems(step_dir: epath.Path, expected: dict[str, dict[str, Any]]) -> list[str]:
