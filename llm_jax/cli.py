@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:  # the real command, not a call from Python code or a test
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _leave_on_signal)
+    args = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -48,10 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print("llm-jax: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as e:
-        print(f"llm-jax {args.command}: error: {e}", file=sys.stderr)
+        print(f"llm-jax {getattr(args, 'command', '')}: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:  # e.g. a non-finite loss: the message says what to change
-        print(f"llm-jax {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"llm-jax {getattr(args, 'command', '')}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
 
 

@@ -242,6 +242,10 @@ def test_sentinels_are_reserved_only_for_objectives_that_use_them():
     assert DataConfig(objective="clm", num_sentinels=3).num_sentinels == 3
     with pytest.raises(ValueError, match="num_sentinels=100"):
         DataConfig(objective="span_corruption", num_sentinels=0)
+    # A default follows the objective through replace(); an explicit value stays.
+    assert DataConfig().replace(objective="span_corruption").num_sentinels == 100
+    assert DataConfig(objective="span_corruption").replace(objective="mlm").num_sentinels == 0
+    assert DataConfig(num_sentinels=3).replace(objective="span_corruption").num_sentinels == 3
 
 
 def test_lines_over_sentencepiece_limit_are_cut_for_training_not_refused():

@@ -54,9 +54,12 @@ class StepRef:
         return json.loads(path.read_text()) if path.is_file() else {}
 
     def tokenizer_dir(self) -> Path | None:
-        """The step's copy of the tokenizer folder, or None."""
-        path = self.dir / TOKENIZER
-        return path if path.is_dir() else None
+        """The step's copy of the tokenizer folder, else the training workdir's own
+        `tokenizer/` beside `checkpoints/`, or None."""
+        for path in (self.dir / TOKENIZER, self.root.parent / TOKENIZER):
+            if path.is_dir():
+                return path
+        return None
 
 
 def _is_step_dir(path: Path) -> bool:

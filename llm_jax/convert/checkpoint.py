@@ -50,6 +50,16 @@ class RestoredModel:
     ref: StepRef
 
     @property
+    def step_dir(self) -> Path:
+        """The restored step's folder (`ref.dir`)."""
+        return self.ref.dir
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        """The step's tokenizer folder, or the run's (`ref.tokenizer_dir()`)."""
+        return self.ref.tokenizer_dir()
+
+    @property
     def step(self) -> int:
         return self.ref.step
 

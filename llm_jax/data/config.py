@@ -8,7 +8,7 @@ loaded from the `data:` section of a YAML run config with `DataConfig.from_dict`
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from llm_jax.config import Config, at_least, in_interval, one_of
 from llm_jax.data.objectives import OBJECTIVES as _REGISTRY
@@ -85,6 +85,14 @@ class DataConfig(Config):
     prefetch: int = 2  # batches grain buffers ahead when num_workers > 0.
     cache_dir: str | None = None  # token cache; None: $LLM_JAX_CACHE or ~/.cache/llm_jax.
     use_cache: bool = True
+
+    def replace(self, **changes: Any) -> DataConfig:
+        """A copy with some fields changed (validated again); `num_sentinels` that holds
+        the old objective's default follows the new objective, as if it had been left out."""
+        if "num_sentinels" not in changes and self.objective in _REGISTRY:
+            if self.num_sentinels == _REGISTRY[self.objective].sentinels:
+                changes["num_sentinels"] = None
+        return dataclasses.replace(self, **changes)
 
     def __post_init__(self) -> None:
         if self.num_sentinels is None and self.objective in _REGISTRY:

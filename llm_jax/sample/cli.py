@@ -214,11 +214,12 @@ def _load_checkpoint(path: str, step: int | None) -> tuple[Any, Any, dict[str, A
     restored = restore_model(path, step)
     ref = restored.ref
     _check_generates(restored.model, ref.dir)
-    tokenizer_dir = ref.tokenizer_dir() or ref.root.parent / "tokenizer"
-    if not tokenizer_dir.is_dir():
+    tokenizer_dir = ref.tokenizer_dir()
+    if tokenizer_dir is None:
         raise FileNotFoundError(
             f"checkpoint step {ref.step} in {ref.root} has no tokenizer and neither does "
-            f"{ref.root.parent}; copy the run's tokenizer folder to {tokenizer_dir}."
+            f"{ref.root.parent}; copy the run's tokenizer folder to "
+            f"{ref.root.parent / 'tokenizer'}."
         )
     what = f"step {ref.step} from {ref.dir}"
     return restored.model, load_hf_tokenizer(tokenizer_dir), restored.config, what

@@ -429,11 +429,18 @@ def _pad_encoder_prompts(prompts: list[np.ndarray], decoder: Decoder, req: Reque
 
 
 def _check_and_pad(
-    model: Any, prompt_ids: Any, req: Request, rng: jax.Array | int | None
+    model: Any,
+    prompt_ids: Any,
+    req: Request,
+    rng: jax.Array | int | None,
+    *,
+    mesh: Mesh | None = None,
+    rules: str | dict[str, Any] | None = None,
 ) -> tuple[Decoder, Prompt, Controls, jax.Array | None, LoopSpec]:
-    """All host-side checks and padding shared by `generate` and `stream`."""
+    """All host-side checks and padding shared by `generate` and `stream`; the mesh's
+    platform (not the default backend) picks the decoder's layout."""
     rng = _sampling_key(req.strategy, rng)
-    decoder = as_decoder(model)
+    decoder = as_decoder(model, mesh=mesh, rules=rules)
     vocab_size = decoder.info.vocab_size
     controls = _controls(req, vocab_size)
     prompts = _as_prompts(prompt_ids, vocab_size)
@@ -500,7 +507,9 @@ def generate(
       TypeError: an unknown keyword, or no max_new_tokens.
     """
     req = _request("generate", request)
-    decoder, prompt, controls, rng, spec = _check_and_pad(model, prompt_ids, req, rng)
+    decoder, prompt, controls, rng, spec = _check_and_pad(
+        model, prompt_ids, req, rng, mesh=mesh, rules=rules
+    )
     sharding = MeshRules.make(mesh, rules)
     fields = _generate_jit(decoder, prompt, controls, rng, spec, sharding)
     return GenerateOutput(**fields)
@@ -560,7 +569,9 @@ def stream(
         raise ValueError(
             "stream() supports Greedy() and Sample(...); use generate() for Beam(...)."
         )
-    decoder, prompt, controls, rng, spec = _check_and_pad(model, prompt_ids, req, rng)
+    decoder, prompt, controls, rng, spec = _check_and_pad(
+        model, prompt_ids, req, rng, mesh=mesh, rules=rules
+    )
     sharding = MeshRules.make(mesh, rules)
 
     def tokens() -> Iterator[np.ndarray]:

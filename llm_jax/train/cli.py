@@ -27,7 +27,9 @@ def _train(args: argparse.Namespace) -> int:
             from llm_jax.train.loop import train
 
             cfg = load_config(args.config, args.overrides)
-            result = train(cfg)
+        # `train` installs its own handling at once (saving once steps run); the outer one
+        # must not outlive the run and call a signal after the last save "start-up".
+        result = train(cfg)
     except Interrupted as e:
         print(
             f"llm-jax train: interrupted by signal {e.signum} during start-up; nothing was "
