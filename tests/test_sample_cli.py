@@ -219,7 +219,7 @@ HF_T5 = HF_GPT2.parent / "t5"
 def test_t5_output_shows_sentinels_and_the_filled_input(capsys):
     """A span-corruption T5 answers in sentinels; they are printed (as T5's demos do), and
     the prompt's own `<extra_id_N>` markers are sentinel ids whose spans are filled in."""
-    from llm_jax.sample.cli import encode_with_sentinels, fill_spans, render
+    from llm_jax.sample.cli import encode_with_sentinels, render
 
     prompt = "Hello <extra_id_0> world <extra_id_1>"
     code, out, err = run_cli(capsys, "--hf", str(HF_T5), "--prompt", prompt)
@@ -230,13 +230,19 @@ def test_t5_output_shows_sentinels_and_the_filled_input(capsys):
     generated = sample.generate(model, [ids], max_new_tokens=64, eos_id=tok.eos_id).to_lists()[0]
     lines = out.splitlines()
     assert lines[0] == render(tok, generated, sentinels=True)
-    filled = fill_spans(ids, generated, tok.sentinel_ids)
+    from llm_jax.data import reconstruct_span_corruption
+
+    marks = set(tok.sentinel_ids.tolist())
+    first = next((i for i, t in enumerate(generated) if t in marks), len(generated))
+    filled = reconstruct_span_corruption(ids, generated[first:], tok.sentinel_ids, tok.eos_id)
+    filled = filled.tolist()
     assert lines[1] == "filled: " + render(tok, filled, sentinels=True)
     assert "<extra_id_" in out  # the untrained fixture leaves sentinels to show
 
 
 def test_sentinel_helpers_literal():
-    from llm_jax.sample.cli import TextStream, encode_with_sentinels, fill_spans, render
+    from llm_jax.data import reconstruct_span_corruption as fill
+    from llm_jax.sample.cli import TextStream, encode_with_sentinels, render
 
     tok = lj.data.train_tokenizer(
         texts=["the cute dog walks in the park\n"] * 20, model_type="char", num_sentinels=3
@@ -250,10 +256,11 @@ def test_sentinel_helpers_literal():
         == "<extra_id_0> cute dog <extra_id_1> in the park <extra_id_2>"
     )
     assert render(tok, out) == " cute dog in the park"
-    assert tok.decode(fill_spans(ids, out, tok.sentinel_ids)) == "the cute dog walks in the park"
+    whole = tok.decode(fill(ids, out, tok.sentinel_ids, tok.eos_id))
+    assert whole == "the cute dog walks in the park"
     # A sentinel the model left unfilled stays visible.
     assert render(
-        tok, fill_spans(ids, [s1, *tok.encode(" x")], tok.sentinel_ids), sentinels=True
+        tok, fill(ids, [s1, *tok.encode(" x")], tok.sentinel_ids).tolist(), sentinels=True
     ) == ("the <extra_id_0> walks x")
     # A character cut off by the end of generation is not printed as U+FFFD.
     e_acute = tok.encode("é")  # two byte-fallback ids

@@ -46,6 +46,7 @@ def check_tokens(tokens, vocab_size: int, *, name: str = "tokens") -> None:
 
 
 def check_length(length: int, max_positions: int, *, name: str = "tokens") -> None:
+    """ValueError naming the fix unless `length` tokens fit `max_positions` positions."""
     if length > max_positions:
         raise ValueError(
             f"{name} have length {length} but the model has {max_positions} positions; "

@@ -98,12 +98,14 @@ class _ModelDecoder:
         return cache.constrained()
 
     def tokens_to_logits(self, tokens, positions, segment_ids, cache):
+        """fp32 logits [B, T, V] after each of tokens [B, T], and the cache with them."""
         logits, cache = self._model().decode_step(
             tokens, self._in(cache), positions=positions, segment_ids=segment_ids
         )
         return logits.astype(jnp.float32), self._out(cache)
 
     def take_rows(self, cache: KVCache, rows: Int[Array, " R"]) -> KVCache:
+        """The cache of batch rows `rows` [R] (beam reorder and repeat)."""
         return cache.take_rows(rows).constrained()
 
 

@@ -147,23 +147,6 @@ def encode_with_sentinels(tokenizer: Any, text: str) -> list[int]:
     return ids + list(tokenizer.encode(text[last:]))
 
 
-def fill_spans(inputs: list[int], outputs: list[int], sentinel_ids: Any) -> list[int]:
-    """The input with each sentinel replaced by the span the model generated after that
-    sentinel (T5 span filling); a sentinel the model did not fill stays in place."""
-    sentinel_ids = {int(s) for s in sentinel_ids}
-    spans: dict[int, list[int]] = {}
-    current: list[int] | None = None
-    for t in outputs:
-        if t in sentinel_ids:
-            current = spans.setdefault(t, [])
-        elif current is not None:
-            current.append(t)
-    out: list[int] = []
-    for t in inputs:
-        out += spans.get(t, [t]) if t in sentinel_ids else [t]
-    return out
-
-
 def prompt_ids(tokenizer: Any, prompt: str, run_config: dict[str, Any], encoder_decoder: bool):
     """The prompt's token ids, framed as the model saw text in training.
 
@@ -321,8 +304,16 @@ def _filled_line(tokenizer: Any, inputs: list[int], outputs: list[int]) -> str:
     sentinel_ids = getattr(tokenizer, "sentinel_ids", ())
     if not set(inputs) & {int(s) for s in sentinel_ids}:
         return ""
-    filled = fill_spans(inputs, outputs, sentinel_ids)
-    return f"filled: {render(tokenizer, filled, sentinels=True)}\n"
+    import numpy as np
+
+    from llm_jax.data import reconstruct_span_corruption
+
+    marks = {int(s) for s in sentinel_ids}
+    first = next((i for i, t in enumerate(outputs) if t in marks), len(outputs))
+    filled = reconstruct_span_corruption(
+        np.asarray(inputs), np.asarray(outputs[first:]), sentinel_ids, tokenizer.eos_id
+    )
+    return f"filled: {render(tokenizer, filled.tolist(), sentinels=True)}\n"
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -50,6 +50,8 @@ __all__ = ["NonFiniteLossError", "Run", "RunResult", "evaluate", "setup", "train
 
 @dataclasses.dataclass
 class RunResult:
+    """What `train` returns: where the run is, how far it got, and its losses by step."""
+
     workdir: Path
     final_step: int
     losses: dict[int, float]  # train loss per step run in this process

@@ -30,6 +30,9 @@ LossFn = Callable[[Any, Batch, "jax.Array | None", "LossConfig"], Losses]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LossConfig:
+    """How the token losses are shaped: label smoothing (PyTorch convention) and the
+    z-loss coefficient on log Z^2."""
+
     label_smoothing: float = 0.0
     z_loss: float = 0.0
 

@@ -124,6 +124,8 @@ def _subset(r: corpus_lib.Ragged, index: np.ndarray) -> corpus_lib.Ragged:
 
 
 def classification_source(split: Split) -> ClassificationSource:
+    """Labelled texts (or text pairs) as rows of T tokens with integer labels [B] and
+    `label_weights` [B]; label ids from `data.label_names` or the sorted training labels."""
     labels = label_codes(split)
     a = split.corpus.fields["text_a"]
     b = split.corpus.fields.get("text_b")

@@ -54,6 +54,8 @@ class ClmSource(PackedSource):
 
 
 def clm_source(split: Split) -> ClmSource:
+    """The split's documents packed into rows of T + 1 tokens (next-token pairs), BOS/EOS
+    framed as `data.add_bos` / `data.add_eos` say."""
     config, tokenizer, T = split.config, split.tokenizer, split.config.seq_len
     if config.add_bos:
         tokenizer.require("bos", why="DataConfig.add_bos=True")

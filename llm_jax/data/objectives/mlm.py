@@ -315,6 +315,8 @@ def read(
 
 
 def mlm_source(split: Split) -> MlmSource | PairSource:
+    """Packed rows of T tokens with 80/10/10 masking, or [CLS] A [SEP] B [SEP] pairs of T
+    tokens with NSP/SOP labels when `data.pair_task` asks for them."""
     config, tokenizer, T = split.config, split.tokenizer, split.config.seq_len
     masking = Masking(config, tokenizer, config.shuffle_seed)
     if config.pair_task == "none":

@@ -148,6 +148,8 @@ def _truncated(
 
 
 def seq2seq_source(split: Split) -> Seq2SeqSource:
+    """(source, target) pairs as encoder rows of T and shifted-right decoder rows of
+    `target_seq_len`, EOS-terminated."""
     config, tokenizer = split.config, split.tokenizer
     tokenizer.require("eos", why="objective='seq2seq'")
     T = config.seq_len

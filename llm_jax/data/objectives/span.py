@@ -154,7 +154,8 @@ def reconstruct_span_corruption(
     inputs: np.ndarray, targets: np.ndarray, sentinel_ids: np.ndarray, eos_id: int | None = None
 ) -> np.ndarray:
     """Undo `span_corrupt`: put each span of `targets` back where its sentinel sits in
-    `inputs`. A trailing `eos_id` (and padding after it) is ignored on both sides.
+    `inputs`. A trailing `eos_id` (and padding after it) is ignored on both sides; a
+    sentinel of `inputs` that `targets` does not fill (a model's partial answer) stays.
 
     Returns:
         int32 [n], the original tokens.
@@ -181,7 +182,7 @@ def reconstruct_span_corruption(
     out: list[int] = []
     for t in inputs.tolist():
         if t in sentinel_to_k:
-            out.extend(spans[sentinel_to_k[t]])
+            out.extend(spans.get(sentinel_to_k[t], [t]))
         else:
             out.append(t)
     return np.asarray(out, np.int32)
@@ -242,6 +243,8 @@ class SpanCorruptionSource(Source):
 
 
 def span_source(split: Split) -> SpanCorruptionSource:
+    """Chunks of the split's documents span-corrupted into encoder rows of T and decoder
+    rows of `target_seq_len` (T5's noise density and mean span length)."""
     config, tokenizer, T = split.config, split.tokenizer, split.config.seq_len
     density, mean = config.noise_density, config.mean_noise_span_length
     docs = split.corpus.fields["docs"]
