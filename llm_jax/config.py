@@ -74,8 +74,23 @@ class Config:
         """Plain mapping (tuples become lists, sections become mappings) for YAML/JSON."""
         return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
+    def derived_defaults(self) -> dict[str, Any]:
+        """Optional fields whose None default is derived from other fields, and the value
+        None stands for in this config (a section with such fields overrides this)."""
+        return {}
+
+    def _fill_derived(self) -> None:
+        """Set each derived field left None to its value (for `__post_init__`)."""
+        for name, value in self.derived_defaults().items():
+            if getattr(self, name) is None and value is not None:
+                object.__setattr__(self, name, value)
+
     def replace(self: C, **changes: Any) -> C:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A derived field that holds
+        its default is derived again from the changed fields, as if it had been left out."""
+        for name, value in self.derived_defaults().items():
+            if name not in changes and getattr(self, name) == value:
+                changes[name] = None
         return dataclasses.replace(self, **changes)
 
 

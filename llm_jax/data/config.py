@@ -86,17 +86,13 @@ class DataConfig(Config):
     cache_dir: str | None = None  # token cache; None: $LLM_JAX_CACHE or ~/.cache/llm_jax.
     use_cache: bool = True
 
-    def replace(self, **changes: Any) -> DataConfig:
-        """A copy with some fields changed (validated again); `num_sentinels` that holds
-        the old objective's default follows the new objective, as if it had been left out."""
-        if "num_sentinels" not in changes and self.objective in _REGISTRY:
-            if self.num_sentinels == _REGISTRY[self.objective].sentinels:
-                changes["num_sentinels"] = None
-        return dataclasses.replace(self, **changes)
+    def derived_defaults(self) -> dict[str, Any]:
+        """`num_sentinels=None` stands for what the objective uses."""
+        spec = _REGISTRY.get(self.objective)
+        return {} if spec is None else {"num_sentinels": spec.sentinels}
 
     def __post_init__(self) -> None:
-        if self.num_sentinels is None and self.objective in _REGISTRY:
-            object.__setattr__(self, "num_sentinels", _REGISTRY[self.objective].sentinels)
+        self._fill_derived()
         self.validate()
 
     # Derived quantities ----------------------------------------------------------------------

@@ -87,12 +87,10 @@ class ModelConfig(Config):
     param_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        for name, value in self._defaults().items():
-            if getattr(self, name) is None and value is not None:
-                object.__setattr__(self, name, value)
+        self._fill_derived()
         self.validate()
 
-    def _defaults(self) -> dict[str, int | None]:
+    def derived_defaults(self) -> dict[str, int | None]:
         """What None means for the optional sizes, given the other fields (None: undefined,
         left for `validate` to report)."""
         n, d = self.num_heads, self.d_model
@@ -240,17 +238,6 @@ class ModelConfig(Config):
             raise ValueError("ModelConfig.scale_tied_logits needs tie_embeddings=True.")
 
     # Construction --------------------------------------------------------------------------
-
-    def replace(self, **changes: Any) -> ModelConfig:
-        """A copy with some fields changed (validated again).
-
-        An optional size that holds its default (`head_dim` = D // N, ...) is derived again
-        from the changed fields, as if it had been left out.
-        """
-        for name, value in self._defaults().items():
-            if name not in changes and getattr(self, name) == value:
-                changes[name] = None
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
