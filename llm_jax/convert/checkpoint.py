@@ -9,6 +9,8 @@ reads back the model from either layout our code writes:
 - a training checkpoint (state = `TrainState` with `.params`, optimizer state, ...; config
   = the resolved run config, whose `model` section is the `ModelConfig` dict): only the
   parameters are read (orbax partial restore), never the optimizer state.
+- a fine-tuning checkpoint (its config has `init`): it holds only the parameters that
+  trained; the rest is read from the recorded base model (checked by its fingerprint).
 
 Either can be given as the checkpoint workdir (the folder of numbered steps; the latest
 step that passes the checksum manifest is used), a training run's workdir (its
@@ -136,8 +138,14 @@ def restore_model(
     cfg = _model_config(config, ref.dir)
     if config_overrides:
         cfg = cfg.replace(**config_overrides)
-    abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
-    params = read_params(ref.dir, params_of(abstract))
+    init = config.get("init") or {}
+    if init.get("from_checkpoint") or init.get("from_hf"):
+        from llm_jax.finetune.restore import finetuned_params
+
+        params = finetuned_params(ref.dir, cfg, config)
+    else:
+        abstract = nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0)))
+        params = read_params(ref.dir, params_of(abstract))
     return RestoredModel(model_from_params(cfg, params), config, ref)
 
 

@@ -41,15 +41,25 @@ def train_tokenizer_from(config: DataConfig, what: str = "DataConfig.paths") -> 
     )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "tokenizer.model")
+
+
 def build_tokenizer(config: DataConfig) -> Tokenizer:
     """The run's tokenizer: loaded from `config.tokenizer_path` if one is saved there (its
     own settings then win over the config's), else trained on `config.paths` with the
     config's tokenizer settings and saved to `tokenizer_path` when given, so the next run
-    and the checkpoint reuse it. For multi-host runs, train it once beforehand
-    (`llm-jax tokenizer train`) and point every host at it."""
+    and the checkpoint reuse it. A folder may hold any tokenizer `load_hf_tokenizer` reads
+    (ours, a Hugging Face `tokenizer.json`, a SentencePiece model). For multi-host runs,
+    train it once beforehand (`llm-jax tokenizer train`) and point every host at it."""
     path = config.tokenizer_path
-    if path and (Path(path).is_file() or (Path(path) / "tokenizer.json").is_file()):
+    if path and Path(path).is_file():
         return load_tokenizer(path, num_sentinels=config.num_sentinels)
+    if path and any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        # The one loader of tokenizer folders: ours, Hugging Face tokenizer.json or
+        # SentencePiece (imported lazily: convert depends on this package).
+        from llm_jax.convert.tokenizer import load_hf_tokenizer
+
+        return load_hf_tokenizer(path)
     return train_tokenizer_from(config)
 
 

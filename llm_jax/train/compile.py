@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -35,10 +35,12 @@ from llm_jax.train.step import (
     Batch,
     LossConfig,
     TrainState,
-    init_train_state,
     make_eval_step,
     make_train_step,
 )
+
+if TYPE_CHECKING:
+    from llm_jax.finetune.partition import Partition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,12 @@ class StateLayout:
         (a restore target).
       state_sharding: the `TrainState` of `NamedSharding`s.
       init: () -> a fresh `TrainState`, initialised directly into its shardings.
+      partition: for fine-tuning, which parameters train (`llm_jax.finetune.Partition`);
+        the state's `params` are then the trainable part only. None: all of them.
+      abstract_frozen, frozen_sharding: the frozen part (a flat dict; {} without a
+        partition) as ShapeDtypeStructs and NamedShardings.
+      init_from: trainable params -> a `TrainState` starting from them (fresh optimizer
+        state), in its shardings.
     """
 
     mesh: Mesh
@@ -65,6 +73,22 @@ class StateLayout:
     abstract_state: TrainState
     state_sharding: TrainState
     init: Callable[[], TrainState]
+    partition: Partition | None = None
+    abstract_frozen: dict[str, Any] = dataclasses.field(default_factory=dict)
+    frozen_sharding: dict[str, Any] = dataclasses.field(default_factory=dict)
+    init_from: Callable[[Any], TrainState] | None = None
+
+    def split(self, params: Any) -> tuple[Any, dict[str, Any]]:
+        """Whole params -> (trainable, frozen), each put in its shardings."""
+        trainable, frozen = (params, {}) if self.partition is None else self.partition.split(params)
+        return (
+            jax.device_put(trainable, self.state_sharding.params),
+            jax.device_put(frozen, self.frozen_sharding),
+        )
+
+    def full_params(self, trainable: Any, frozen: dict[str, Any]) -> Any:
+        """The whole parameter tree of the state's (trainable) params and the frozen part."""
+        return trainable if self.partition is None else self.partition.combine(trainable, frozen)
 
     def put_batch(self, batch: dict[str, Any]) -> Batch:
         """Host arrays -> global arrays split on their leading axis over the batch axes."""
@@ -80,8 +104,9 @@ class CompiledSteps:
     Attributes:
       layout: the state's shardings and init.
       train: (state, batch) -> (state, metrics); compiled for the example batch's shapes,
-        `state` donated.
-      eval: (params, batch) -> {loss name: (sum, count)}.
+        `state` donated (the frozen part of a fine-tuning run is bound in).
+      eval: (params, batch) -> {loss name: (sum, count)}; `params` as in the state.
+      frozen: the frozen parameters bound into both ({} when all train).
       memory: the compiled train step's `memory_analysis()` (None where unsupported).
     """
 
@@ -89,6 +114,11 @@ class CompiledSteps:
     train: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
     eval: Callable[[Any, Batch], dict[str, tuple[jax.Array, jax.Array]]]
     memory: Any
+    frozen: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def full_params(self, params: Any) -> Any:
+        """The whole parameter tree of a state's `params` (adds the frozen part)."""
+        return self.layout.full_params(params, self.frozen)
 
     @property
     def abstract_state(self) -> TrainState:
@@ -128,6 +158,7 @@ def state_layout(
     total_steps: int,
     rules: str | dict[str, Any] = "dp",
     seed: int = 0,
+    partition: Partition | None = None,
 ) -> StateLayout:
     """The shardings of the train state (abstract: nothing is allocated or compiled).
 
@@ -138,18 +169,36 @@ def state_layout(
       total_steps: the schedule's length.
       rules: a key of `llm_jax.parallel.RULES` (dp, fsdp, fsdp_tp) or a rules dict.
       seed: parameter initialisation and dropout seed.
+      partition: which parameters train (fine-tuning); the optimizer sees only those.
     """
     rules = RULES[rules] if isinstance(rules, str) else rules
     abstract_model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
     axes = logical_axes(abstract_model)
+    frozen_axes: dict[str, Any] = {}
+    if partition is not None:
+        axes, frozen_axes = partition.split(axes, cut=lambda a, *_: a)
     tx = make_optimizer(optimizer, total_steps, axes)  # weight decay chosen by logical axes
 
+    def new_state(trainable) -> TrainState:
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=trainable,
+            opt_state=tx.init(trainable),
+            rng=jax.random.key_data(jax.random.key(seed)),
+        )
+
     def init_fn() -> TrainState:
-        return init_train_state(build(model_config, rngs=nnx.Rngs(seed)), tx, seed)[1]
+        params = nnx.to_pure_dict(nnx.state(build(model_config, rngs=nnx.Rngs(seed)), nnx.Param))
+        return new_state(params if partition is None else partition.split(params)[0])
 
     abstract = jax.eval_shape(init_fn)
     param_sharding = logical_to_sharding(abstract.params, axes, mesh, rules)
     sharding = _state_sharding(tx, abstract, param_sharding, mesh)
+    abstract_frozen: dict[str, Any] = {}
+    if partition is not None:
+        whole = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+        abstract_frozen = jax.eval_shape(lambda p: partition.split(p)[1], whole)
+    frozen_sharding = logical_to_sharding(abstract_frozen, frozen_axes, mesh, rules)
     return StateLayout(
         mesh=mesh,
         rules=rules,
@@ -161,6 +210,14 @@ def state_layout(
         ),
         state_sharding=sharding,
         init=jax.jit(init_fn, out_shardings=sharding),
+        partition=partition,
+        abstract_frozen=jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_frozen,
+            frozen_sharding,
+        ),
+        frozen_sharding=frozen_sharding,
+        init_from=jax.jit(new_state, in_shardings=(sharding.params,), out_shardings=sharding),
     )
 
 
@@ -185,18 +242,23 @@ def compile_steps(
     loss: LossConfig | None = None,
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = False,
+    frozen: dict[str, Any] | None = None,
 ) -> CompiledSteps:
     """Lower and compile the train step for `example_batch`'s shapes; jit the eval step.
 
     Args:
       layout: from `state_layout`.
-      objective: clm | mlm | span_corruption | seq2seq | classification.
+      objective: clm | mlm | span_corruption | seq2seq | classification | ...
       example_batch: a batch (host or global arrays) of the shapes every train batch has.
       loss: label smoothing and z-loss (default: neither).
       grad_accum_steps: micro-batches per step.
       skip_nonfinite: leave the state unchanged on a non-finite loss or gradient norm.
+      frozen: the frozen parameters of a layout with a partition (`StateLayout.split`).
     """
     check_batch_size(len(next(iter(example_batch.values()))), layout.mesh, grad_accum_steps)
+    frozen = frozen or {}
+    if layout.partition is not None and not frozen and layout.abstract_frozen:
+        raise ValueError("this layout freezes parameters: pass their values as `frozen`.")
     step_fn = make_train_step(
         layout.graphdef,
         layout.tx,
@@ -205,6 +267,7 @@ def compile_steps(
         grad_accum_steps=grad_accum_steps,
         skip_nonfinite=skip_nonfinite,
         learning_rate_fn=layout.schedule,
+        partition=layout.partition,
     )
     abstract_batch = {
         k: jax.ShapeDtypeStruct(
@@ -216,19 +279,29 @@ def compile_steps(
     compiled = (
         jax.jit(
             step_fn,
-            in_shardings=(layout.state_sharding, shardings),
+            in_shardings=(layout.state_sharding, shardings, layout.frozen_sharding),
             out_shardings=(layout.state_sharding, None),
             donate_argnums=0,
         )
-        .lower(layout.abstract_state, abstract_batch)
+        .lower(layout.abstract_state, abstract_batch, layout.abstract_frozen)
         .compile()
     )
     # One leading-axis spec is a prefix of every batch leaf, whatever its rank.
     eval_step = jax.jit(
-        make_eval_step(layout.graphdef, objective),
-        in_shardings=(layout.state_sharding.params, batch_sharding(layout.mesh, 1)),
+        make_eval_step(layout.graphdef, objective, partition=layout.partition),
+        in_shardings=(
+            layout.state_sharding.params,
+            batch_sharding(layout.mesh, 1),
+            layout.frozen_sharding,
+        ),
     )
-    return CompiledSteps(layout, compiled, eval_step, compiled.memory_analysis())
+    return CompiledSteps(
+        layout,
+        lambda state, batch: compiled(state, batch, frozen),
+        lambda params, batch: eval_step(params, batch, frozen),
+        compiled.memory_analysis(),
+        frozen,
+    )
 
 
 def pmap_train_step(

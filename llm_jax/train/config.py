@@ -2,9 +2,12 @@
 
 A run config has the sections `model` (ModelConfig, optionally `preset:`), `data`
 (DataConfig), `train` (TrainConfig), `optimizer` (OptimizerConfig), `mesh` (MeshConfig),
-`distributed`, plus top-level `name` and `workdir`. Every section is a frozen dataclass;
-unknown keys and bad values fail at load time with the valid choices named. YAML is read
-with a `yaml.SafeLoader` subclass (safe: no code runs) that also reads `1e-3` as a float.
+`distributed`, `init` and `finetune` (a base model to start from, and what of it trains:
+`llm_jax.finetune.config`), plus top-level `name` and `workdir`. With `init`, the `model`
+section is optional and may only change the fields that keep the base's weights valid.
+Every section is a frozen dataclass; unknown keys and bad values fail at load time with the
+valid choices named. YAML is read with a `yaml.SafeLoader` subclass (safe: no code runs)
+that also reads `1e-3` as a float.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import yaml
 
 from llm_jax.config import Config, at_least, in_interval, nearest_first, one_of
 from llm_jax.data.config import DataConfig
+from llm_jax.finetune.config import FinetuneConfig, InitConfig
 from llm_jax.models.config import ModelConfig
 from llm_jax.parallel.mesh import MeshConfig
 from llm_jax.train.optimizer import OptimizerConfig
@@ -96,14 +100,32 @@ class RunConfig(Config):
 
     name: str
     workdir: str
-    model: dict[str, Any]
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    init: InitConfig = dataclasses.field(default_factory=InitConfig)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
+        if self.init.source:
+            # The architecture is the base's; `finetune_model_config` checks the changes
+            # when the base is read.
+            ModelConfig.check_keys(self.model)
+            return
+        ft = self.finetune
+        if ft.method != "full" or ft.trainable not in ("auto", "all"):
+            raise ValueError(
+                f"finetune.method={ft.method}, trainable={ft.trainable} fine-tunes a base "
+                "model: set init.from_checkpoint=RUN_DIR or init.from_hf=HF_FOLDER."
+            )
+        if not self.model:
+            raise ValueError(
+                "a 'model' section (e.g. 'preset: gpt2-tiny') is required, or init.from_* "
+                "to start from a base model."
+            )
         # The tokenizer, and with it the final vocab_size, exists only once the run starts, so
         # the model section is checked now with the size the data section asks for. A char
         # tokenizer's size is known only after it reads the corpus; no check reads vocab_size
@@ -176,11 +198,19 @@ def config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
         RunConfig.check_keys(d)
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
-    if not isinstance(d.get("model"), dict):
-        raise ValueError(f"{source}: a 'model' section (e.g. 'preset: gpt2-tiny') is required.")
+    has_init = isinstance(d.get("init"), dict) and any(
+        d["init"].get(k) for k in ("from_checkpoint", "from_hf")
+    )
+    if not isinstance(d.get("model"), dict) and not (has_init and d.get("model") is None):
+        raise ValueError(
+            f"{source}: a 'model' section (e.g. 'preset: gpt2-tiny') is required, or "
+            "init.from_checkpoint / init.from_hf to start from a base model."
+        )
     name = str(d.get("name") or Path(source).stem)
     workdir = str(d.get("workdir") or os.path.join("runs", name))
-    return RunConfig.from_dict({**d, "name": name, "workdir": workdir})
+    return RunConfig.from_dict(
+        {**d, "model": d.get("model") or {}, "name": name, "workdir": workdir}
+    )
 
 
 def check_data_paths(cfg: RunConfig) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from jax.sharding import Mesh
 
 from llm_jax.data import DataConfig, Tokenizer, build_tokenizer, load_tokenizer, make_iterator
 from llm_jax.data.iterator import DataIterator
+from llm_jax.data.tokenize import tokenize_corpus
 
 
 def stdlib_corpus() -> tuple[str, ...]:
@@ -58,14 +60,35 @@ class PreparedData:
         return batches
 
 
-def prepare(config: DataConfig, workdir: str | os.PathLike) -> PreparedData:
+def _copy_base_tokenizer(src: Path, dst: Path) -> None:
+    """The base model's tokenizer files (only those: an HF folder also holds the weights),
+    copied into the run so that it and its checkpoints carry their own tokenizer."""
+    from llm_jax.convert.tokenizer import save_hf_tokenizer
+
+    if dst.exists():
+        return
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if (src / "config.json").is_file():
+        save_hf_tokenizer(src, tmp)  # a Hugging Face model folder's tokenizer files
+    else:
+        shutil.copytree(src, tmp)  # a checkpoint's tokenizer folder
+    tmp.rename(dst)
+
+
+def prepare(
+    config: DataConfig, workdir: str | os.PathLike, *, base_tokenizer: Path | None = None
+) -> PreparedData:
     """Resolve the corpus and the tokenizer (trained once into `workdir/tokenizer` unless
-    `data.tokenizer_path` names one), reading and validating the data before compiling."""
+    `data.tokenizer_path` names one; a fine-tuning run copies its base model's tokenizer
+    there), reading and validating the data before compiling."""
     if not config.paths:
         print(
             "data.paths not set: training on the Python standard library's sources", file=sys.stderr
         )
         config = config.replace(paths=stdlib_corpus())
+    if base_tokenizer is not None and not config.tokenizer_path and jax.process_index() == 0:
+        _copy_base_tokenizer(Path(base_tokenizer), Path(workdir) / "tokenizer")
     tokenizer_dir = Path(config.tokenizer_path or Path(workdir) / "tokenizer")
     config = config.replace(tokenizer_path=str(tokenizer_dir))
     if jax.process_index() == 0:
@@ -76,3 +99,14 @@ def prepare(config: DataConfig, workdir: str | os.PathLike) -> PreparedData:
         if jax.process_index() != 0:
             tokenizer = load_tokenizer(tokenizer_dir, num_sentinels=config.num_sentinels)
     return PreparedData(config=config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
+
+
+def num_labels(data: PreparedData) -> int | None:
+    """The number of classification labels (`data.label_names`, else the training
+    corpus's distinct labels); None for objectives without labels."""
+    if data.config.objective != "classification":
+        return None
+    if data.config.label_names:
+        return len(data.config.label_names)
+    corpus = tokenize_corpus(data.config, data.tokenizer, data.config.paths)
+    return len(corpus.meta["label_values"])

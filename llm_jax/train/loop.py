@@ -20,6 +20,7 @@ import jax
 from llm_jax.checkpoint import CheckpointManager
 from llm_jax.data.iterator import DataIterator
 from llm_jax.data.objectives import objective_spec
+from llm_jax.finetune.setup import FinetunePlan, check_tokenizer, prepare_finetune, read_base
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
@@ -149,14 +150,31 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     steps and hooks. Whatever can fail on bad input fails before any compilation."""
     initialize_distributed(**dataclasses.asdict(cfg.distributed))
     workdir, tc, is_main = Path(cfg.workdir).absolute(), cfg.train, jax.process_index() == 0
-    data = train_data.prepare(cfg.data, workdir)
-    model_config = _model_config(cfg, data.tokenizer.vocab_size)
+    base = read_base(cfg) if cfg.init.source else None
+    data = train_data.prepare(cfg.data, workdir, base_tokenizer=base and base.tokenizer_dir)
+    plan = None
+    if base is None:
+        model_config = _model_config(cfg, data.tokenizer.vocab_size)
+    else:
+        check_tokenizer(data.tokenizer.vocab_size, base.config, data.config.tokenizer_path)
+        plan = prepare_finetune(
+            cfg, base=base, num_labels=train_data.num_labels(data), workdir=workdir
+        )
+        model_config = plan.model_config
     mesh = make_mesh(cfg.mesh)
     check_batch_size(cfg.data.batch_size, mesh, tc.grad_accum_steps)
     layout = state_layout(
-        model_config, cfg.optimizer, mesh, total_steps=tc.steps, rules=cfg.mesh.rules, seed=tc.seed
+        model_config,
+        cfg.optimizer,
+        mesh,
+        total_steps=tc.steps,
+        rules=cfg.mesh.rules,
+        seed=tc.seed,
+        partition=plan and plan.partition,
     )
     resolved = {**cfg.to_dict(), "model": model_config.to_dict()}
+    if plan is not None:
+        resolved["init"] = plan.reference()
     ckpt = CheckpointManager(
         workdir / "checkpoints",
         save_interval_steps=tc.checkpoint_every,
@@ -165,7 +183,7 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     )
     batches = data.train_iterator(mesh)
     with activation_sharding(mesh, layout.rules):
-        state, start = _restore_or_init(layout, ckpt, batches, is_main)
+        state, start, frozen = _restore_or_init(layout, ckpt, batches, is_main, plan)
         run = Run(
             cfg=cfg,
             workdir=workdir,
@@ -196,10 +214,11 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
             loss=LossConfig(label_smoothing=tc.label_smoothing, z_loss=tc.z_loss),
             grad_accum_steps=tc.grad_accum_steps,
             skip_nonfinite=tc.on_nonfinite == "skip",
+            frozen=frozen,
         )
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
-        _print_banner(cfg, mesh, run.steps.memory)
+        _print_banner(cfg, mesh, run.steps.memory, [] if plan is None else plan.banner(layout))
     run.hooks = _hooks(cfg, model_config, run.batch, stop)
     return run
 
@@ -216,22 +235,31 @@ def _model_config(cfg: RunConfig, tokenizer_vocab: int):
 
 
 def _restore_or_init(
-    layout: StateLayout, ckpt: CheckpointManager, batches: DataIterator, is_main: bool
-) -> tuple[TrainState, int]:
-    """(state, step): the latest good checkpoint (with the data position), else fresh."""
+    layout: StateLayout,
+    ckpt: CheckpointManager,
+    batches: DataIterator,
+    is_main: bool,
+    plan: FinetunePlan | None,
+) -> tuple[TrainState, int, dict[str, Any]]:
+    """(state, step, frozen params): the latest good checkpoint (with the data position),
+    else fresh (from the base for a fine-tuning run). The frozen part of a fine-tuning run
+    always comes from its base: checkpoints hold only what trains."""
+    trainable, frozen = (None, {}) if plan is None else layout.split(plan.start.params)
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(layout.abstract_state)
         batches.set_state(restored.data_state)
         if is_main:
             print(f"resuming from step {restored.step} in {ckpt.directory}", file=sys.stderr)
-        return restored.state, restored.step
+        return restored.state, restored.step, frozen
     if ckpt.all_steps() and is_main:
         print(
             f"no checkpoint in {ckpt.directory} passes verification (steps "
             f"{ckpt.all_steps()}, see the warnings above): starting again from step 0.",
             file=sys.stderr,
         )
-    return layout.init(), 0
+    if plan is None:
+        return layout.init(), 0, frozen
+    return layout.init_from(trainable), 0, frozen
 
 
 def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]:
@@ -256,7 +284,9 @@ def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]
     return hooks
 
 
-def _print_banner(cfg: RunConfig, mesh, mem) -> None:
+def _print_banner(cfg: RunConfig, mesh, mem, finetune_lines: list[str]) -> None:
+    for line in finetune_lines:
+        print(line, file=sys.stderr)
     print(f"mesh: {describe(mesh)}; rules: {cfg.mesh.rules}", file=sys.stderr)
     if mem is not None:
         print(f"compiled step memory: {_memory_line(mem)}", file=sys.stderr)

@@ -11,7 +11,7 @@ Shape letters: A accumulation steps, B batch, T length, V vocab.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,9 @@ from flax import nnx, struct
 
 from llm_jax.data.objectives import objective_spec
 from llm_jax.train.losses import LOSSES, Batch, LossConfig, loss_counts
+
+if TYPE_CHECKING:
+    from llm_jax.finetune.partition import Partition
 
 
 @struct.dataclass
@@ -107,8 +110,9 @@ def make_train_step(
     skip_nonfinite: bool = False,
     learning_rate_fn: Callable | None = None,
     axis_name: str | None = None,
-) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build `train_step(state, batch) -> (state, metrics)`.
+    partition: Partition | None = None,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build `train_step(state, batch, frozen=None) -> (state, metrics)`.
 
     Args:
       graphdef: the model structure from `nnx.split(model)`.
@@ -120,6 +124,9 @@ def make_train_step(
         (else the update is applied and the loop stops on the reported `finite=0`).
       learning_rate_fn: the schedule, to report the learning rate.
       axis_name: set for the pmap path: sums and gradients are psum-reduced over it.
+      partition: for fine-tuning, `state.params` is the trainable part only and the step
+        takes the frozen part as `frozen` (`llm_jax.finetune.Partition`): gradients and
+        optimizer state exist only for the trainable part.
     """
     spec = objective_spec(objective)
     losses_fn = LOSSES[spec.name]
@@ -128,11 +135,13 @@ def make_train_step(
     def psum(x):
         return x if axis_name is None else jax.lax.psum(x, axis_name)
 
-    def train_step(state: TrainState, batch: Batch):
+    def train_step(state: TrainState, batch: Batch, frozen: Any = None):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
         counts = psum(loss_counts(spec, batch))
 
         def loss_fn(params, micro: Batch, micro_rng):
+            if partition is not None:
+                params = partition.combine(params, frozen)
             model = nnx.merge(graphdef, params)
             losses = losses_fn(model, micro, micro_rng, loss_config)
             total = sum(s / jnp.maximum(counts[k], 1.0) for k, (s, _) in losses.items())
@@ -159,12 +168,19 @@ def make_train_step(
 
 
 def make_eval_step(
-    graphdef: nnx.GraphDef, objective: str, *, axis_name: str | None = None
-) -> Callable[[Any, Batch], dict[str, jax.Array]]:
-    """Build `eval_step(params, batch) -> {name: (sum, count)}`; no dropout, no smoothing."""
+    graphdef: nnx.GraphDef,
+    objective: str,
+    *,
+    axis_name: str | None = None,
+    partition: Partition | None = None,
+) -> Callable[..., dict[str, jax.Array]]:
+    """Build `eval_step(params, batch, frozen=None) -> {name: (sum, count)}`; no dropout, no
+    smoothing. With a `partition`, `params` is the trainable part (see `make_train_step`)."""
     losses_fn = LOSSES[objective_spec(objective).name]
 
-    def eval_step(params, batch: Batch):
+    def eval_step(params, batch: Batch, frozen: Any = None):
+        if partition is not None:
+            params = partition.combine(params, frozen)
         model = nnx.merge(graphdef, params)
         losses = losses_fn(model, batch, None, LossConfig())
         return losses if axis_name is None else jax.lax.psum(losses, axis_name)
