@@ -1,0 +1,312 @@
+"""Fine-tuning core: the init/finetune config sections, the trainable/frozen partition,
+starting from our checkpoint or a Hugging Face folder, frozen parameters unchanged and
+without optimizer state, exact resume, and the errors for bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from llm_jax.convert import restore_model
+from llm_jax.convert.hf import params_of
+from llm_jax.convert.hf_weights import flatten_tree
+from llm_jax.finetune import FinetuneConfig, Partition, partition_for
+from llm_jax.models import ModelConfig
+from llm_jax.train.config import config_from_dict
+from llm_jax.train.hooks import StopOnSignal
+from llm_jax.train.loop import setup, train
+
+FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+BERT = {
+    "preset": "bert-tiny",
+    "d_model": 32,
+    "num_layers": 2,
+    "num_heads": 2,
+    "d_ff": 64,
+    "max_position_embeddings": 64,
+}
+
+
+def _flat(model) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v) for k, v in flatten_tree(params_of(model)).items()}
+
+
+def _shapes(cfg: ModelConfig):
+    from flax import nnx
+
+    from llm_jax.models import build
+
+    return nnx.to_pure_dict(
+        nnx.state(nnx.eval_shape(lambda: build(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    )
+
+
+# Partition ----------------------------------------------------------------------------------
+
+
+def test_partition_split_combine_round_trip_and_layer_cut():
+    cfg = ModelConfig.from_dict({**BERT, "vocab_size": 50})
+    shapes = _shapes(cfg)
+    params = jax.tree.map(
+        lambda s: np.random.default_rng(0).normal(size=s.shape).astype(np.float32), shapes
+    )
+    part = partition_for(cfg, FinetuneConfig(trainable="top:1"), shapes)
+    trainable, frozen = part.split(params)
+    flat_t = flatten_tree(trainable)
+    assert flat_t["layers/blocks/mlp/wi/kernel"].shape[0] == 1  # only the top layer trains
+    assert "embed/embedding" not in flat_t and "embed/embedding" in frozen
+    np.testing.assert_array_equal(
+        frozen["layers/blocks/mlp/wi/kernel:below"],
+        params["layers"]["blocks"]["mlp"]["wi"]["kernel"][:1],
+    )
+    back = part.combine(trainable, frozen)
+    for k, v in flatten_tree(params).items():
+        np.testing.assert_array_equal(np.asarray(flatten_tree(back)[k]), v)
+    bottom = partition_for(cfg, FinetuneConfig(trainable="bottom:1"), shapes)
+    assert bottom.parts["layers/blocks/mlp/wi/kernel"] == (0, 1)
+    assert partition_for(cfg, FinetuneConfig(), shapes).is_everything
+
+
+def test_partition_t5_sides_and_no_embeddings():
+    cfg = ModelConfig.preset("t5-tiny", vocab_size=40)
+    shapes = _shapes(cfg)
+    enc = partition_for(cfg, FinetuneConfig(trainable="encoder"), shapes)
+    assert enc.parts["encoder/blocks/self_attn/q/kernel"] is True
+    assert enc.parts["decoder/blocks/self_attn/q/kernel"] is False
+    assert enc.parts["embed/embedding"] is False
+    dec = partition_for(cfg, FinetuneConfig(trainable="decoder"), shapes)
+    assert dec.parts["decoder_norm/scale"] is True and dec.parts["encoder_norm/scale"] is False
+    noemb = partition_for(cfg, FinetuneConfig(trainable="no_embeddings"), shapes)
+    assert noemb.parts["embed/embedding"] is False and noemb.parts["encoder_norm/scale"] is True
+
+
+@pytest.mark.parametrize(
+    ("trainable", "model", "match"),
+    [
+        ("top:3", BERT, "asks for 3 layers but the model has 2"),
+        ("encoder", BERT, "this is a bert model"),
+        ("top:1", {**BERT, "share_layers": True}, "shares one block"),
+        ("head", BERT, "leaves nothing to train"),
+    ],
+)
+def test_partition_errors_name_the_fix(trainable, model, match):
+    cfg = ModelConfig.from_dict({**model, "vocab_size": 50})
+    with pytest.raises(ValueError, match=match):
+        partition_for(cfg, FinetuneConfig(trainable=trainable), _shapes(cfg))
+
+
+def test_partition_rejects_another_tree():
+    part = Partition({"a": True})
+    with pytest.raises(ValueError, match="do not match the partition"):
+        part.split({"b": np.zeros(2)})
+
+
+# Config ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("d", "match"),
+    [
+        ({"finetune": {"method": "lora"}}, "set init.from_checkpoint"),
+        ({"finetune": {"trainable": "top:2"}}, "set init.from_checkpoint"),
+        ({"finetune": {"trainable": "middle"}}, "finetune.trainable='middle'"),
+        ({"finetune": {"lora_targets": ["qkv"]}}, "choose from"),
+        ({"init": {"from_hf": "a", "from_checkpoint": "b"}}, "not both"),
+        ({"init": {"step": 3}}, "init.step"),
+    ],
+)
+def test_config_errors(d, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict({"model": {"preset": "gpt2-tiny"}, **d})
+
+
+def test_config_model_section_optional_with_init():
+    cfg = config_from_dict({"init": {"from_hf": "somewhere"}})
+    assert cfg.model == {} and cfg.init.source == "somewhere"
+    with pytest.raises(ValueError, match="'model' section"):
+        config_from_dict({"data": {}})
+
+
+# Runs -----------------------------------------------------------------------------------------
+
+
+def _separable(path: Path, lines: list[str]) -> Path:
+    """A fastText file whose label is told by one marker word (a separable toy task)."""
+    rows = []
+    for i, line in enumerate(lines):
+        label, word = ("pos", "splendid") if i % 2 else ("neg", "wretched")
+        rows.append(f"__label__{label} {word} {line}")
+    path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def bert_base(tmp_path_factory, corpora) -> Path:
+    """A tiny BERT pretrained for 2 steps (MLM + NSP) on the Shakespeare excerpt."""
+    root = tmp_path_factory.mktemp("bert_base")
+    text = root / "text.txt"
+    text.write_text((corpora / "shakespeare.txt").read_text(encoding="utf-8")[:60000])
+    cfg = config_from_dict(
+        {
+            "workdir": str(root / "run"),
+            "model": BERT,
+            "data": {
+                "paths": [str(text)],
+                "objective": "mlm",
+                "pair_task": "nsp",
+                "tokenizer_type": "unigram",
+                "vocab_size": 500,
+                "doc_split": "line",
+                "seq_len": 32,
+                "batch_size": 8,
+                "cache_dir": str(root / "cache"),
+            },
+            "train": {"steps": 2, "eval_every": 0, "checkpoint_every": 2, "progress": False},
+        }
+    )
+    train(cfg)
+    return root / "run"
+
+
+def _cls_config(tmp: Path, base: Path, corpora: Path, **finetune) -> dict:
+    lines = (corpora / "shakespeare.txt").read_text(encoding="utf-8").splitlines()
+    lines = [x for x in lines if len(x.split()) > 3][:96]
+    data = _separable(tmp / "cls.txt", lines)
+    return {
+        "workdir": str(tmp / "ft"),
+        "init": {"from_checkpoint": str(base)},
+        "finetune": finetune,
+        "data": {
+            "paths": [str(data)],
+            "objective": "classification",
+            "format": "fasttext",
+            "seq_len": 32,
+            "batch_size": 8,
+            "cache_dir": str(tmp / "cache"),
+        },
+        "train": {"steps": 3, "eval_every": 0, "checkpoint_every": 3, "progress": False},
+        "optimizer": {
+            "learning_rate": 1e-2,
+            "warmup_steps": 0,
+            "weight_decay": 0.1,
+            "schedule": "constant",
+        },
+    }
+
+
+def test_top1_trains_only_the_top_layer_and_head(bert_base, corpora, tmp_path, capfd):
+    d = _cls_config(tmp_path, bert_base, corpora, trainable="top:1")
+    result = train(config_from_dict(d))
+    err = capfd.readouterr().err
+    assert "new (initialised fresh): classifier/bias, classifier/kernel" in err
+    assert "trainable parameters:" in err and "optimizer state:" in err
+    assert "not used (heads turned off): mlm_bias" in err
+    base = _flat(restore_model(bert_base).model)
+    tuned = _flat(restore_model(result.workdir).model)
+    assert "classifier/kernel" in tuned and "mlm_bias" not in tuned
+    for k, v in tuned.items():
+        if k.startswith("classifier"):
+            continue
+        if "/blocks/" in k:  # [L=2, ...]: layer 0 frozen, layer 1 trained
+            np.testing.assert_array_equal(v[0], base[k][0])
+            assert not np.array_equal(v[1], base[k][1]), k
+        elif k.startswith("pooler"):
+            assert not np.array_equal(v, base[k]), k
+        else:
+            np.testing.assert_array_equal(v, base[k])  # embeddings bit-identical
+    # The checkpoint holds only what trained; no optimizer state for frozen parameters.
+    saved = json.loads((result.workdir / "config.json").read_text())
+    assert saved["init"]["fingerprint"] and saved["model"]["num_labels"] == 2
+    with (
+        StopOnSignal() as stop,
+        setup(config_from_dict({**d, "train": {**d["train"], "steps": 4}}), stop) as run,
+    ):
+        opt_paths = {
+            "/".join(str(getattr(k, "key", k)) for k in p)
+            for p, _ in jax.tree_util.tree_leaves_with_path(run.state.opt_state)
+        }
+        assert not any("embed" in p for p in opt_paths)
+        mu = [
+            x
+            for p, x in jax.tree_util.tree_leaves_with_path(run.state.opt_state)
+            if "wi" in str(p) and x.ndim == 3
+        ]
+        assert mu and all(x.shape[0] == 1 for x in mu)  # moments of the top layer only
+
+
+def test_finetune_resume_is_exact(bert_base, corpora, tmp_path):
+    d = _cls_config(tmp_path, bert_base, corpora, trainable="top:1")
+    d["train"].update(steps=4, checkpoint_every=2)
+    whole = train(config_from_dict(d))
+    d2 = {**d, "workdir": str(tmp_path / "ft2"), "train": {**d["train"], "steps": 2}}
+    train(config_from_dict(d2))
+    resumed = train(config_from_dict({**d2, "train": d["train"]}))
+    assert resumed.losses[4] == whole.losses[4] and resumed.losses[3] == whole.losses[3]
+
+
+def test_from_hf_reproduces_the_fixture_logits_at_step_0(tmp_path):
+    from llm_jax.convert.hf import model_from_params
+    from tests.fixtures.hf_checks import our_outputs, read_expected
+
+    corpus = tmp_path / "t.txt"
+    corpus.write_text("hello world, this is a small text for the data pipeline.\n" * 50)
+    cfg = config_from_dict(
+        {
+            "workdir": str(tmp_path / "run"),
+            "init": {"from_hf": str(FIXTURES / "gpt2")},
+            "model": {"dropout_rate": 0.0},
+            "data": {
+                "paths": [str(corpus)],
+                "seq_len": 16,
+                "batch_size": 8,
+                "cache_dir": str(tmp_path),
+            },
+            "train": {"steps": 1, "progress": False},
+        }
+    )
+    with StopOnSignal() as stop, setup(cfg, stop) as run:
+        params = run.steps.full_params(run.state.params)
+        model = model_from_params(cfg_model(run), jax.device_get(params))
+    info, expected = read_expected(FIXTURES / "gpt2")
+    ours = our_outputs(model, "gpt2", info)
+    np.testing.assert_allclose(ours["logits"], expected["logits"], rtol=1e-4, atol=1e-4)
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+
+
+def cfg_model(run) -> ModelConfig:
+    return ModelConfig.from_dict(run.resolved["model"])
+
+
+# Bad input --------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_fail_before_compiling(bert_base, corpora, tmp_path):
+    d = _cls_config(tmp_path, bert_base, corpora)
+    with pytest.raises(ValueError, match=r"model.d_model=48 differs from the base model's 32"):
+        train(config_from_dict({**d, "model": {"d_model": 48}}))
+    with pytest.raises(ValueError, match=r"model\.preset"):
+        train(config_from_dict({**d, "model": {"preset": "bert-tiny"}}))
+    with pytest.raises(ValueError, match=r"init\.from_checkpoint="):
+        train(config_from_dict({**d, "init": {"from_checkpoint": str(tmp_path)}}))
+    with pytest.raises(ValueError, match=r"no config\.json there"):
+        train(config_from_dict({**d, "init": {"from_hf": str(tmp_path)}}))
+    with pytest.raises(ValueError, match="asks for 5 layers"):
+        train(config_from_dict({**d, "finetune": {"trainable": "top:5"}}))
+    other = tmp_path / "other_tok"
+    big = config_from_dict(
+        {
+            **d,
+            "data": {
+                **d["data"],
+                "tokenizer_path": str(other),
+                "vocab_size": 650,
+                "tokenizer_type": "unigram",
+            },
+        }
+    )
+    with pytest.raises(ValueError, match="does not belong to this model"):
+        train(big)
