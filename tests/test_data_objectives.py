@@ -323,7 +323,7 @@ def test_classification_text_pairs_from_tsv(tmp_path, tok, token_cache):
 # One small corpus per input format, usable by any objective that reads that format with the
 # default DataConfig columns (tsv: text in columns 0 and 1; fastText: labelled lines), so a
 # newly registered objective is exercised here without editing this file.
-FORMATS = ("text", "tsv", "fasttext")
+FORMATS = ("text", "tsv", "fasttext", "jsonl")
 CASES = [(name, fmt) for name, spec in OBJECTIVES.items() for fmt in spec.formats]
 
 
@@ -346,14 +346,26 @@ def format_files(corpora, shakespeare, tmp_path_factory):
         ),
         encoding="utf-8",
     )
-    return {"text": shakespeare, "tsv": pairs, "fasttext": labelled}
+    # JSON Lines prompt-response records (instruct).
+    records = folder / "records.jsonl"
+    records.write_text(
+        (corpora / "instruct-en-es.jsonl").read_text(encoding="utf-8"), encoding="utf-8"
+    )
+    return {"text": shakespeare, "tsv": pairs, "fasttext": labelled, "jsonl": records}
 
 
 def test_registry_is_complete():
     from llm_jax.data import config as config_lib
     from llm_jax.train.losses import LOSSES
 
-    assert list(OBJECTIVES) == ["clm", "mlm", "span_corruption", "seq2seq", "classification"]
+    assert list(OBJECTIVES) == [
+        "clm",
+        "mlm",
+        "span_corruption",
+        "seq2seq",
+        "classification",
+        "instruct",
+    ]
     assert config_lib.OBJECTIVES == tuple(OBJECTIVES)
     assert set(LOSSES) == set(OBJECTIVES)
     for name, spec in OBJECTIVES.items():

@@ -29,8 +29,10 @@ from llm_jax.models.config import ModelConfig
 SUPPORTED_ARCHITECTURES = {
     "GPT2LMHeadModel": "gpt2",
     "GPT2Model": "gpt2",
+    "GPT2ForSequenceClassification": "gpt2",
     "LlamaForCausalLM": "llama",
     "LlamaModel": "llama",
+    "LlamaForSequenceClassification": "llama",
     "BertModel": "bert",
     "BertForMaskedLM": "bert",
     "BertForPreTraining": "bert",
@@ -43,6 +45,12 @@ DEFAULT_ARCHITECTURE = {
     "llama": "LlamaForCausalLM",
     "bert": "BertModel",
     "t5": "T5ForConditionalGeneration",
+}
+
+# Decoder classes with a bias-free `score` head [C, D] on the last real token and no LM head.
+SEQUENCE_CLASSIFIERS = {
+    "gpt2": "GPT2ForSequenceClassification",
+    "llama": "LlamaForSequenceClassification",
 }
 
 # HF activation names (transformers.activations.ACT2FN) -> ours.
@@ -192,6 +200,7 @@ def _gpt2_config(hf, weights) -> ModelConfig:
         if hf.get(field, False):
             raise _refuse(field, hf[field], why + "; set it to false.")
     d = int(hf.get("n_embd", 768))
+    classifier = architecture_of(hf)[0] == SEQUENCE_CLASSIFIERS["gpt2"]
     return ModelConfig(
         family="gpt",
         vocab_size=int(hf.get("vocab_size", 50257)),
@@ -206,7 +215,9 @@ def _gpt2_config(hf, weights) -> ModelConfig:
         activation=_activation("activation_function", hf.get("activation_function", "gelu_new")),
         use_bias=True,
         attention_scale=bool(hf.get("scale_attn_weights", True)),
-        tie_embeddings=_tied(hf, weights, "lm_head.weight", "wte.weight", True),
+        # A classifier has no LM head: logits, if asked for, come from the embedding.
+        tie_embeddings=classifier or _tied(hf, weights, "lm_head.weight", "wte.weight", True),
+        num_labels=score_labels(hf, weights) if classifier else 0,
         dropout_rate=float(hf.get("resid_pdrop", 0.1)),
         attention_dropout_rate=float(hf.get("attn_pdrop", 0.1)),
         initializer_range=float(hf.get("initializer_range", 0.02)),
@@ -270,6 +281,8 @@ def _llama_config(hf, weights) -> ModelConfig:
     d = int(hf.get("hidden_size", 4096))
     n = int(hf.get("num_attention_heads", 32))
     head_dim = hf.get("head_dim")
+    arch = architecture_of(hf)[0]
+    classifier = arch == SEQUENCE_CLASSIFIERS["llama"]
     return ModelConfig(
         family="gpt",
         vocab_size=int(hf.get("vocab_size", 32000)),
@@ -287,10 +300,11 @@ def _llama_config(hf, weights) -> ModelConfig:
         activation=_activation("hidden_act", hf.get("hidden_act", "silu")),
         gated_mlp=True,
         use_bias=attention_bias,
-        # A bare LlamaModel has no head: its hidden states are exact, and logits come from
-        # the embedding (tied), as for GPT2Model.
-        tie_embeddings=architecture_of(hf)[0] == "LlamaModel"
+        # A bare LlamaModel (or a classifier) has no LM head: its hidden states are exact,
+        # and logits come from the embedding (tied), as for GPT2Model.
+        tie_embeddings=arch in ("LlamaModel", SEQUENCE_CLASSIFIERS["llama"])
         or _tied(hf, weights, "lm_head.weight", "embed_tokens.weight", False),
+        num_labels=score_labels(hf, weights) if classifier else 0,
         dropout_rate=0.0,
         attention_dropout_rate=float(hf.get("attention_dropout") or 0.0),
         initializer_range=float(hf.get("initializer_range", 0.02)),
@@ -316,6 +330,14 @@ def _num_labels(hf) -> int:
     if hf.get("id2label"):
         return len(hf["id2label"])
     return int(hf.get("num_labels", 2))
+
+
+def score_labels(hf: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None) -> int:
+    """Classes of a GPT-2 / LLaMA sequence classifier: rows of `score.weight` when the
+    tensors are at hand, else `id2label` / `num_labels` (transformers' default 2)."""
+    if weights is not None and "score.weight" in weights:
+        return int(weights["score.weight"].shape[0])
+    return _num_labels(hf)
 
 
 def bert_heads(hf: Mapping[str, Any], weights: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
@@ -501,7 +523,10 @@ def _plain_heads(cfg: ModelConfig, arch: str) -> None:
 def hf_architecture(cfg: ModelConfig) -> str:
     """The transformers class our model is exported as."""
     if cfg.family == "gpt":
-        return "GPT2LMHeadModel" if cfg.position == "learned" else "LlamaForCausalLM"
+        model_type = "gpt2" if cfg.position == "learned" else "llama"
+        if cfg.num_labels:
+            return SEQUENCE_CLASSIFIERS[model_type]
+        return "GPT2LMHeadModel" if model_type == "gpt2" else "LlamaForCausalLM"
     if cfg.family == "t5":
         return "T5ForConditionalGeneration"
     pooler, mlm, nsp, cls = cfg.use_pooler, cfg.use_mlm_head, cfg.use_nsp, cfg.num_labels > 0
@@ -578,6 +603,7 @@ def _gpt2_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
         "embd_pdrop": cfg.dropout_rate,
         "attn_pdrop": cfg.attention_dropout_rate,
         "initializer_range": cfg.initializer_range,
+        **_labels_to_hf(cfg),
     }
 
 
@@ -606,6 +632,7 @@ def _llama_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_dropout": cfg.attention_dropout_rate,
         "initializer_range": cfg.initializer_range,
+        **_labels_to_hf(cfg),
     }
 
 
@@ -629,11 +656,15 @@ def _bert_to_hf(cfg: ModelConfig, arch: str) -> dict[str, Any]:
         "attention_probs_dropout_prob": cfg.attention_dropout_rate,
         "initializer_range": cfg.initializer_range,
     }
-    if cfg.num_labels:
-        labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
-        out["id2label"] = labels
-        out["label2id"] = {v: int(k) for k, v in labels.items()}
-    return out
+    return {**out, **_labels_to_hf(cfg)}
+
+
+def _labels_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """`id2label` / `label2id` of a classifier (they set transformers' num_labels)."""
+    if not cfg.num_labels:
+        return {}
+    labels = {str(i): f"LABEL_{i}" for i in range(cfg.num_labels)}
+    return {"id2label": labels, "label2id": {v: int(k) for k, v in labels.items()}}
 
 
 def _t5_feed_forward_proj(cfg: ModelConfig) -> str:

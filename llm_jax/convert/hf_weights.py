@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,9 +129,18 @@ def _gpt2_links(cfg: ModelConfig) -> list[Link]:
         links.append(
             Link("h.{i}.attn.c_attn.bias", f"{blk}/self_attn/{name}/bias", "flat", part=(j, 3))
         )
+    return [*links, *_decoder_head_links(cfg)]
+
+
+def _decoder_head_links(cfg: ModelConfig) -> list[Link]:
+    """GPT-2 / LLaMA heads: the untied LM head, or a sequence classifier's `score` [C, D]
+    (transformers' *ForSequenceClassification classes have no LM head, so a classifier
+    fine-tuned from an untied base exports without it; `params_to_hf` warns)."""
+    if cfg.num_labels:
+        return [Link("score.weight", "classifier/kernel", "linear")]
     if not cfg.tie_embeddings:
-        links.append(Link("lm_head.weight", "lm_head/kernel", "linear"))
-    return links
+        return [Link("lm_head.weight", "lm_head/kernel", "linear")]
+    return []
 
 
 def _llama_links(cfg: ModelConfig) -> list[Link]:
@@ -153,9 +163,7 @@ def _llama_links(cfg: ModelConfig) -> list[Link]:
             b,
             flat_bias=True,
         )
-    if not cfg.tie_embeddings:
-        links.append(Link("lm_head.weight", "lm_head/kernel", "linear"))
-    return links
+    return [*links, *_decoder_head_links(cfg)]
 
 
 def _bert_links(cfg: ModelConfig) -> list[Link]:
@@ -281,14 +289,14 @@ FAMILIES = {
     "gpt2": Family(
         _gpt2_links,
         "transformer.",
-        ("lm_head.",),
+        ("lm_head.", "score."),
         _gpt2_aliases,
         (r"h\.\d+\.attn\.(masked_)?bias",),
     ),
     "llama": Family(
         _llama_links,
         "model.",
-        ("lm_head.",),
+        ("lm_head.", "score."),
         _llama_aliases,
         (r"(layers\.\d+\.self_attn\.)?rotary_emb\.inv_freq",),
     ),
@@ -518,6 +526,12 @@ def params_to_hf(cfg: ModelConfig, params: Mapping[str, Any]) -> dict[str, np.nd
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_tree(params).items()}
     out: dict[str, np.ndarray] = {}
     parts: dict[str, dict[int, np.ndarray]] = {}
+    if cfg.num_labels and "lm_head/kernel" in flat:
+        warnings.warn(
+            f"{hf_architecture(cfg)} has no LM head: this classifier's untied lm_head is not "
+            "written (its class logits do not depend on it).",
+            stacklevel=2,
+        )
     for link in family.links(cfg):
         x = flat[link.ours]
         for i in range(x.shape[0]) if link.layered else [None]:
@@ -542,7 +556,9 @@ def _export_prefix(cfg: ModelConfig) -> str:
     arch = hf_architecture(cfg)
     return {
         "GPT2LMHeadModel": "transformer.",
+        "GPT2ForSequenceClassification": "transformer.",
         "LlamaForCausalLM": "model.",
+        "LlamaForSequenceClassification": "model.",
         "BertModel": "",
         "T5ForConditionalGeneration": "",
     }.get(arch, "bert.")

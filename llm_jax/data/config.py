@@ -13,14 +13,14 @@ from typing import Any, ClassVar
 from llm_jax.config import Config, at_least, in_interval, one_of
 from llm_jax.data.objectives import OBJECTIVES as _REGISTRY
 
-FORMATS = ("text", "tsv", "fasttext")
+FORMATS = ("text", "tsv", "fasttext", "jsonl")
 DOC_SPLITS = ("file", "line", "blank_line")
 TOKENIZER_TYPES = ("unigram", "bpe", "char")
 PAIR_TASKS = ("none", "nsp", "sop")
 # Each objective declares which input formats it can read (see `llm_jax.data.objectives`).
 OBJECTIVES = tuple(_REGISTRY)
 OBJECTIVE_FORMATS = {name: spec.formats for name, spec in _REGISTRY.items()}
-_TUPLE_FIELDS = ("paths", "validation_paths", "text_columns", "label_names")
+_TUPLE_FIELDS = ("paths", "validation_paths", "text_columns", "label_names", "label_words")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,7 +35,9 @@ class DataConfig(Config):
 
     # Corpus ----------------------------------------------------------------------------------
     paths: tuple[str, ...] = ()  # files or folders (folders are walked recursively).
-    format: str = "text"  # "text" | "tsv" | "fasttext" (`__label__X text` lines).
+    # "text" | "tsv" | "fasttext" (`__label__X text` lines) | "jsonl" (instruct:
+    # {"prompt": ..., "response": ...} per line).
+    format: str = "text"
     doc_split: str = "file"  # text: one document per "file", per "line" or per "blank_line".
     file_pattern: str = "*"  # fnmatch pattern for file names inside folders.
     source_column: int = 0  # tsv, seq2seq: 0-based column of the source text.
@@ -43,6 +45,9 @@ class DataConfig(Config):
     text_columns: tuple[int, ...] = (0,)  # tsv, classification: one column, or two (a pair).
     label_column: int = 1  # tsv, classification.
     label_names: tuple[str, ...] | None = None  # label order (id = index); None: sorted.
+    # seq2seq from fastText (text-to-text classification): the target word of each label
+    # in `label_names`, same order; None: the label itself is the target.
+    label_words: tuple[str, ...] | None = None
 
     # Tokenizer -------------------------------------------------------------------------------
     tokenizer_path: str | None = None  # saved tokenizer dir; trained here if it is missing.
@@ -207,3 +212,19 @@ class DataConfig(Config):
             )
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             raise ValueError(f"DataConfig.label_names={self.label_names} has duplicates.")
+        self._check_label_words()
+
+    def _check_label_words(self) -> None:
+        if self.label_words is None:
+            return
+        if self.objective != "seq2seq" or self.format != "fasttext":
+            raise ValueError(
+                "DataConfig.label_words names the target word of each label for "
+                "objective='seq2seq' with format='fasttext'; remove it (got objective="
+                f"{self.objective!r}, format={self.format!r})."
+            )
+        if self.label_names is None or len(self.label_names) != len(self.label_words):
+            raise ValueError(
+                f"DataConfig.label_words={self.label_words} pairs one word with each of "
+                f"label_names={self.label_names}; give label_names of the same length."
+            )

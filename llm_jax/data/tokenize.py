@@ -73,7 +73,7 @@ def tokenize_corpus(
 
     The fields are the reader's: "docs" (clm, mlm, span_corruption); "sents" + array
     "groups" (mlm with NSP/SOP); "source", "target" (seq2seq); "text_a" [+ "text_b"] +
-    array "labels" (classification).
+    array "labels" (classification); "examples" + array "prompt_lengths" (instruct).
     """
     files = corpus_lib.list_files(paths, config.file_pattern, what)
     params, build = objective_spec(config.objective).read(config, tokenizer, files, what)

@@ -76,7 +76,9 @@ class ModelConfig(Config):
     use_pooler: bool = False  # BERT pooler (dense + tanh on the first token).
     use_nsp: bool = False  # BERT next-sentence (or ALBERT sentence-order) head.
     use_mlm_head: bool = False  # BERT masked-LM head (transform + norm + tied decoder).
-    num_labels: int = 0  # sequence-classification head on the pooled output; 0 disables.
+    # Sequence-classification head [D, C]: BERT on the pooled output, GPT on the last real
+    # token's hidden state; 0 disables (T5 classifies text-to-text instead).
+    num_labels: int = 0
 
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
@@ -218,6 +220,7 @@ class ModelConfig(Config):
 
     def _check_family_options(self) -> None:
         """BERT/ALBERT-only heads and sharing, and what each head reads."""
+        at_least(self, "num_labels", 0)
         if self.family != "bert" and (
             self.use_pooler or self.use_nsp or self.use_mlm_head or self.type_vocab_size
         ):
@@ -225,10 +228,15 @@ class ModelConfig(Config):
                 "ModelConfig: use_pooler / use_nsp / use_mlm_head / type_vocab_size are BERT "
                 "options; set family='bert' or turn them off."
             )
-        if (self.use_nsp or self.num_labels) and not self.use_pooler:
+        if (self.use_nsp or self.num_labels) and self.family == "bert" and not self.use_pooler:
             raise ValueError(
                 "ModelConfig: the NSP and classification heads read the pooled output; set "
                 "use_pooler=True."
+            )
+        if self.num_labels and self.family == "t5":
+            raise ValueError(
+                "ModelConfig.num_labels: T5 classifies text-to-text (the label word is the "
+                "target; data objective='seq2seq' with format='fasttext'); set num_labels=0."
             )
         if self.share_layers and self.family != "bert":
             raise ValueError("ModelConfig.share_layers (ALBERT) is only supported for BERT.")

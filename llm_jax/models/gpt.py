@@ -2,8 +2,10 @@
 
 GPT-2: learned positions, pre-LayerNorm, GELU-tanh MLP, biases, tied embeddings.
 LLaMA: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases, untied head.
+With `num_labels > 0` a sequence-classification head reads the last real token
+(`classify`, as transformers' GPT2/LlamaForSequenceClassification).
 
-Shape letters: B batch, T length, S cache length, D model dim, V vocab, L layers.
+Shape letters: B batch, T length, S cache length, D model dim, V vocab, L layers, C classes.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from llm_jax.models.inputs import (
     split_key,
 )
 from llm_jax.models.layers import (
+    Einsum,
     Embed,
     block_spec,
     block_stack,
@@ -37,8 +40,19 @@ from llm_jax.models.layers import (
 from llm_jax.parallel.rules import constrain
 
 
+def last_token_index(segment_ids: Int[Array, "B T"] | None, length: int) -> Int[Array, " B"]:
+    """Index of each row's last real token: the last position with segment id > 0 (the
+    right end of a right-padded row); T - 1 when `segment_ids` is None (no padding) or a
+    row is all padding."""
+    if segment_ids is None:
+        return jnp.full((1,), length - 1, jnp.int32)
+    real = jnp.flip(segment_ids > 0, axis=1)  # [B, T], last position first
+    return (length - 1 - jnp.argmax(real, axis=1)).astype(jnp.int32)
+
+
 class GPT(nnx.Module):
-    """A causal language model. `model(tokens)` returns next-token logits [B, T, V]."""
+    """A causal language model. `model(tokens)` returns next-token logits [B, T, V];
+    `classify` class logits [B, C] when the config has `num_labels > 0`."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         if cfg.family != "gpt":
@@ -64,6 +78,20 @@ class GPT(nnx.Module):
         self.layers = block_stack(cfg, spec, init, cfg.num_layers, rngs=rngs)
         self.final_norm = make_norm(spec) if cfg.final_norm else None
         self.lm_head = untied_lm_head(cfg, spec, r, rngs)
+        # HF's `score`: a bias-free [D, C] projection of the last real token's hidden state.
+        self.classifier = (
+            Einsum(
+                "BD,DC->BC",
+                (cfg.d_model, cfg.num_labels),
+                ("embed", "classes"),
+                std=r,
+                dtype=dtype,
+                param_dtype=pdtype,
+                rngs=rngs,
+            )
+            if cfg.num_labels
+            else None
+        )
 
     def init_cache(
         self, batch_size: int, max_length: int, dtype=None, *, heads_major: bool | None = None
@@ -165,6 +193,42 @@ class GPT(nnx.Module):
             dropout_rng=dropout_rng,
         )
         return self.logits(hidden)
+
+    def classify(
+        self,
+        tokens: Int[Array, "B T"] | None = None,
+        *,
+        segment_ids: Int[Array, "B T"] | None = None,
+        positions: Int[Array, "B T"] | None = None,
+        token_type_ids: Int[Array, "B T"] | None = None,
+        dropout_rng: jax.Array | None = None,
+        inputs_embeds: Float[Array, "B T D"] | None = None,
+    ) -> Float[Array, "B C"]:
+        """Sequence-classification logits [B, num_labels] from the hidden state of each
+        row's last real token (see `last_token_index`), which in a causal model is the only
+        one that has seen the whole text.
+
+        Args:
+          tokens, positions, inputs_embeds, dropout_rng: as in `features`.
+          segment_ids: [B, T], 0 on the right padding (a Hugging Face attention mask);
+            None: every position is real.
+          token_type_ids: ignored (GPT has no token types); accepted so that one loss
+            classifies with BERT and GPT alike.
+        """
+        del token_type_ids
+        if self.classifier is None:
+            raise ValueError("this GPT has no classification head; build it with num_labels > 0.")
+        hidden, _ = self.features(
+            tokens,
+            positions=positions,
+            segment_ids=segment_ids,
+            inputs_embeds=inputs_embeds,
+            dropout_rng=dropout_rng,
+        )
+        last = last_token_index(segment_ids, hidden.shape[1])  # [B] (or [1])
+        index = jnp.broadcast_to(last, hidden.shape[:1])[:, None, None]
+        pooled = jnp.take_along_axis(hidden, index, axis=1)[:, 0]  # [B, D]
+        return self.classifier(pooled)
 
     def decode_step(
         self,

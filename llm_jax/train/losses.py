@@ -107,6 +107,7 @@ LOSSES: dict[str, LossFn] = {
     "span_corruption": seq2seq_losses,
     "seq2seq": seq2seq_losses,
     "classification": classification_losses,
+    "instruct": clm_losses,  # a clm batch whose weights cover the responses only
 }
 
 

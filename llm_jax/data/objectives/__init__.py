@@ -7,6 +7,7 @@ line in `OBJECTIVES`, and the model-facing half: one line in `llm_jax.train.loss
 
 Batch dict contracts (int32 unless noted; names shared with the models and the trainer):
     clm:   tokens, targets, weights (f32), segment_ids, positions               [B, T]
+    instruct: as clm, weights 1 only on targets inside a response (and its EOS)
     mlm:   tokens (masked), targets (original), weights (f32, 1 on selected),
            segment_ids, positions, token_type_ids [B, T];
            with NSP/SOP also nsp_labels, nsp_weights (f32) [B]
@@ -17,7 +18,7 @@ Batch dict contracts (int32 unless noted; names shared with the models and the t
            labels, label_weights (f32) [B]
 """
 
-from llm_jax.data.objectives import classification, clm, mlm, seq2seq, span
+from llm_jax.data.objectives import classification, clm, instruct, mlm, seq2seq, span
 from llm_jax.data.objectives.base import (
     STREAM_MLM,
     STREAM_NOISE,
@@ -40,7 +41,15 @@ from llm_jax.data.objectives.span import (
 )
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    spec.name: spec for spec in (clm.SPEC, mlm.SPEC, span.SPEC, seq2seq.SPEC, classification.SPEC)
+    spec.name: spec
+    for spec in (
+        clm.SPEC,
+        mlm.SPEC,
+        span.SPEC,
+        seq2seq.SPEC,
+        classification.SPEC,
+        instruct.SPEC,
+    )
 }
 
 

@@ -1,6 +1,10 @@
 """Sequence to sequence (T5 fine-tuning, translation): source -> target pairs from two TSV
 columns, each EOS-terminated and truncated to fit, optionally packed.
 
+Text-to-text classification (T5): from fastText lines `__label__X text` the source is the
+text and the target the label's word — `data.label_words[i]` for `data.label_names[i]`, or
+the label name itself ("pos") when no words are given.
+
 Batch (int32 unless noted): encoder_tokens, encoder_segment_ids, encoder_positions [B, T];
 decoder_tokens, decoder_targets, decoder_weights (f32), decoder_segment_ids,
 decoder_positions [B, S]. Span corruption builds the same batch.
@@ -104,27 +108,68 @@ def _columns(config: DataConfig) -> list[int]:
     return [config.source_column, config.target_column]
 
 
+def label_targets(labels: Sequence[str], config: DataConfig, where: str) -> list[str]:
+    """The target text of each fastText label: its `label_words` entry, else the label.
+
+    Raises:
+        ValueError: a label missing from `config.label_names` (when those are given).
+    """
+    names = config.label_names
+    if names is None:
+        return list(labels)
+    unknown = sorted(set(labels) - set(names))
+    if unknown:
+        raise ValueError(
+            f"{where}: labels {unknown} are not in DataConfig.label_names={list(names)}; add "
+            "them there (and their label_words)."
+        )
+    words = dict(zip(names, config.label_words or names, strict=True))
+    return [words[label] for label in labels]
+
+
+def read_pairs(
+    config: DataConfig, files: Sequence[str], what: str
+) -> tuple[list[str], list[str], dict[str, int]]:
+    """(sources, targets, invalid-UTF-8 counts): TSV columns, or fastText text -> label word."""
+    if config.format == "fasttext":
+        labels, texts, counts = corpus_lib.read_fasttext(files, config.file_pattern, what)
+        return texts, label_targets(labels, config, what), counts
+    (src, tgt), counts = corpus_lib.read_tsv_columns(
+        files, _columns(config), config.file_pattern, what
+    )
+    return src, tgt, counts
+
+
 def read(
     config: DataConfig, tokenizer: Tokenizer, files: Sequence[str], what: str
 ) -> tuple[dict[str, Any], Callable[[], corpus_lib.TokenizedCorpus]]:
-    """TSV source and target columns: fields "source" and "target"."""
-    cols = _columns(config)
+    """Fields "source" and "target": TSV source and target columns, or fastText texts and
+    their label words."""
+    if config.format == "fasttext":
+        params = {
+            "kind": "fasttext",
+            "label_names": config.label_names,
+            "label_words": config.label_words,
+        }
+    else:
+        params = {"kind": "tsv", "columns": _columns(config)}
 
     def build() -> corpus_lib.TokenizedCorpus:
-        (src, tgt), counts = corpus_lib.read_tsv_columns(files, cols, config.file_pattern, what)
+        src, tgt, counts = read_pairs(config, files, what)
         fields = {
             "source": corpus_lib.encode_ragged(tokenizer, src),
             "target": corpus_lib.encode_ragged(tokenizer, tgt),
         }
         return corpus_lib.TokenizedCorpus(fields, {}, {"invalid_utf8": counts})
 
-    return {"kind": "tsv", "columns": cols}, build
+    return params, build
 
 
 def tokenizer_texts(config: DataConfig) -> list[str]:
-    """Source and target cells: a tokenizer for a table learns from its texts only."""
-    cells, _ = corpus_lib.read_tsv_columns(config.paths, _columns(config), config.file_pattern)
-    return [c for col in cells for c in col]
+    """Source and target texts (label words included): a tokenizer for a table learns from
+    its texts only."""
+    src, tgt, _ = read_pairs(config, config.paths, "DataConfig.paths")
+    return src + tgt
 
 
 def _truncated(
@@ -165,7 +210,7 @@ def seq2seq_source(split: Split) -> Seq2SeqSource:
 
 SPEC = ObjectiveSpec(
     name="seq2seq",
-    formats=("tsv",),
+    formats=("tsv", "fasttext"),
     read=read,
     source=seq2seq_source,
     loss_weights={"lm": "decoder_weights"},
