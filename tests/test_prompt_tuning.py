@@ -23,6 +23,7 @@ from llm_jax.finetune import (
 )
 from llm_jax.finetune.prompt import VOCAB_SAMPLE
 from llm_jax.models import BERT, GPT, T5, ModelConfig, build
+from llm_jax.parallel import RULES, MeshConfig, logical_axes, logical_to_sharding, make_mesh
 from llm_jax.sample.adapters import as_decoder
 from llm_jax.train.losses import (
     LossConfig,
@@ -193,6 +194,21 @@ def test_loss_gradients_reach_the_prompt():
         grad = np.asarray(prompt_grad(model, fn, b))
         assert grad.shape == model.prompt[...].shape
         assert np.all(np.isfinite(grad)) and np.all(np.abs(grad).sum(axis=1) > 0), type(model)
+
+
+def test_sharded_forward_equals_one_device():
+    """The prompt's logical axes shard it like the embeddings (fsdp_tp on 8 CPU devices)."""
+    model, _ = prompted("bert")
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tp"))
+    shardings = logical_to_sharding(params, logical_axes(model), mesh, "fsdp_tp")
+    assert tuple(shardings["prompt"].spec) == (None, RULES["fsdp_tp"]["embed"])
+    sharded = jax.device_put(params, shardings)
+    nnx.replace_by_pure_dict(state, sharded)
+    forward = jax.jit(lambda s, toks: nnx.merge(graphdef, s).classify(toks))
+    toks = tokens()
+    np.testing.assert_allclose(forward(state, toks), model.classify(toks), rtol=1e-5, atol=1e-6)
 
 
 # Generation ----------------------------------------------------------------------------------
