@@ -170,7 +170,7 @@ def prompt_grad(model, loss_fn, batch):
         total, count = next(iter(losses.values()))
         return total / count
 
-    return nnx.to_pure_dict(jax.grad(loss)(params))["prompt"]
+    return nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))["prompt"]
 
 
 def test_loss_gradients_reach_the_prompt():
