@@ -1,8 +1,34 @@
 """Fine-tuning: start from a base model (ours or Hugging Face), train all of it, part of it,
-low-rank adapters or a soft prompt. See `config` (the `init` / `finetune` sections),
-`base` (reading the base), `partition` (trainable vs frozen parameters)."""
+low-rank adapters or a soft prompt. `config` (the `init` / `finetune` sections), `base`
+(reading the base), `partition` (trainable vs frozen parameters), `prompt` (prompt tuning).
+"""
 
 from llm_jax.finetune.config import FinetuneConfig, InitConfig
 from llm_jax.finetune.partition import Partition, partition_for
+from llm_jax.finetune.prompt import (
+    PROMPT_INITS,
+    PromptTuned,
+    PromptTunedBERT,
+    PromptTunedGPT,
+    PromptTunedT5,
+    check_prompt_fits,
+    init_model_prompt,
+    init_prompt,
+    prompt_tuned_class,
+)
 
-__all__ = ["FinetuneConfig", "InitConfig", "Partition", "partition_for"]
+__all__ = [
+    "PROMPT_INITS",
+    "FinetuneConfig",
+    "InitConfig",
+    "Partition",
+    "PromptTuned",
+    "PromptTunedBERT",
+    "PromptTunedGPT",
+    "PromptTunedT5",
+    "check_prompt_fits",
+    "init_model_prompt",
+    "init_prompt",
+    "partition_for",
+    "prompt_tuned_class",
+]

@@ -11,8 +11,15 @@ FAMILY_MODELS = {"gpt": GPT, "bert": BERT, "t5": T5}
 
 
 def build(cfg: ModelConfig, *, rngs):
-    """The model class of `cfg.family`, built from `cfg`."""
-    return FAMILY_MODELS[cfg.family](cfg, rngs=rngs)
+    """The model class of `cfg.family`, built from `cfg`; with `cfg.prompt_length > 0` its
+    prompt-tuned variant (the same parameters plus `prompt`, see `llm_jax.finetune.prompt`)."""
+    cls = FAMILY_MODELS[cfg.family]
+    if cfg.prompt_length:
+        # Imported here: llm_jax.finetune builds on the model classes defined in this package.
+        from llm_jax.finetune.prompt import prompt_tuned_class
+
+        cls = prompt_tuned_class(cls)
+    return cls(cfg, rngs=rngs)
 
 
 __all__ = [

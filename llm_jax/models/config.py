@@ -79,6 +79,9 @@ class ModelConfig(Config):
     # Sequence-classification head [D, C]: BERT on the pooled output, GPT on the last real
     # token's hidden state; 0 disables (T5 classifies text-to-text instead).
     num_labels: int = 0
+    # Prompt tuning (Lester et al. 2021): P learned soft-prompt vectors fed through
+    # inputs_embeds ahead of the input (`llm_jax.finetune.prompt`); 0 means none.
+    prompt_length: int = 0
 
     dropout_rate: float = 0.0
     attention_dropout_rate: float = 0.0
@@ -133,6 +136,7 @@ class ModelConfig(Config):
         self._check_positions()
         self._check_rates()
         self._check_family_options()
+        self._check_prompt()
 
     def _check_choices(self) -> None:
         one_of(self, "family", FAMILIES)
@@ -244,6 +248,17 @@ class ModelConfig(Config):
             raise ValueError("ModelConfig.embedding_dim (ALBERT) is only supported for BERT.")
         if self.scale_tied_logits and not self.tie_embeddings:
             raise ValueError("ModelConfig.scale_tied_logits needs tie_embeddings=True.")
+
+    def _check_prompt(self) -> None:
+        """P soft-prompt vectors take P of a bounded position table's rows."""
+        at_least(self, "prompt_length", 0, note="the number of soft-prompt vectors; 0 = none")
+        bounded = self.position in ("learned", "sinusoidal")
+        if bounded and (self.prompt_length or 0) >= self.max_position_embeddings:
+            raise ValueError(
+                f"ModelConfig.prompt_length={self.prompt_length} soft-prompt vectors leave no "
+                f"room for input tokens in max_position_embeddings="
+                f"{self.max_position_embeddings} positions; lower finetune.prompt_length."
+            )
 
     # Construction --------------------------------------------------------------------------
 

@@ -117,8 +117,10 @@ class GPTDecoder(_ModelDecoder):
     def from_model(cls, model: GPT, *, cpu_tricks: bool | None = None) -> GPTDecoder:
         """`cpu_tricks`: None picks them on the CPU backend only."""
         cfg = model.cfg
-        # Learned position tables bound the sequence length; RoPE does not.
-        limit = cfg.max_position_embeddings if cfg.position == "learned" else None
+        # Learned position tables bound the sequence length (a soft prompt takes P of the
+        # positions); RoPE does not.
+        learned = cfg.position == "learned"
+        limit = cfg.max_position_embeddings - cfg.prompt_length if learned else None
         info = DecoderInfo(vocab_size=cfg.vocab_size, max_length=limit)
         return cls._build(model, info, "layers", cpu_tricks)
 
@@ -145,7 +147,8 @@ class T5Decoder(_ModelDecoder):
         info = DecoderInfo(
             vocab_size=cfg.vocab_size,
             max_length=limit,
-            max_encoder_length=limit,
+            # A soft prompt (prompt tuning) takes P encoder positions.
+            max_encoder_length=None if limit is None else limit - cfg.prompt_length,
             decoder_start_id=decoder_start_id,
         )
         return cls._build(model, info, "decoder", cpu_tricks)
