@@ -3,6 +3,8 @@
     llm-jax convert --from-hf HF_DIR --to CHECKPOINT_DIR
     llm-jax convert --from-checkpoint CHECKPOINT_DIR --to-hf OUT_DIR
     llm-jax convert --from-hf HF_DIR --to-hf OUT_DIR          (re-export, e.g. to check)
+    llm-jax convert --from-checkpoint RUN --to-hf OUT_DIR --adapters-only   (a LoRA run's
+        adapters as a PEFT folder; without the flag a LoRA model is written merged)
 
 The tokenizer travels along when the source has one (HF tokenizer files, or the
 checkpoint's `tokenizer/` folder).
@@ -46,6 +48,11 @@ def _convert(args: argparse.Namespace) -> int:
         raise ValueError("give exactly one source: --from-hf DIR or --from-checkpoint DIR.")
     if (args.to is None) == (args.to_hf is None):
         raise ValueError("give exactly one destination: --to CHECKPOINT_DIR or --to-hf OUT_DIR.")
+    if args.adapters_only and (args.from_checkpoint is None or args.to_hf is None):
+        raise ValueError(
+            "--adapters-only writes a LoRA run's adapters as a PEFT folder: use it with "
+            "--from-checkpoint RUN --to-hf OUT_DIR."
+        )
     _check_extra()
     _check_destination(args)
     # Imported after the checks: they pull in JAX and the optional extra.
@@ -74,7 +81,17 @@ def _convert(args: argparse.Namespace) -> int:
         if data.get("objective") == "clm":  # BOS framing as in training, for AutoTokenizer
             add_bos = bool(data.get("add_bos", True))
     cfg = model.cfg
-    if args.to is not None:
+    if args.adapters_only:
+        from llm_jax.convert.hf import params_of
+        from llm_jax.finetune.peft import save_peft_adapter
+
+        if not cfg.lora_rank:
+            raise ValueError(
+                f"the checkpoint's model has no LoRA adapters (lora_rank=0): drop "
+                f"--adapters-only to export the whole model ({source})."
+            )
+        out = save_peft_adapter(cfg, params_of(model), args.to_hf)
+    elif args.to is not None:
         out = save_checkpoint(model, args.to, tokenizer=tokenizer)
     else:
         out = save_hf(model, args.to_hf, tokenizer=tokenizer, spec=spec, add_bos=add_bos)
@@ -115,6 +132,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "--overwrite",
         action="store_true",
         help="--to-hf into a folder that already has files (files of the same names replaced)",
+    )
+    parser.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="with --from-checkpoint of a LoRA run and --to-hf: write only the adapters, as "
+        "a PEFT folder (adapter_config.json + adapter_model.safetensors)",
     )
     parser.set_defaults(func=_convert)
     return parser

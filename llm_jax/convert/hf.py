@@ -143,7 +143,8 @@ def save_hf(
 
     Args:
       model: a `GPT` (learned positions -> GPT2LMHeadModel, RoPE -> LlamaForCausalLM),
-        `BERT` (class chosen by its heads) or T5 (relative positions).
+        `BERT` (class chosen by its heads) or T5 (relative positions). A model with LoRA
+        is written merged (`llm_jax.finetune.merge_lora`).
       out_dir: created if needed; existing files of the same names are replaced.
       tokenizer: a `Tokenizer` or a tokenizer folder to write beside the model.
       spec: special ids to record in config.json; by default taken from `tokenizer`
@@ -157,6 +158,10 @@ def save_hf(
     Raises:
       UnsupportedConfigError: the model uses a feature the transformers class lacks.
     """
+    if model.cfg.lora_rank:
+        from llm_jax.finetune.lora import merge_lora  # finetune sits above convert
+
+        model = merge_lora(model)
     cfg: ModelConfig = model.cfg
     arch = hf_architecture(cfg)
     tok = None

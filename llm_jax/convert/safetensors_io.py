@@ -68,13 +68,19 @@ def read_hf_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
-def write_safetensors(tensors: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
-    """Write `tensors` as one safetensors file with the metadata transformers expects."""
+def write_safetensors(
+    tensors: dict[str, np.ndarray],
+    path: str | os.PathLike,
+    *,
+    metadata: dict[str, str] | None = None,
+) -> Path:
+    """Write `tensors` as one safetensors file with the metadata transformers expects
+    (plus `metadata`, string to string)."""
     from safetensors.numpy import save_file
 
     path = Path(path)
     contiguous = {k: np.ascontiguousarray(v) for k, v in sorted(tensors.items())}
-    save_file(contiguous, str(path), metadata={"format": "pt"})
+    save_file(contiguous, str(path), metadata={**(metadata or {}), "format": "pt"})
     # safetensors writes through a private temporary file (mode 0600); a model folder is
     # meant to be shared like the config.json beside it, so apply the umask as open() does.
     umask = os.umask(0)

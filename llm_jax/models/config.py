@@ -20,6 +20,10 @@ NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = ("float32", "bfloat16", "float16")
+# The dense layers of a block that LoRA can adapt (wi_gate only in gated MLPs), and the
+# name that stands for all of them.
+LORA_LAYERS = ("q", "k", "v", "o", "wi", "wi_gate", "wo")
+LORA_ALL = "all_linear"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,7 +95,20 @@ class ModelConfig(Config):
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype.
     param_dtype: str = "float32"
 
+    # LoRA (Hu et al. 2021) on the blocks' dense layers: y = x W + (alpha / r) x A B.
+    lora_rank: int = 0  # r; 0 disables LoRA (no extra parameters).
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # dropout on the input of x A B, in training only.
+    # Layer names among LORA_LAYERS (q, k, v, o: attention; wi, wi_gate, wo: MLP), or
+    # "all_linear" for every one the model has.
+    lora_targets: tuple[str, ...] = ("q", "v")
+
     def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, str | list):  # a single name, or a YAML list
+            names = (
+                (self.lora_targets,) if isinstance(self.lora_targets, str) else self.lora_targets
+            )
+            object.__setattr__(self, "lora_targets", tuple(names))
         self._fill_derived()
         self.validate()
 
@@ -121,6 +138,25 @@ class ModelConfig(Config):
         )
 
     @property
+    def lora_layer_names(self) -> tuple[str, ...]:
+        """The dense layer names of this model's blocks that LoRA can adapt."""
+        return tuple(n for n in LORA_LAYERS if n != "wi_gate" or self.gated_mlp)
+
+    @property
+    def lora_layers(self) -> tuple[str, ...]:
+        """The layer names LoRA adapts, resolved ("all_linear" expanded); () without LoRA."""
+        if not self.lora_rank:
+            return ()
+        if LORA_ALL in self.lora_targets:
+            return self.lora_layer_names
+        return tuple(n for n in self.lora_layer_names if n in self.lora_targets)
+
+    @property
+    def lora_scale(self) -> float:
+        """alpha / r, the factor of the LoRA update (0 without LoRA)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
+
+    @property
     def embed_dim(self) -> int:
         """E, the width of the token embedding table (ALBERT factorizes it)."""
         return self.d_model if self.embedding_dim is None else self.embedding_dim
@@ -137,6 +173,7 @@ class ModelConfig(Config):
         self._check_rates()
         self._check_family_options()
         self._check_prompt()
+        self._check_lora()
 
     def _check_choices(self) -> None:
         one_of(self, "family", FAMILIES)
@@ -258,6 +295,27 @@ class ModelConfig(Config):
                 f"ModelConfig.prompt_length={self.prompt_length} soft-prompt vectors leave no "
                 f"room for input tokens in max_position_embeddings="
                 f"{self.max_position_embeddings} positions; lower finetune.prompt_length."
+            )
+
+    def _check_lora(self) -> None:
+        """Rank, alpha, dropout and target names (checked even with LoRA off, so a typo
+        fails when it is written, not when LoRA is turned on)."""
+        at_least(self, "lora_rank", 0, note="0 disables LoRA")
+        at_least(self, "lora_alpha", 0, strict=True)
+        in_interval(self, "lora_dropout", 0, 1, high_open=True)
+        available = [*self.lora_layer_names, LORA_ALL]
+        if not self.lora_targets or not all(isinstance(n, str) for n in self.lora_targets):
+            raise ValueError(
+                f"{self.key('lora_targets')}={self.lora_targets!r} must be a non-empty list of "
+                f"layer names among {available}."
+            )
+        unknown = [n for n in self.lora_targets if n not in available]
+        if unknown:
+            raise ValueError(
+                f"{self.key('lora_targets')}: {unknown} match no dense layer of this "
+                f"{self.family} model; the available names are {available}"
+                + (" (wi_gate needs gated_mlp=True)" if "wi_gate" in unknown else "")
+                + "."
             )
 
     # Construction --------------------------------------------------------------------------

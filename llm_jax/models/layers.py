@@ -1,7 +1,8 @@
 """Flax NNX layers shared by GPT, BERT and T5. They own parameters and call `llm_jax.ops`.
 
 Every parameter carries logical axis names (its `out_sharding` metadata), from this set:
-`vocab, embed, heads, kv_heads, kv, mlp, layers, positions, types, buckets, classes`.
+`vocab, embed, heads, kv_heads, kv, mlp, layers, positions, types, buckets, classes,
+lora_rank` (the rank axis of LoRA factors; no rules table shards it).
 A rules table (see `llm_jax.parallel`) maps them onto mesh axes; nothing here is sharded
 eagerly, so modules build the same with or without a mesh.
 
@@ -12,6 +13,7 @@ K key/value heads, H head dim, F MLP hidden, V vocab, L layers.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -39,19 +41,69 @@ def param(
     std: float | None = None,
     value: float = 0.0,
     dtype: Any = jnp.float32,
+    key: jax.Array | None = None,
 ) -> nnx.Param:
-    """A parameter with logical axis names: N(0, std^2) when `std` is given, else constant."""
+    """A parameter with logical axis names: N(0, std^2) when `std` is given, else constant.
+    The normal draw uses `key` when given, else the next `rngs.params()` key."""
     if len(shape) != len(axes):
         raise ValueError(f"parameter shape {shape} and axes {axes} differ in rank.")
     if std is None:
         init = jnp.full(shape, value, dtype)
     else:
-        init = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+        key = rngs.params() if key is None else key
+        init = (std * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
     return nnx.Param(init, out_sharding=axes, eager_sharding=False)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoRA:
+    """A LoRA adapter's settings (see `ops.lora_update`): rank r, alpha, input dropout."""
+
+    rank: int
+    alpha: float
+    dropout: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def lora_keys(rng: jax.Array | None, n: int) -> list[jax.Array | None]:
+    """`n` keys for the LoRA dropouts of a module's dense layers, or Nones in eval.
+
+    Derived with `fold_in` from the key the module already gets, so that every other
+    dropout key of the model is what it was without LoRA.
+    """
+    return [None] * n if rng is None else [jax.random.fold_in(rng, i) for i in range(n)]
+
+
+def _lora_factors(
+    equation: str,
+    shape: tuple[int, ...],
+    axes: Axes,
+    lora: LoRA,
+    param_dtype: Any,
+    key: jax.Array,
+) -> tuple[nnx.Param, nnx.Param]:
+    """A [in..., R] and B [R, out...] of a dense layer with kernel `shape` [in..., out...].
+
+    A is drawn as PEFT draws it (torch's kaiming_uniform_ with a=sqrt(5): U(+-1/sqrt(in)));
+    B is zero, so the adapted layer starts as the base layer exactly.
+    """
+    a_equation = ops.lora_equations(equation)[0]  # e.g. 'BTD,DR->BTR'
+    n_in = len(a_equation.split("->")[0].split(",")[1]) - 1
+    bound = math.prod(shape[:n_in]) ** -0.5
+    a = jax.random.uniform(key, (*shape[:n_in], lora.rank), jnp.float32, -bound, bound)
+    lora_a = nnx.Param(
+        a.astype(param_dtype), out_sharding=(*axes[:n_in], "lora_rank"), eager_sharding=False
+    )
+    lora_b = param(None, (lora.rank, *shape[n_in:]), ("lora_rank", *axes[n_in:]), dtype=param_dtype)
+    return lora_a, lora_b
+
+
 class Einsum(nnx.Module):
-    """A linear map written as an einsum, e.g. 'BTD,DNH->BTNH', with an optional bias.
+    """A linear map written as an einsum, e.g. 'BTD,DNH->BTNH', with an optional bias and
+    an optional LoRA update (`lora_a` [in..., R] and `lora_b` [R, out...]).
 
     All dense layers of the models go through this class, so a variant (LoRA, int8
     weight-only) can replace it without touching the models.
@@ -68,18 +120,33 @@ class Einsum(nnx.Module):
         bias_axes: Axes | None = None,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        lora: LoRA | None = None,
         rngs: nnx.Rngs,
     ):
         self.equation = equation
         self.dtype = dtype
-        self.kernel = param(rngs, shape, axes, std=std, dtype=param_dtype)
+        key = rngs.params()
+        self.kernel = param(None, shape, axes, std=std, dtype=param_dtype, key=key)
         self.bias = param(None, bias_shape, bias_axes, dtype=param_dtype) if bias_shape else None
+        self.lora = lora
+        # A's key folds out of the kernel's, leaving the key stream (and so every other
+        # parameter of a model built with the same seed) as it is without LoRA.
+        a_key = jax.random.fold_in(key, 1)
+        factors = _lora_factors(equation, shape, axes, lora, param_dtype, a_key) if lora else None
+        self.lora_a, self.lora_b = factors if factors else (None, None)
 
-    def __call__(self, x: Array) -> Array:
+    def __call__(self, x: Array, *, dropout_rng: jax.Array | None = None) -> Array:
+        """x through the layer; `dropout_rng` turns on the LoRA input dropout (training)."""
+        x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
-        y = _xla_cpu.dense_einsum(self.equation, x.astype(self.dtype), kernel)
+        y = _xla_cpu.dense_einsum(self.equation, x, kernel)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
+        if self.lora is not None:
+            x_lora = ops.dropout(x, self.lora.dropout, dropout_rng)
+            y = y + ops.lora_update(
+                self.equation, x_lora, self.lora_a[...], self.lora_b[...], self.lora.scale
+            )
         return y
 
 
@@ -164,6 +231,8 @@ class BlockSpec:
       attention_scale: multiply q k^T by 1/sqrt(H) (T5 folds it into the init instead).
       dropout_rate, attention_dropout_rate: residual and attention-probability dropout.
       dtype, param_dtype: the compute and parameter dtypes.
+      lora, lora_targets: the LoRA settings (None: no LoRA) and the dense layer names
+        (q, k, v, o, wi, wi_gate, wo) that get it.
     """
 
     d_model: int
@@ -184,6 +253,12 @@ class BlockSpec:
     attention_dropout_rate: float
     dtype: Any
     param_dtype: Any
+    lora: LoRA | None = None
+    lora_targets: tuple[str, ...] = ()
+
+    def lora_of(self, name: str) -> LoRA | None:
+        """The LoRA settings of dense layer `name`, or None when it is not a target."""
+        return self.lora if name in self.lora_targets else None
 
 
 def block_spec(cfg: ModelConfig) -> BlockSpec:
@@ -208,6 +283,8 @@ def block_spec(cfg: ModelConfig) -> BlockSpec:
         attention_dropout_rate=cfg.attention_dropout_rate,
         dtype=jnp.dtype(cfg.dtype),
         param_dtype=jnp.dtype(cfg.param_dtype),
+        lora=LoRA(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None,
+        lora_targets=cfg.lora_layers,
     )
 
 
@@ -231,16 +308,24 @@ class _Projections(nnx.Module):
         self.dropout_rate = spec.attention_dropout_rate
         common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
 
-        def dense(equation, shape, axes, std, bias_shape, bias_axes):
+        def dense(name, equation, shape, axes, std, bias_shape, bias_axes):
             bias = dict(bias_shape=bias_shape, bias_axes=bias_axes) if spec.use_bias else {}
-            return Einsum(equation, shape, axes, std=std, **bias, **common)
+            lora = spec.lora_of(name)
+            return Einsum(equation, shape, axes, std=std, **bias, lora=lora, **common)
 
         self.q = dense(
-            "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "kv"), init.q, (n, h), ("heads", "kv")
+            "q",
+            "BTD,DNH->BTNH",
+            (d, n, h),
+            ("embed", "heads", "kv"),
+            init.q,
+            (n, h),
+            ("heads", "kv"),
         )
 
-        def kv():  # k and v: the same shape and init, separate parameters
+        def kv(name):  # k and v: the same shape and init, separate parameters
             return dense(
+                name,
                 "BSD,DKH->BSKH",
                 (d, k, h),
                 ("embed", "kv_heads", "kv"),
@@ -249,16 +334,17 @@ class _Projections(nnx.Module):
                 ("kv_heads", "kv"),
             )
 
-        self.k, self.v = kv(), kv()
+        self.k, self.v = kv("k"), kv("v")
         self.o = dense(
-            "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), init.o, (d,), ("embed",)
+            "o", "BTNH,NHD->BTD", (n, h, d), ("heads", "kv", "embed"), init.o, (d,), ("embed",)
         )
 
     def _project_kv(
-        self, x: Float[Array, "B S D"]
+        self, x: Float[Array, "B S D"], lora_rngs: list[jax.Array | None]
     ) -> tuple[Float[Array, "B S K H"], Float[Array, "B S K H"]]:
         axes = ("batch", "length", "kv_heads", "kv")
-        return constrain(self.k(x), axes), constrain(self.v(x), axes)
+        k = self.k(x, dropout_rng=lora_rngs[1])
+        return constrain(k, axes), constrain(self.v(x, dropout_rng=lora_rngs[2]), axes)
 
     def _attend(
         self,
@@ -268,6 +354,7 @@ class _Projections(nnx.Module):
         mask: Bool[Array, "#B #N T S"] | None,
         bias: Float[Array, "#B N T S"] | None,
         dropout_rng: jax.Array | None,
+        lora_rng: jax.Array | None,
     ) -> Float[Array, "B T D"]:
         out = ops.dot_product_attention(
             q,
@@ -279,7 +366,8 @@ class _Projections(nnx.Module):
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,
         )  # [B, T, N, H]
-        return self.o(constrain(out, ("batch", "length", "heads", "kv")))
+        out = constrain(out, ("batch", "length", "heads", "kv"))
+        return self.o(out, dropout_rng=lora_rng)
 
 
 class SelfAttention(_Projections):
@@ -310,23 +398,33 @@ class SelfAttention(_Projections):
         dropout_rng: jax.Array | None = None,
     ) -> tuple[Float[Array, "B T D"], LayerKV | None]:
         """Attention output [B, T, D]; with a cache, the new keys/values are written at
-        `index` and the queries attend over all S slots (the cache is returned updated)."""
-        q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
-        k, v = self._project_kv(x)  # [B, T, K, H]
+        `index` and the queries attend over all S slots (the cache is returned updated).
+        `dropout_rng` drives the attention dropout and the LoRA dropouts."""
+        lora_rngs = lora_keys(dropout_rng, 4)  # q, k, v, o
+        q = self.q(x, dropout_rng=lora_rngs[0])
+        q = constrain(q, ("batch", "length", "heads", "kv"))  # [B, T, N, H]
+        k, v = self._project_kv(x, lora_rngs)  # [B, T, K, H]
         if self.rope_theta is not None:
             q, k = self._rope(q, positions), self._rope(k, positions)
         if cache is not None:
             cache = cache.write(k, v, index)
             k, v = cache.keys_values()  # [B, S, K, H]
-        return self._attend(q, k, v, mask, bias, dropout_rng), cache
+        return self._attend(q, k, v, mask, bias, dropout_rng, lora_rngs[3]), cache
 
 
 class CrossAttention(_Projections):
     """Attention from decoder queries to an encoder output's keys/values (its memory)."""
 
-    def memory(self, encoder_out: Float[Array, "B S D"], *, heads_major: bool = False) -> LayerKV:
-        """The keys/values of `encoder_out`, computed once per encoder pass."""
-        k, v = self._project_kv(encoder_out)
+    def memory(
+        self,
+        encoder_out: Float[Array, "B S D"],
+        *,
+        heads_major: bool = False,
+        dropout_rng: jax.Array | None = None,
+    ) -> LayerKV:
+        """The keys/values of `encoder_out`, computed once per encoder pass; `dropout_rng`
+        (training) is the cross-attention's key, whose LoRA dropouts apply here."""
+        k, v = self._project_kv(encoder_out, lora_keys(dropout_rng, 4))
         return LayerKV.of(k, v, heads_major=heads_major)
 
     def __call__(
@@ -337,9 +435,11 @@ class CrossAttention(_Projections):
         mask: Bool[Array, "#B #N T S"] | None = None,
         dropout_rng: jax.Array | None = None,
     ) -> Float[Array, "B T D"]:
-        q = constrain(self.q(x), ("batch", "length", "heads", "kv"))  # [B, T, N, H]
+        lora_rngs = lora_keys(dropout_rng, 4)  # q, k, v, o (k, v: in `memory`)
+        q = self.q(x, dropout_rng=lora_rngs[0])
+        q = constrain(q, ("batch", "length", "heads", "kv"))  # [B, T, N, H]
         k, v = memory.keys_values()  # [B, S, K, H]
-        return self._attend(q, k, v, mask, None, dropout_rng)
+        return self._attend(q, k, v, mask, None, dropout_rng, lora_rngs[3])
 
 
 class MLP(nnx.Module):
@@ -353,23 +453,40 @@ class MLP(nnx.Module):
         in_bias = dict(bias_shape=(f,), bias_axes=("mlp",)) if use_bias else {}
         out_bias = dict(bias_shape=(d,), bias_axes=("embed",)) if use_bias else {}
 
-        def wi():
+        def wi(name):
             return Einsum(
-                "BTD,DF->BTF", (d, f), ("embed", "mlp"), std=init.mlp_in, **in_bias, **common
+                "BTD,DF->BTF",
+                (d, f),
+                ("embed", "mlp"),
+                std=init.mlp_in,
+                **in_bias,
+                lora=spec.lora_of(name),
+                **common,
             )
 
-        self.wi = wi()
-        self.wi_gate = wi() if spec.gated_mlp else None
+        self.wi = wi("wi")
+        self.wi_gate = wi("wi_gate") if spec.gated_mlp else None
         self.wo = Einsum(
-            "BTF,FD->BTD", (f, d), ("mlp", "embed"), std=init.mlp_out, **out_bias, **common
+            "BTF,FD->BTD",
+            (f, d),
+            ("mlp", "embed"),
+            std=init.mlp_out,
+            **out_bias,
+            lora=spec.lora_of("wo"),
+            **common,
         )
 
-    def __call__(self, x: Float[Array, "B T D"]) -> Float[Array, "B T D"]:
+    def __call__(
+        self, x: Float[Array, "B T D"], *, dropout_rng: jax.Array | None = None
+    ) -> Float[Array, "B T D"]:
+        """`dropout_rng` (training) drives the LoRA dropouts; the MLP has no other."""
+        rngs = lora_keys(dropout_rng, 3)  # wi, wi_gate, wo
+        up = self.wi(x, dropout_rng=rngs[0])
         if self.wi_gate is None:
-            h = ops.get_activation(self.activation)(self.wi(x))
+            h = ops.get_activation(self.activation)(up)
         else:
-            h = ops.glu(self.wi_gate(x), self.wi(x), self.activation)  # [B, T, F]
-        return self.wo(constrain(h, ("batch", "length", "mlp")))
+            h = ops.glu(self.wi_gate(x, dropout_rng=rngs[1]), up, self.activation)  # [B, T, F]
+        return self.wo(constrain(h, ("batch", "length", "mlp")), dropout_rng=rngs[2])
 
 
 class Block(nnx.Module):
@@ -431,14 +548,17 @@ class Block(nnx.Module):
         )
         if self.cross_attn is not None:
             if memory is None:
-                memory = self.cross_attn.memory(encoder_out)
+                memory = self.cross_attn.memory(encoder_out, dropout_rng=rngs[2])
             x, _ = self._residual(
                 x,
                 self.cross_attn_norm,
                 lambda y: (self.cross_attn(y, memory, mask=cross_mask, dropout_rng=rngs[2]), None),
                 rngs[3],
             )
-        x, _ = self._residual(x, self.mlp_norm, lambda y: (self.mlp(y), None), rngs[4])
+        # The MLP's LoRA dropouts fold their keys out of the residual dropout's key.
+        x, _ = self._residual(
+            x, self.mlp_norm, lambda y: (self.mlp(y, dropout_rng=rngs[4]), None), rngs[4]
+        )
         return constrain(x, ("batch", "length", "embed")), cache
 
 

@@ -21,6 +21,7 @@ from llm_jax.ops.attention import (
     segment_mask,
 )
 from llm_jax.ops.dropout import dropout
+from llm_jax.ops.lora import lora_equations, lora_update
 from llm_jax.ops.losses import accuracy, cross_entropy, kl_divergence
 from llm_jax.ops.norms import layer_norm, rms_norm, t5_layer_norm
 from llm_jax.ops.positions import (
@@ -60,6 +61,8 @@ __all__ = [
     "llama3_rope_frequencies",
     "log_softmax",
     "logsumexp",
+    "lora_equations",
+    "lora_update",
     "negative_sampling_loss",
     "padding_mask",
     "relu",

@@ -538,3 +538,38 @@ def hierarchical_softmax_loss_ref(h, nodes, codes, mask):
             total.append(-_log_sigmoid_ref(dot if int(codes[p][l]) == 0 else -dot))
         count += 1.0 if any(mask[p]) else 0.0
     return math.fsum(total), count
+
+
+# ---------------------------------------------------------------------------- LoRA
+
+
+def lora_dense_ref(x, kernel, lora_a, lora_b, scale, bias=None):
+    """x W + b + scale * (x A) B for a kernel [in..., out...] (Hu et al. 2021, eq. 3).
+
+    Args:
+      x: [..., in...] (the trailing axes are the kernel's input axes, in its order).
+      kernel: W [in..., out...]; lora_a: A [in..., R]; lora_b: B [R, out...].
+      scale: alpha / r.
+      bias: [out...] or None.
+
+    Returns:
+      [..., out...] float64, one output element at a time.
+    """
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    lora_a, lora_b = np.asarray(lora_a, np.float64), np.asarray(lora_b, np.float64)
+    n_in = lora_a.ndim - 1
+    in_shape, out_shape = kernel.shape[:n_in], kernel.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    xs = x.reshape(-1, math.prod(in_shape))
+    w = kernel.reshape(math.prod(in_shape), -1)
+    a = lora_a.reshape(-1, lora_a.shape[-1])
+    b = lora_b.reshape(lora_b.shape[0], -1)
+    out = np.zeros((xs.shape[0], w.shape[1]))
+    for row in range(xs.shape[0]):
+        h = [sum(xs[row, i] * a[i, k] for i in range(a.shape[0])) for k in range(a.shape[1])]
+        for o in range(w.shape[1]):
+            base = sum(xs[row, i] * w[i, o] for i in range(w.shape[0]))
+            out[row, o] = base + scale * sum(h[k] * b[k, o] for k in range(b.shape[0]))
+    if bias is not None:
+        out = out + np.asarray(bias, np.float64).reshape(1, -1)
+    return out.reshape(*lead, *out_shape)
