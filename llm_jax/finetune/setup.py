@@ -25,9 +25,11 @@ from llm_jax.finetune.base import (
     start_params,
 )
 from llm_jax.finetune.partition import Partition, count, partition_for
+from llm_jax.finetune.prompt import check_prompt_fits, init_prompt
 from llm_jax.models.config import ModelConfig
 
 if TYPE_CHECKING:
+    from llm_jax.data.tokenizer import Tokenizer
     from llm_jax.train.compile import StateLayout
     from llm_jax.train.config import RunConfig
 
@@ -74,7 +76,7 @@ def check_tokenizer(vocab: int, cfg: ModelConfig, tokenizer_path: str) -> None:
         )
 
 
-def _with_task_head(cfg: ModelConfig, num_labels: int | None) -> ModelConfig:
+def _with_task_head(cfg: ModelConfig, num_labels: int) -> ModelConfig:
     """For classification: a head of `num_labels` when the model has none, and a BERT
     with its pooler and without its pretraining heads (what `BertForSequenceClassification`
     keeps of a pretrained BERT), so no unused head is trained or decayed."""
@@ -87,23 +89,70 @@ def _with_task_head(cfg: ModelConfig, num_labels: int | None) -> ModelConfig:
 
 
 def prepare_finetune(
-    cfg: RunConfig, *, base: Base, num_labels: int | None, workdir: Path
+    cfg: RunConfig,
+    *,
+    base: Base,
+    tokenizer: Tokenizer,
+    labels: list[str] | None,
+    workdir: Path,
 ) -> FinetunePlan:
     """The plan of a fine-tuning run from its config and its base (read by `read_base`).
 
     Args:
-      num_labels: the classification labels of the data (None for other objectives): a
-        model without a classifier gets one of this size.
+      tokenizer: the run's tokenizer (the prompt's special ids and label words).
+      labels: the classification labels of the data (None for other objectives): a model
+        without a classifier gets a head of this many; their words can start the prompt.
       workdir: the run folder; a resumed run checks its recorded base fingerprint.
     """
+    ft = cfg.finetune
     recorded = workdir / "config.json"
     if recorded.is_file():
         check_fingerprint(json.loads(recorded.read_text()).get("init") or {}, base)
-    model_cfg = finetune_model_config(base.config, cfg.model, cfg.finetune)
-    model_cfg = _with_task_head(model_cfg, num_labels)
+    if ft.lora_from:
+        base = _with_adapter(base, ft.lora_from)
+    model_cfg = finetune_model_config(base.config, cfg.model, ft)
+    if cfg.data.objective == "classification":
+        model_cfg = _with_task_head(model_cfg, len(labels or ()))
+    if ft.method == "prompt_tuning":
+        check_prompt_fits(model_cfg, cfg.data.seq_len)
     start = start_params(model_cfg, base.params, seed=cfg.train.seed, base_cfg=base.config)
-    partition = partition_for(model_cfg, cfg.finetune, start.params, start.new)
+    if ft.method == "prompt_tuning":
+        _init_prompt(start.params, ft, tokenizer, labels, seed=cfg.train.seed)
+    partition = partition_for(model_cfg, ft, start.params, start.new)
     return FinetunePlan(base, model_cfg, start, partition)
+
+
+def _with_adapter(base: Base, adapter_dir: str) -> Base:
+    """The base with a PEFT LoRA adapter folder applied (its r, alpha, targets win)."""
+    from llm_jax.finetune.peft import load_peft_adapter
+
+    if not (Path(adapter_dir) / "adapter_config.json").is_file():
+        raise ValueError(
+            f"finetune.lora_from={adapter_dir}: no adapter_config.json there; give a PEFT "
+            "LoRA adapter folder (adapter_config.json + adapter_model.safetensors)."
+        )
+    cfg, params = load_peft_adapter(base.config, base.params, adapter_dir)
+    return dataclasses.replace(base, config=cfg, params=params)
+
+
+def _init_prompt(params: dict, ft, tokenizer: Tokenizer, labels, *, seed: int) -> None:
+    """Start the soft prompt (in place) from vocabulary rows, label words or at random."""
+    token_ids = None
+    if ft.prompt_init == "labels":
+        if not labels:
+            raise ValueError(
+                "finetune.prompt_init=labels starts the prompt from the class-label words, "
+                "but this objective has no labels; use prompt_init=vocab."
+            )
+        token_ids = [tokenizer.encode(word) or [tokenizer.unk_id or 0] for word in labels]
+    params["prompt"] = init_prompt(
+        params["embed"]["embedding"],
+        ft.prompt_length,
+        seed=seed,
+        method=ft.prompt_init,
+        token_ids=token_ids,
+        exclude_ids=[int(i) for i in tokenizer.all_special_ids],
+    )
 
 
 def read_base(cfg: RunConfig) -> Base:

@@ -101,12 +101,15 @@ def prepare(
     return PreparedData(config=config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
 
 
-def num_labels(data: PreparedData) -> int | None:
-    """The number of classification labels (`data.label_names`, else the training
-    corpus's distinct labels); None for objectives without labels."""
-    if data.config.objective != "classification":
+def labels(data: PreparedData) -> list[str] | None:
+    """The class labels in id order (`data.label_names`, else the training corpus's sorted
+    labels) for classification; the label words of text-to-text (seq2seq from fastText);
+    None otherwise."""
+    cfg = data.config
+    if cfg.objective == "seq2seq" and cfg.format == "fasttext":
+        return list(cfg.label_words or cfg.label_names or ()) or None
+    if cfg.objective != "classification":
         return None
-    if data.config.label_names:
-        return len(data.config.label_names)
-    corpus = tokenize_corpus(data.config, data.tokenizer, data.config.paths)
-    return len(corpus.meta["label_values"])
+    if cfg.label_names:
+        return list(cfg.label_names)
+    return list(tokenize_corpus(cfg, data.tokenizer, cfg.paths).meta["label_values"])

@@ -158,7 +158,11 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     else:
         check_tokenizer(data.tokenizer.vocab_size, base.config, data.config.tokenizer_path)
         plan = prepare_finetune(
-            cfg, base=base, num_labels=train_data.num_labels(data), workdir=workdir
+            cfg,
+            base=base,
+            tokenizer=data.tokenizer,
+            labels=train_data.labels(data),
+            workdir=workdir,
         )
         model_config = plan.model_config
     mesh = make_mesh(cfg.mesh)
