@@ -310,3 +310,40 @@ def test_bad_inputs_fail_before_compiling(bert_base, corpora, tmp_path):
     )
     with pytest.raises(ValueError, match="does not belong to this model"):
         train(big)
+
+
+def _changed(base: dict, tuned: dict) -> set[str]:
+    return {k for k, v in tuned.items() if k not in base or not np.array_equal(v, base[k])}
+
+
+def test_lora_run_trains_only_adapters_and_head_and_resumes_exactly(bert_base, corpora, tmp_path):
+    d = _cls_config(tmp_path, bert_base, corpora, method="lora", lora_rank=4)
+    d["train"].update(steps=4, checkpoint_every=2)
+    whole = train(config_from_dict(d))
+    base = _flat(restore_model(bert_base).model)
+    tuned = _flat(restore_model(whole.workdir).model)
+    changed = _changed(base, tuned)
+    assert changed and all(k.startswith("classifier") or "/lora_" in k for k in changed)
+    assert any(k.endswith("q/lora_b") for k in changed) and any("v/lora_a" in k for k in changed)
+    import orbax.checkpoint as ocp
+
+    state_dir = restore_model(whole.workdir).step_dir / "state"
+    saved = flatten_tree(ocp.PyTreeCheckpointHandler().metadata(state_dir).tree["params"])
+    assert saved and all(k.startswith("classifier") or "/lora_" in k for k in saved)  # no base
+    d2 = {**d, "workdir": str(tmp_path / "ft2"), "train": {**d["train"], "steps": 2}}
+    train(config_from_dict(d2))
+    resumed = train(config_from_dict({**d2, "train": d["train"]}))
+    assert resumed.losses[3] == whole.losses[3] and resumed.losses[4] == whole.losses[4]
+
+
+def test_prompt_tuning_run_changes_only_the_prompt_and_head(bert_base, corpora, tmp_path):
+    d = _cls_config(tmp_path, bert_base, corpora, method="prompt_tuning", prompt_length=4)
+    d["finetune"]["prompt_init"] = "labels"
+    result = train(config_from_dict(d))
+    base = _flat(restore_model(bert_base).model)
+    tuned = _flat(restore_model(result.workdir).model)
+    assert tuned["prompt"].shape == (4, 32)
+    assert _changed(base, tuned) == {"prompt", "classifier/kernel", "classifier/bias"}
+    too_long = {**d, "data": {**d["data"], "seq_len": 62}, "workdir": str(tmp_path / "long")}
+    with pytest.raises(ValueError, match="prompt_length"):
+        train(config_from_dict(too_long))
