@@ -347,3 +347,41 @@ def test_prompt_tuning_run_changes_only_the_prompt_and_head(bert_base, corpora, 
     too_long = {**d, "data": {**d["data"], "seq_len": 62}, "workdir": str(tmp_path / "long")}
     with pytest.raises(ValueError, match="prompt_length"):
         train(config_from_dict(too_long))
+
+
+def test_instruct_lora_on_an_exported_gpt(tmp_path, corpora):
+    """Pretrain a tiny GPT, export it as a Hugging Face folder, LoRA-tune it on prompt /
+    response pairs from that folder (its tokenizer drives the data), export merged."""
+    from llm_jax.convert import load_hf, save_hf
+
+    text = tmp_path / "text.txt"
+    text.write_text((corpora / "shakespeare.txt").read_text(encoding="utf-8")[:60000])
+    gpt = {"preset": "gpt2-tiny", "d_model": 32, "num_layers": 2, "num_heads": 2, "d_ff": 64,
+           "max_position_embeddings": 256}  # fmt: skip
+    base_run = train(
+        config_from_dict({
+            "workdir": str(tmp_path / "gpt"), "model": gpt,
+            "data": {"paths": [str(text)], "tokenizer_type": "bpe", "vocab_size": 600,
+                     "seq_len": 32, "batch_size": 8, "cache_dir": str(tmp_path / "c")},
+            "train": {"steps": 1, "eval_every": 0, "checkpoint_every": 1, "progress": False},
+        })
+    )  # fmt: skip
+    hf = tmp_path / "gpt_hf"
+    save_hf(restore_model(base_run.workdir).model, hf, tokenizer=base_run.workdir / "tokenizer")
+    d = {
+        "workdir": str(tmp_path / "lora"), "init": {"from_hf": str(hf)},
+        "finetune": {"method": "lora", "lora_rank": 4, "lora_dropout": 0.1},
+        "data": {"paths": [str(corpora / "instruct-en-es.jsonl")], "format": "jsonl",
+                 "objective": "instruct", "seq_len": 255, "batch_size": 8,
+                 "cache_dir": str(tmp_path / "c")},
+        "train": {"steps": 2, "eval_every": 0, "checkpoint_every": 2, "progress": False},
+        "optimizer": {"learning_rate": 1e-2, "warmup_steps": 0},
+    }  # fmt: skip
+    result = train(config_from_dict(d))
+    assert np.isfinite(result.losses[2])
+    tuned = restore_model(result.workdir).model
+    assert tuned.cfg.lora_rank == 4
+    save_hf(tuned, tmp_path / "merged")  # merged on export
+    merged = load_hf(tmp_path / "merged")
+    tokens = np.arange(1, 17, dtype=np.int32)[None]
+    np.testing.assert_allclose(merged(tokens), tuned(tokens), rtol=1e-4, atol=1e-5)
