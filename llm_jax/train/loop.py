@@ -20,7 +20,9 @@ import jax
 from llm_jax.checkpoint import CheckpointManager
 from llm_jax.data.iterator import DataIterator
 from llm_jax.data.objectives import objective_spec
+from llm_jax.finetune.base import Base
 from llm_jax.finetune.setup import FinetunePlan, check_tokenizer, prepare_finetune, read_base
+from llm_jax.models.config import ModelConfig
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
@@ -152,19 +154,7 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     workdir, tc, is_main = Path(cfg.workdir).absolute(), cfg.train, jax.process_index() == 0
     base = read_base(cfg) if cfg.init.source else None
     data = train_data.prepare(cfg.data, workdir, base_tokenizer=base and base.tokenizer_dir)
-    plan = None
-    if base is None:
-        model_config = _model_config(cfg, data.tokenizer.vocab_size)
-    else:
-        check_tokenizer(data.tokenizer.vocab_size, base.config, data.config.tokenizer_path)
-        plan = prepare_finetune(
-            cfg,
-            base=base,
-            tokenizer=data.tokenizer,
-            labels=train_data.labels(data),
-            workdir=workdir,
-        )
-        model_config = plan.model_config
+    model_config, plan = _model_and_plan(cfg, data, base, workdir)
     mesh = make_mesh(cfg.mesh)
     check_batch_size(cfg.data.batch_size, mesh, tc.grad_accum_steps)
     layout = state_layout(
@@ -225,6 +215,19 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
         _print_banner(cfg, mesh, run.steps.memory, [] if plan is None else plan.banner(layout))
     run.hooks = _hooks(cfg, model_config, run.batch, stop)
     return run
+
+
+def _model_and_plan(
+    cfg: RunConfig, data: train_data.PreparedData, base: Base | None, workdir: Path
+) -> tuple[ModelConfig, FinetunePlan | None]:
+    """The model config; for a fine-tuning run also its plan (base, partition, start)."""
+    if base is None:
+        return _model_config(cfg, data.tokenizer.vocab_size), None
+    check_tokenizer(data.tokenizer.vocab_size, base.config, data.config.tokenizer_path)
+    plan = prepare_finetune(
+        cfg, base=base, tokenizer=data.tokenizer, labels=train_data.labels(data), workdir=workdir
+    )
+    return plan.model_config, plan
 
 
 def _model_config(cfg: RunConfig, tokenizer_vocab: int):
