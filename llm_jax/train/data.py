@@ -13,7 +13,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from llm_jax.data import DataConfig, Tokenizer, build_tokenizer, load_tokenizer, make_iterator
-from llm_jax.data.iterator import DataIterator
+from llm_jax.data.iterator import DataIterator, load_source
 
 
 def stdlib_corpus() -> tuple[str, ...]:
@@ -60,7 +60,8 @@ class PreparedData:
 
 def prepare(config: DataConfig, workdir: str | os.PathLike) -> PreparedData:
     """Resolve the corpus and the tokenizer (trained once into `workdir/tokenizer` unless
-    `data.tokenizer_path` names one), reading and validating the data before compiling."""
+    `data.tokenizer_path` names one), reading and validating the data (the test split's
+    too) before compiling."""
     if not config.paths:
         print(
             "data.paths not set: training on the Python standard library's sources", file=sys.stderr
@@ -75,4 +76,6 @@ def prepare(config: DataConfig, workdir: str | os.PathLike) -> PreparedData:
         multihost_utils.sync_global_devices("llm_jax tokenizer ready")
         if jax.process_index() != 0:
             tokenizer = load_tokenizer(tokenizer_dir, num_sentinels=config.num_sentinels)
+    if config.test_paths:  # read now, so bad test data (an unseen label) fails before compiling
+        load_source(config, tokenizer, split="test")
     return PreparedData(config=config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)

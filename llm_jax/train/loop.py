@@ -23,6 +23,7 @@ from llm_jax.data.objectives import objective_spec
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
+from llm_jax.train import task_eval
 from llm_jax.train.allocator import allocator_hint
 from llm_jax.train.compile import (
     CompiledSteps,
@@ -135,6 +136,7 @@ def train(cfg: RunConfig) -> RunResult:
             if stop.signal is not None:
                 break
             run.batch = next(run.batches)
+        task_eval.final_evaluation(run, run.state.params, interrupted=stop.signal)
     result = run.result(stop.signal)
     if jax.process_index() == 0:
         print(
