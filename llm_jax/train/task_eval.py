@@ -37,6 +37,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
+from llm_jax.train.losses import classification_logits
 
 if TYPE_CHECKING:
     from llm_jax.data import DataConfig, Tokenizer
@@ -68,15 +69,10 @@ def classification_eval_step(
 
     Returns:
       {"cls": (loss sum, count) over the rows of `label_weights` [B] (the eval step's
-      loss), "confusion": [C, C] `confusion_counts`}.
+      loss, from the same `losses.classification_logits`), "confusion": [C, C]
+      `confusion_counts`}.
     """
-    model = nnx.merge(graphdef, params)
-    logits = model.classify(
-        batch["tokens"],
-        token_type_ids=batch.get("token_type_ids"),
-        segment_ids=batch.get("segment_ids"),
-        positions=batch.get("positions"),
-    )
+    logits = classification_logits(nnx.merge(graphdef, params), batch)
     labels, weights = batch["labels"], batch["label_weights"]
     return {
         "cls": ops.cross_entropy(logits, labels, weights),
