@@ -20,7 +20,15 @@ PAIR_TASKS = ("none", "nsp", "sop")
 # Each objective declares which input formats it can read (see `llm_jax.data.objectives`).
 OBJECTIVES = tuple(_REGISTRY)
 OBJECTIVE_FORMATS = {name: spec.formats for name, spec in _REGISTRY.items()}
-_TUPLE_FIELDS = ("paths", "validation_paths", "text_columns", "label_names", "label_words")
+VALIDATION_SPLITS = ("random", "last")
+_TUPLE_FIELDS = (
+    "paths",
+    "validation_paths",
+    "test_paths",
+    "text_columns",
+    "label_names",
+    "label_words",
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,7 +81,12 @@ class DataConfig(Config):
     shuffle_seed: int = 0  # also seeds masking, NSP pairing and span noise.
     validation_fraction: float = 0.0  # of examples, picked with `split_seed`.
     validation_paths: tuple[str, ...] = ()  # a separate validation corpus instead.
+    # How validation_fraction picks its examples: "random" (a permutation seeded with
+    # split_seed) or "last" (the corpus's last ones, a fixed contiguous range, e.g. the
+    # last verses of a parallel text; train keeps the rest, in order).
+    validation_split: str = "random"
     split_seed: int = 0  # kept apart from shuffle_seed so reshuffling never moves the split.
+    test_paths: tuple[str, ...] = ()  # held-out test corpus, evaluated once at the run's end.
 
     # Objective -------------------------------------------------------------------------------
     objective: str = "clm"
@@ -129,6 +142,7 @@ class DataConfig(Config):
         one_of(self, "tokenizer_type", TOKENIZER_TYPES)
         one_of(self, "objective", OBJECTIVES)
         one_of(self, "pair_task", PAIR_TASKS)
+        one_of(self, "validation_split", VALIDATION_SPLITS)
         at_least(self, "seq_len", 4)
         at_least(self, "target_seq_len", 2)
         at_least(self, "batch_size", 1)

@@ -39,7 +39,7 @@ _STATE_VERSION = 1
 
 
 def load_source(config: DataConfig, tokenizer: Tokenizer, split: str = "train") -> Source:
-    """The examples of one split ("train" or "validation") of `config`'s corpus, built by
+    """The examples of one split ("train", "validation" or "test") of `config`'s corpus, built by
     `config.objective`'s source (see `splits` for which examples each split holds)."""
     paths, what, fraction = split_corpus(config, split)
     corpus = tokenize_corpus(config, tokenizer, paths, what)

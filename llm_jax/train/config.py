@@ -59,6 +59,11 @@ class TrainConfig(Config):
     log_every: int = 10
     eval_every: int = 100  # 0 disables periodic evaluation
     eval_batches: int = 8
+    # seq2seq: beam-search the validation sources and score BLEU/chrF at the run's end, and
+    # also at every evaluation when eval_generate is true (see train.task_eval).
+    eval_generate: bool = False
+    eval_generate_examples: int = 64  # 0 turns the decoding off
+    eval_beams: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoint: bool = True
@@ -73,9 +78,11 @@ class TrainConfig(Config):
             "eval_batches",
             "checkpoint_every",
             "keep_checkpoints",
+            "eval_beams",
         ):
             at_least(self, name, 1)
         at_least(self, "eval_every", 0, note="0 disables")
+        at_least(self, "eval_generate_examples", 0, note="0 disables")
         one_of(self, "on_nonfinite", NONFINITE)
         in_interval(self, "label_smoothing", 0, 1, high_open=True)
         at_least(self, "z_loss", 0)
@@ -214,9 +221,9 @@ def config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
 
 
 def check_data_paths(cfg: RunConfig) -> None:
-    """Raise ValueError naming the first `data.paths` / `data.validation_paths` entry that
+    """Raise ValueError naming the first `data.paths` / `validation_paths` / `test_paths` entry that
     does not exist (relative to the working directory, where runs read them)."""
-    for key in ("paths", "validation_paths"):
+    for key in ("paths", "validation_paths", "test_paths"):
         for path in getattr(cfg.data, key):
             if not Path(path).exists():
                 raise ValueError(

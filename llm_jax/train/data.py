@@ -13,8 +13,8 @@ import jax
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
-from llm_jax.data import DataConfig, Tokenizer, build_tokenizer, load_tokenizer, make_iterator
-from llm_jax.data.iterator import DataIterator
+from llm_jax.data import DataConfig, Tokenizer, build_tokenizer, make_iterator
+from llm_jax.data.iterator import DataIterator, load_source
 from llm_jax.data.tokenize import tokenize_corpus
 
 
@@ -81,7 +81,8 @@ def prepare(
 ) -> PreparedData:
     """Resolve the corpus and the tokenizer (trained once into `workdir/tokenizer` unless
     `data.tokenizer_path` names one; a fine-tuning run copies its base model's tokenizer
-    there), reading and validating the data before compiling."""
+    there), reading and validating the data (the held-out splits' labels too) before
+    compiling."""
     if not config.paths:
         print(
             "data.paths not set: training on the Python standard library's sources", file=sys.stderr
@@ -97,7 +98,13 @@ def prepare(
         # One process trains and saves the tokenizer; the others load that same file.
         multihost_utils.sync_global_devices("llm_jax tokenizer ready")
         if jax.process_index() != 0:
-            tokenizer = load_tokenizer(tokenizer_dir, num_sentinels=config.num_sentinels)
+            tokenizer = build_tokenizer(config)
+    # Read the held-out splits now, so bad data (a label unseen in training) fails before
+    # compiling rather than at the first evaluation.
+    if config.test_paths:
+        load_source(config, tokenizer, split="test")
+    if config.objective == "classification" and config.has_validation:
+        load_source(config, tokenizer, split="validation")
     return PreparedData(config=config, tokenizer=tokenizer, tokenizer_dir=tokenizer_dir)
 
 

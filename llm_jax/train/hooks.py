@@ -13,12 +13,13 @@ yet) and into a flag the loop checks between steps once it runs.
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
 import jax
+
+from llm_jax.train import task_eval
 
 if TYPE_CHECKING:
     from llm_jax.train.compile import CompiledSteps
@@ -84,12 +85,7 @@ def evaluate(steps: CompiledSteps, params, batches, main_loss: str) -> dict[str,
             acc = sums.setdefault(name, [0.0, 0.0])
             acc[0] += float(s)
             acc[1] += float(c)
-    out = {f"{k}_loss": s / max(c, 1.0) for k, (s, c) in sums.items()}
-    main = out.get(f"{main_loss}_loss")
-    if main is not None:
-        out["loss"] = sum(out.values())
-        out["perplexity"] = math.exp(min(main, 50.0))
-    return out
+    return task_eval.mean_losses(sums, main_loss)
 
 
 @dataclasses.dataclass
@@ -137,7 +133,8 @@ class LogEvery:
 
 @dataclasses.dataclass
 class EvalEvery:
-    """Every `n` steps and at the last: mean eval losses over the same eval batches."""
+    """Every `n` steps and at the last: mean eval losses over the same eval batches, with
+    the task's metrics (`task_eval`: accuracy and macro-F1; BLEU/chrF if asked)."""
 
     n: int
     last: int
@@ -147,13 +144,14 @@ class EvalEvery:
     def __call__(self, run: Run, step: int, metrics: dict[str, float]) -> None:
         if step % self.n and step != self.last:
             return
-        ev = evaluate(run.steps, run.state.params, run.eval_batches(), self.main_loss)
-        if ev:
-            run.eval_losses[step] = ev["loss"]
-            run.writer.write(step, {f"eval/{k}": v for k, v in ev.items()})
-            run.progress.write(
-                f"step {step}: eval " + ", ".join(f"{k}={v:.4f}" for k, v in ev.items())
-            )
+        ev = task_eval.evaluate_validation(
+            run, run.steps.full_params(run.state.params), self.main_loss
+        )
+        if ev.scalars:
+            run.eval_losses[step] = ev.scalars["loss"]
+            fields = {f"eval/{k}": v for k, v in ev.fields.items()}
+            run.writer.write(step, {f"eval/{k}": v for k, v in ev.scalars.items()}, fields=fields)
+            run.progress.write(f"step {step}: eval {ev.line()}")
         self.throughput.reset()
 
 

@@ -26,6 +26,7 @@ from llm_jax.models.config import ModelConfig
 from llm_jax.parallel.mesh import describe, initialize_distributed, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train import data as train_data
+from llm_jax.train import task_eval
 from llm_jax.train.allocator import allocator_hint
 from llm_jax.train.compile import (
     CompiledSteps,
@@ -138,6 +139,9 @@ def train(cfg: RunConfig) -> RunResult:
             if stop.signal is not None:
                 break
             run.batch = next(run.batches)
+        task_eval.final_evaluation(
+            run, run.steps and run.steps.full_params(run.state.params), interrupted=stop.signal
+        )
     result = run.result(stop.signal)
     if jax.process_index() == 0:
         print(

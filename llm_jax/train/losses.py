@@ -89,15 +89,21 @@ def seq2seq_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
     return {"lm": _ce(logits, batch["decoder_targets"], batch["decoder_weights"], lc)}
 
 
-def classification_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
-    """ "cls": label cross-entropy over the rows of `label_weights` [B]."""
-    logits = model.classify(
+def classification_logits(model, batch: Batch, rng=None) -> jax.Array:
+    """Class logits [B, C] of a classification batch (the loss and the eval metrics share
+    this one call)."""
+    return model.classify(
         batch["tokens"],
         token_type_ids=batch.get("token_type_ids"),
         segment_ids=batch.get("segment_ids"),
         positions=batch.get("positions"),
         dropout_rng=rng,
     )
+
+
+def classification_losses(model, batch: Batch, rng, lc: LossConfig) -> Losses:
+    """ "cls": label cross-entropy over the rows of `label_weights` [B]."""
+    logits = classification_logits(model, batch, rng)
     return {"cls": _ce(logits, batch["labels"], batch["label_weights"], lc)}
 
 

@@ -116,7 +116,14 @@ class MetricsWriter:
     def loss_curve_path(self) -> Path:
         return self.workdir / LOSS_CURVE_FILE
 
-    def write(self, step: int, metrics: Mapping[str, Any], *, prefix: str | None = None) -> None:
+    def write(
+        self,
+        step: int,
+        metrics: Mapping[str, Any],
+        *,
+        prefix: str | None = None,
+        fields: Mapping[str, Any] | None = None,
+    ) -> None:
         """Record scalar `metrics` at `step` (one JSONL line, one TensorBoard point each).
 
         Args:
@@ -124,6 +131,8 @@ class MetricsWriter:
           metrics: name → scalar (Python, NumPy or 0-d JAX value; each is fetched to the
             host, so call this on logging steps only).
           prefix: the split, prepended as `prefix/name` (e.g. "train", "eval").
+          fields: JSON values written as they are into the JSONL record only, not to
+            TensorBoard (a `"split": "test"` tag, a confusion matrix as nested lists).
         """
         if not self.enabled:
             return
@@ -142,6 +151,10 @@ class MetricsWriter:
             record[name] = x if math.isfinite(x) else None
             if self._tb is not None:
                 self._tb.add_scalar(name, x, int(step), walltime=now)
+        for key, value in (fields or {}).items():
+            if key in record:
+                raise ValueError(f"fields[{key!r}] would overwrite a metric or {_RESERVED}.")
+            record[key] = value
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
 

@@ -96,7 +96,7 @@ class Split:
         config: the run's data config.
         tokenizer: the run's tokenizer.
         corpus: the tokenized corpus this split is drawn from (fields as the reader wrote).
-        name: "train" or "validation".
+        name: "train", "validation" or "test".
         what: the config field the corpus came from, for messages.
         fraction: share of `corpus` held out for validation; 0 means all of it is this split.
         train_corpus: the training corpus, for choices both splits must share (label ids).
@@ -114,7 +114,10 @@ class Split:
         """Sorted indices of this split's share of `n` units (None: all of them)."""
         if self.fraction == 0:
             return None
-        return split_indices(n, self.fraction, self.config.split_seed, self.name, unit)
+        config = self.config
+        return split_indices(
+            n, self.fraction, config.split_seed, self.name, unit, config.validation_split
+        )
 
     def keep_pieces(self, pieces: packing.Pieces, unit: str) -> packing.Pieces:
         index = self.keep(len(pieces), unit)
