@@ -296,6 +296,11 @@ def test_bad_inputs_fail_before_compiling(bert_base, corpora, tmp_path):
         train(config_from_dict({**d, "init": {"from_hf": str(tmp_path)}}))
     with pytest.raises(ValueError, match="asks for 5 layers"):
         train(config_from_dict({**d, "finetune": {"trainable": "top:5"}}))
+    dev = tmp_path / "dev.txt"
+    dev.write_text("__label__neutral so so\n__label__pos splendid\n")
+    unseen = {**d, "data": {**d["data"], "validation_paths": [str(dev)]}}
+    with pytest.raises(ValueError, match=r"\['neutral'\]"):
+        train(config_from_dict(unseen))
     other = tmp_path / "other_tok"
     big = config_from_dict(
         {

@@ -159,14 +159,19 @@ def label_codes(split: Split) -> np.ndarray:
     sorted label values, so that ids mean the same in both splits)."""
     values = split.corpus.meta["label_values"]
     names = split.config.label_names
-    if names is None:
+    given = names is not None
+    if not given:
         names = split.train_corpus().meta["label_values"]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(
-            f"labels {unknown} in the data are not in DataConfig.label_names={list(names)}; "
-            "add them there."
+        where = (
+            f"DataConfig.label_names={list(names)}; add them there"
+            if given
+            else f"the training labels {list(names)}; the model has no class for them: add "
+            "training examples, remove them from the held-out file, or list every class in "
+            "data.label_names"
         )
+        raise ValueError(f"labels {unknown} in the data are not among {where}.")
     remap = np.asarray([list(names).index(v) for v in values], np.int32)
     return remap[split.corpus.arrays["labels"]]
 
