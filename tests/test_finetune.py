@@ -238,6 +238,16 @@ def test_top1_trains_only_the_top_layer_and_head(bert_base, corpora, tmp_path, c
         assert mu and all(x.shape[0] == 1 for x in mu)  # moments of the top layer only
 
 
+def test_full_finetuning_separates_a_separable_set(bert_base, corpora, tmp_path):
+    d = _cls_config(tmp_path, bert_base, corpora)
+    d["data"]["validation_paths"] = d["data"]["paths"]
+    d["train"].update(steps=40, eval_every=40, eval_batches=12, checkpoint_every=40)
+    result = train(config_from_dict(d))
+    rows = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
+    accuracy = [r["eval/accuracy"] for r in rows if "eval/accuracy" in r]
+    assert accuracy == [1.0]
+
+
 def test_finetune_resume_is_exact(bert_base, corpora, tmp_path):
     d = _cls_config(tmp_path, bert_base, corpora, trainable="top:1")
     d["train"].update(steps=4, checkpoint_every=2)
@@ -390,3 +400,17 @@ def test_instruct_lora_on_an_exported_gpt(tmp_path, corpora):
     merged = load_hf(tmp_path / "merged")
     tokens = np.arange(1, 17, dtype=np.int32)[None]
     np.testing.assert_allclose(merged(tokens), tuned(tokens), rtol=1e-4, atol=1e-5)
+    # The adapters as a PEFT folder start a new run (finetune.lora_from) exactly where
+    # this one ended.
+    from llm_jax.cli import main
+
+    adapter = tmp_path / "adapter"
+    argv = ["convert", "--from-checkpoint", str(result.workdir), "--to-hf", str(adapter)]
+    assert main([*argv, "--adapters-only"]) == 0
+    d2 = {**d, "workdir": str(tmp_path / "again")}
+    d2["finetune"] = {**d["finetune"], "lora_from": str(adapter), "lora_rank": 2}
+    with StopOnSignal() as stop, setup(config_from_dict(d2), stop) as run:
+        start = flatten_tree(jax.device_get(run.steps.full_params(run.state.params)))
+        assert run.resolved["model"]["lora_rank"] == 4  # the adapter's rank wins
+    for k, v in _flat(tuned).items():
+        np.testing.assert_allclose(start[k], v, rtol=1e-6, atol=1e-7, err_msg=k)

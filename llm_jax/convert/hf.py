@@ -22,6 +22,7 @@ from flax import nnx
 from llm_jax.checkpoint.trees import tree_mismatch
 from llm_jax.convert.hf_config import (
     HFSpec,
+    UnsupportedConfigError,
     architecture_of,
     config_from_hf,
     config_to_hf,
@@ -163,6 +164,12 @@ def save_hf(
 
         model = merge_lora(model)
     cfg: ModelConfig = model.cfg
+    if cfg.prompt_length:
+        raise UnsupportedConfigError(
+            f"this model is prompt-tuned (prompt_length={cfg.prompt_length}): a transformers "
+            "class has no soft prompt, so the export would silently drop it. Sample or "
+            "evaluate it with llm-jax, or fine-tune with finetune.method=full|lora to export."
+        )
     arch = hf_architecture(cfg)
     tok = None
     if tokenizer is not None:

@@ -159,7 +159,7 @@ def finetune_model_config(
             f"would not fit its weights; remove model.{k} (with init.from_* the model section "
             f"may only change {', '.join(MAY_CHANGE)})."
         )
-    if finetune.method == "lora":
+    if finetune.method == "lora" and not finetune.lora_from:  # an adapter brings its own
         cfg = cfg.replace(
             lora_rank=finetune.lora_rank,
             lora_alpha=finetune.lora_alpha,

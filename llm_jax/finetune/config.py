@@ -71,7 +71,8 @@ class FinetuneConfig(Config):
       lora_rank, lora_alpha, lora_dropout, lora_targets: r, alpha (the update is scaled by
         alpha / r, as PEFT does), dropout on the adapter's input, and the layers that get
         adapters (q k v o wi wi_gate wo, or all_linear).
-      lora_from: a PEFT adapter folder to start the adapters from.
+      lora_from: a PEFT adapter folder to start the adapters from; its rank, alpha,
+        dropout and target layers replace the `lora_*` fields.
       prompt_length, prompt_init: P, and the prompt's start: rows of the vocabulary
         embeddings, the embeddings of the class-label words, or random.
     """
