@@ -414,3 +414,42 @@ def test_instruct_lora_on_an_exported_gpt(tmp_path, corpora):
         assert run.resolved["model"]["lora_rank"] == 4  # the adapter's rank wins
     for k, v in _flat(tuned).items():
         np.testing.assert_allclose(start[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+
+
+def test_partitioned_step_sharded_equals_single_device():
+    """top:1 + LoRA on a GQA LLaMA: one train step on an fsdp_tp mesh of 8 fake devices ==
+    on one device (loss, and every trainable parameter after the update)."""
+    from llm_jax.parallel import MeshConfig, activation_sharding, make_mesh
+    from llm_jax.train.compile import compile_steps, state_layout
+    from llm_jax.train.optimizer import OptimizerConfig
+
+    cfg = ModelConfig.preset(
+        "llama-tiny", vocab_size=128, d_model=64, num_layers=2, d_ff=128, lora_rank=4
+    )
+    shapes = _shapes(cfg)
+    part = partition_for(cfg, FinetuneConfig(method="lora", trainable="top:1"), shapes)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.05 * rng.normal(size=s.shape)).astype(np.float32), shapes)
+    toks = rng.integers(0, 128, (8, 17)).astype(np.int32)
+    batch = {
+        "tokens": toks[:, :-1],
+        "targets": toks[:, 1:],
+        "weights": np.ones((8, 16), np.float32),
+    }
+    opt = OptimizerConfig(name="sgd", learning_rate=0.1, warmup_steps=0, schedule="constant")
+    out = []
+    for mesh_cfg, devices in (
+        (MeshConfig(), jax.devices()[:1]),
+        (MeshConfig(data=2, fsdp=2, tensor=2, rules="fsdp_tp"), jax.devices()),
+    ):
+        mesh = make_mesh(mesh_cfg, devices)
+        layout = state_layout(cfg, opt, mesh, total_steps=1, rules=mesh_cfg.rules, partition=part)
+        with activation_sharding(mesh, layout.rules):
+            trainable, frozen = layout.split(params)
+            steps = compile_steps(layout, "clm", batch, frozen=frozen)
+            state, metrics = steps.train(layout.init_from(trainable), layout.put_batch(batch))
+        out.append((float(metrics["loss"]), jax.device_get(state.params)))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-5)
+    for k, v in flatten_tree(out[0][1]).items():
+        np.testing.assert_allclose(flatten_tree(out[1][1])[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+    assert set(flatten_tree(out[0][1])) == set(part.trainable_paths())
