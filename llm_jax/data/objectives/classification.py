@@ -171,7 +171,7 @@ def label_codes(split: Split) -> np.ndarray:
             "training examples, remove them from the held-out file, or list every class in "
             "data.label_names"
         )
-        raise ValueError(f"labels {unknown} in the data are not among {where}.")
+        raise ValueError(f"labels {unknown} in the data are not in {where}.")
     remap = np.asarray([list(names).index(v) for v in values], np.int32)
     return remap[split.corpus.arrays["labels"]]
 
