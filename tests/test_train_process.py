@@ -501,19 +501,55 @@ def test_config_loads_and_initialises(path, corpora, monkeypatch):
             load_config(path, overrides)
         overrides.append(f"data.paths=[{corpora / 'shakespeare.txt'}]")
     cfg = load_config(path, overrides)
-    model_config = cfg.model_config(cfg.data.vocab_size or 256)
+    model_config, partition = _model_of(cfg)
     if model_config.position == "learned":
-        assert cfg.data.seq_len <= model_config.max_position_embeddings
+        assert cfg.data.seq_len + model_config.prompt_length <= model_config.max_position_embeddings
     model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
     assert sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))) > 0
     # The abstract train state with its shardings (optimizer included), on one device.
     mesh = make_mesh(MeshConfig(rules=cfg.mesh.rules), jax.devices()[:1])
     layout = state_layout(
-        model_config, cfg.optimizer, mesh, total_steps=cfg.train.steps, rules=cfg.mesh.rules
+        model_config,
+        cfg.optimizer,
+        mesh,
+        total_steps=cfg.train.steps,
+        rules=cfg.mesh.rules,
+        partition=partition,
     )
     check_batch_size(cfg.data.batch_size, mesh, cfg.train.grad_accum_steps)
     assert jax.tree.leaves(layout.abstract_state.opt_state)
     assert math.prod(cfg.mesh.shape(8)) == 8  # the mesh fits the 8 test devices
+
+
+# The pretraining config whose run each fine-tuning config starts from (its init folder).
+FINETUNE_BASES = {
+    "finetune_sentiment": "bert_tiny",
+    "finetune_translation": "t5_tiny",
+    "finetune_instruct_lora": "tiny",
+}
+
+
+def _model_of(cfg):
+    """(model config, partition) of a config; a fine-tuning config's model is its base's
+    (from the pretraining config it names) with its changes, heads and adapters."""
+    if not cfg.init.source:
+        return cfg.model_config(cfg.data.vocab_size or 256), None
+    from llm_jax.finetune.base import finetune_model_config
+    from llm_jax.finetune.partition import partition_for
+    from llm_jax.finetune.setup import _with_task_head
+
+    base = load_config(REPO / "configs" / f"{FINETUNE_BASES[cfg.name]}.yaml", ["workdir=/x"])
+    # The folder the config's comment says to make: the base run, or its HF export.
+    assert cfg.init.source in (f"runs/{base.name}", f"runs/{base.name}_hf")
+    base_cfg = base.model_config(base.data.vocab_size or 256)
+    model_config = finetune_model_config(base_cfg, cfg.model, cfg.finetune)
+    if cfg.data.objective == "classification":
+        model_config = _with_task_head(model_config, 2)
+    shapes = nnx.to_pure_dict(
+        nnx.state(nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0))), nnx.Param)
+    )
+    new = ["classifier/kernel", "classifier/bias"] if model_config.num_labels else []
+    return model_config, partition_for(model_config, cfg.finetune, shapes, new)
 
 
 BAD_OVERRIDES = [
