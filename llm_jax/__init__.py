@@ -12,6 +12,7 @@ _SUBPACKAGES = (
     "convert",
     "data",
     "eval",
+    "finetune",
     "models",
     "ops",
     "parallel",

@@ -333,7 +333,8 @@ def _changed(base: dict, tuned: dict) -> set[str]:
 
 def test_lora_run_trains_only_adapters_and_head_and_resumes_exactly(bert_base, corpora, tmp_path):
     d = _cls_config(tmp_path, bert_base, corpora, method="lora", lora_rank=4)
-    d["train"].update(steps=4, checkpoint_every=2)
+    d["data"]["test_paths"] = d["data"]["paths"]
+    d["train"].update(steps=4, checkpoint_every=2, eval_every=4, eval_batches=2)
     whole = train(config_from_dict(d))
     base = _flat(restore_model(bert_base).model)
     tuned = _flat(restore_model(whole.workdir).model)
@@ -388,12 +389,14 @@ def test_instruct_lora_on_an_exported_gpt(tmp_path, corpora):
         "finetune": {"method": "lora", "lora_rank": 4, "lora_dropout": 0.1},
         "data": {"paths": [str(corpora / "instruct-en-es.jsonl")], "format": "jsonl",
                  "objective": "instruct", "seq_len": 255, "batch_size": 8,
+                 "validation_fraction": 0.1,
                  "cache_dir": str(tmp_path / "c")},
-        "train": {"steps": 2, "eval_every": 0, "checkpoint_every": 2, "progress": False},
+        "train": {"steps": 2, "eval_every": 2, "eval_batches": 1, "checkpoint_every": 2,
+                  "progress": False},
         "optimizer": {"learning_rate": 1e-2, "warmup_steps": 0},
     }  # fmt: skip
     result = train(config_from_dict(d))
-    assert np.isfinite(result.losses[2])
+    assert np.isfinite(result.losses[2]) and np.isfinite(result.eval_losses[2])
     tuned = restore_model(result.workdir).model
     assert tuned.cfg.lora_rank == 4
     save_hf(tuned, tmp_path / "merged")  # merged on export
@@ -453,3 +456,37 @@ def test_partitioned_step_sharded_equals_single_device():
     for k, v in flatten_tree(out[0][1]).items():
         np.testing.assert_allclose(flatten_tree(out[1][1])[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
     assert set(flatten_tree(out[0][1])) == set(part.trainable_paths())
+
+
+def test_t5_translation_with_a_frozen_decoder_decodes_and_scores(tmp_path, corpora, capfd):
+    """T5 from our checkpoint with trainable=encoder: the decoder stays bit-identical and the
+    end of the run beam-decodes the held-out verses and prints BLEU/chrF."""
+    import flax.nnx as nnx
+
+    from llm_jax.convert import save_checkpoint
+    from llm_jax.data import train_tokenizer
+    from llm_jax.models import build
+
+    pairs = corpora / "bible-en-es.tsv"
+    tok = train_tokenizer(pairs, model_type="unigram", vocab_size=400, num_sentinels=0)
+    cfg = ModelConfig.preset(
+        "t5-tiny", vocab_size=tok.vocab_size, d_model=32, num_heads=2, d_ff=64, num_layers=1
+    )
+    save_checkpoint(build(cfg, rngs=nnx.Rngs(0)), tmp_path / "t5", tokenizer=tok)
+    d = {
+        "workdir": str(tmp_path / "ft"), "init": {"from_checkpoint": str(tmp_path / "t5")},
+        "finetune": {"trainable": "encoder"},
+        "data": {"paths": [str(pairs)], "format": "tsv", "objective": "seq2seq",
+                 "source_column": 1, "target_column": 2, "seq_len": 32, "target_seq_len": 32,
+                 "batch_size": 8, "validation_fraction": 0.02, "validation_split": "last",
+                 "cache_dir": str(tmp_path / "c")},
+        "train": {"steps": 2, "eval_every": 0, "checkpoint_every": 2, "progress": False,
+                  "eval_generate_examples": 8, "eval_beams": 2},
+    }  # fmt: skip
+    result = train(config_from_dict(d))
+    assert "BLEU=" in capfd.readouterr().out
+    assert len((result.workdir / "hypotheses.txt").read_text().splitlines()) == 8
+    base = _flat(restore_model(tmp_path / "t5").model)
+    tuned = _flat(restore_model(result.workdir).model)
+    changed = _changed(base, tuned)
+    assert changed and all(k.startswith(("encoder", "encoder_norm")) for k in changed)

@@ -144,9 +144,7 @@ class EvalEvery:
     def __call__(self, run: Run, step: int, metrics: dict[str, float]) -> None:
         if step % self.n and step != self.last:
             return
-        ev = task_eval.evaluate_validation(
-            run, run.steps.full_params(run.state.params), self.main_loss
-        )
+        ev = task_eval.evaluate_validation(run, run.state.params, self.main_loss)
         if ev.scalars:
             run.eval_losses[step] = ev.scalars["loss"]
             fields = {f"eval/{k}": v for k, v in ev.fields.items()}

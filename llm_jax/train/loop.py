@@ -139,9 +139,7 @@ def train(cfg: RunConfig) -> RunResult:
             if stop.signal is not None:
                 break
             run.batch = next(run.batches)
-        task_eval.final_evaluation(
-            run, run.steps and run.steps.full_params(run.state.params), interrupted=stop.signal
-        )
+        task_eval.final_evaluation(run, run.state.params, interrupted=stop.signal)
     result = run.result(stop.signal)
     if jax.process_index() == 0:
         print(

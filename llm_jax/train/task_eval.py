@@ -167,17 +167,19 @@ def label_names(config: DataConfig, tokenizer: Tokenizer, num_classes: int) -> l
 def evaluate_batches(
     run: Run, params: Any, batches: Iterable[dict[str, jax.Array]], main_loss: str
 ) -> SplitMetrics:
-    """Mean losses over `batches` (and, for classification, the task metrics)."""
+    """Mean losses over `batches` (and, for classification, the task metrics). `params` are
+    the state's (a fine-tuning run's trainable part; the frozen rest is added here)."""
     from llm_jax.parallel.rules import activation_sharding
 
     classify = run.cfg.data.objective == "classification"
+    whole = run.steps.full_params(params) if classify else None
     sums: dict[str, list[float]] = {}
     confusion = None
     with activation_sharding(run.layout.mesh, run.layout.rules):
         for batch in batches:
             if classify:
                 out = jax.device_get(
-                    classification_eval_step(params, batch, graphdef=run.layout.graphdef)
+                    classification_eval_step(whole, batch, graphdef=run.layout.graphdef)
                 )
                 counts = out.pop("confusion")
                 confusion = counts if confusion is None else confusion + counts
@@ -289,7 +291,7 @@ def generation_metrics(run: Run, params: Any, split: str) -> SplitMetrics:
     hypotheses (one a line) to the workdir, and score them."""
     cfg, data = run.cfg, run.data.config
     sources, references = translation_pairs(data, split, cfg.train.eval_generate_examples)
-    model = nnx.merge(run.layout.graphdef, params)
+    model = nnx.merge(run.layout.graphdef, run.steps.full_params(params))
     hypotheses = translate(
         model,
         run.data.tokenizer,
