@@ -110,9 +110,10 @@ def test_a_perfect_copy_scores_100():
     ]
     scores = task_eval.score_translations(list(refs), refs)
     assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert scores["exact_match"] == 1.0
     assert "tok:13a" in scores["signature"] and "nc:6" in scores["signature"]
     worse = task_eval.score_translations(["In the beginning God made the sky.", "Light."], refs)
-    assert 0 < worse["bleu"] < 100 and 0 < worse["chrf"] < 100
+    assert 0 < worse["bleu"] < 100 and 0 < worse["chrf"] < 100 and worse["exact_match"] == 0.0
     with pytest.raises(ValueError, match="one hypothesis per reference"):
         task_eval.score_translations(["a"], refs)
 

@@ -200,11 +200,6 @@ class Start:
         return lines
 
 
-def base_path(path: str) -> str:
-    """A model parameter's path in the base's tree (a prompt-tuned model wraps the base)."""
-    return path[len("base/") :] if path.startswith("base/") else path
-
-
 def start_params(
     cfg: ModelConfig, base_params: Mapping[str, Any], *, seed: int, base_cfg: ModelConfig
 ) -> Start:
@@ -220,7 +215,7 @@ def start_params(
     have = flatten_tree(base_params)
     used, new, reinit = set(), [], []
     for path, x in flat.items():
-        src = base_path(path)
+        src = path  # a fine-tuned model keeps the base's paths (adapters add leaves)
         if src not in have:
             new.append(path)
             continue

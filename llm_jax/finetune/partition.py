@@ -43,15 +43,11 @@ ADAPTER_LEAVES = {"lora": ("lora_a", "lora_b"), "prompt_tuning": ("prompt",)}
 
 
 def _top(path: str) -> str:
-    """The first path component below an optional prompt-tuning `base/` wrapper."""
-    parts = path.split("/")
-    return parts[1] if parts[0] == "base" and len(parts) > 1 else parts[0]
+    return path.split("/")[0]
 
 
 def _in_stack(path: str) -> bool:
     parts = path.split("/")
-    if parts[0] == "base":
-        parts = parts[1:]
     return len(parts) > 1 and parts[0] in STACKS and parts[1] == "blocks"
 
 

@@ -136,7 +136,7 @@ class SplitMetrics:
 
     def line(self) -> str:
         """'accuracy=0.8100 macro_f1=0.8000 loss=0.4123 ...': headline metrics first."""
-        first = ("accuracy", "macro_f1", "bleu", "chrf", "loss")
+        first = ("accuracy", "macro_f1", "bleu", "chrf", "exact_match", "loss")
         keys = [k for k in first if k in self.scalars]
         keys += [k for k in self.scalars if k not in first and "/" not in k]
         text = " ".join(f"{_display(k)}={self.scalars[k]:.4f}" for k in keys)
@@ -213,7 +213,9 @@ def score_translations(hypotheses: list[str], references: list[str]) -> dict[str
     character 6-grams) of detokenized `hypotheses` against one reference each.
 
     Returns:
-      {"bleu", "chrf": floats in [0, 100], "signature": sacrebleu's signatures of both}.
+      {"bleu", "chrf": floats in [0, 100], "exact_match": the share of hypotheses equal to
+      their reference after stripping outer whitespace (a text-to-text classifier's
+      accuracy), "signature": sacrebleu's signatures of both}.
     """
     if len(hypotheses) != len(references):
         raise ValueError(
@@ -226,6 +228,11 @@ def score_translations(hypotheses: list[str], references: list[str]) -> dict[str
     return {
         "bleu": float(bleu.corpus_score(hypotheses, [references]).score),
         "chrf": float(chrf.corpus_score(hypotheses, [references]).score),
+        "exact_match": float(
+            np.mean([h.strip() == r.strip() for h, r in zip(hypotheses, references, strict=True)])
+        )
+        if references
+        else 0.0,
         "signature": f"BLEU {bleu.get_signature()}, chrF {chrf.get_signature()}",
     }
 
@@ -307,7 +314,7 @@ def generation_metrics(run: Run, params: Any, split: str) -> SplitMetrics:
         path.write_text("".join(h.replace("\n", " ") + "\n" for h in hypotheses), "utf-8")
     scores = score_translations(hypotheses, references)
     return SplitMetrics(
-        scalars={"bleu": scores["bleu"], "chrf": scores["chrf"]},
+        scalars={k: scores[k] for k in ("bleu", "chrf", "exact_match")},
         fields={"examples": len(hypotheses)},
         signature=scores["signature"],
     )
