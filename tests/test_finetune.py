@@ -490,3 +490,18 @@ def test_t5_translation_with_a_frozen_decoder_decodes_and_scores(tmp_path, corpo
     tuned = _flat(restore_model(result.workdir).model)
     changed = _changed(base, tuned)
     assert changed and all(k.startswith(("encoder", "encoder_norm")) for k in changed)
+
+
+def test_a_head_of_another_size_is_reinitialised_and_trains():
+    from llm_jax.finetune.base import start_params
+
+    base_cfg = ModelConfig.from_dict({**BERT, "vocab_size": 50, "num_labels": 3})
+    base = jax.tree.map(lambda s: np.ones(s.shape, np.float32), _shapes(base_cfg))
+    cfg = base_cfg.replace(num_labels=2, lora_rank=2)
+    start = start_params(cfg, base, seed=0, base_cfg=base_cfg)
+    assert start.reinitialised == ("classifier/bias", "classifier/kernel")
+    assert "re-initialised (shape changed): classifier/bias" in "\n".join(start.report())
+    part = partition_for(cfg, FinetuneConfig(method="lora"), start.params, start.fresh)
+    assert part.parts["classifier/kernel"] is True and part.parts["pooler/kernel"] is False
+    with pytest.raises(ValueError, match="changed its size"):
+        start_params(base_cfg.replace(d_ff=32), base, seed=0, base_cfg=base_cfg)

@@ -187,6 +187,11 @@ class Start:
     dropped: tuple[str, ...]
     reinitialised: tuple[str, ...]
 
+    @property
+    def fresh(self) -> tuple[str, ...]:
+        """Every parameter not taken from the base: these always train."""
+        return self.new + self.reinitialised
+
     def report(self) -> list[str]:
         """Lines for the start banner naming every parameter not taken from the base."""
         lines = []
@@ -214,20 +219,20 @@ def start_params(
     flat = {k: np.asarray(v) for k, v in flatten_tree(fresh).items()}
     have = flatten_tree(base_params)
     used, new, reinit = set(), [], []
+    # A fine-tuned model keeps the base's parameter paths; adapters and heads add leaves.
     for path, x in flat.items():
-        src = path  # a fine-tuned model keeps the base's paths (adapters add leaves)
-        if src not in have:
+        if path not in have:
             new.append(path)
             continue
-        used.add(src)
-        if tuple(have[src].shape) == x.shape:
-            flat[path] = np.asarray(have[src], x.dtype)
-        elif src.split("/")[0] in ("classifier", "nsp_head"):
+        used.add(path)
+        if tuple(have[path].shape) == x.shape:
+            flat[path] = np.asarray(have[path], x.dtype)
+        elif path.split("/")[0] in ("classifier", "nsp_head"):
             reinit.append(path)
         else:
             raise ValueError(
-                f"the base's {src} has shape {tuple(have[src].shape)} but the fine-tuned model's "
-                f"is {x.shape}; the model section changed its size."
+                f"the base's {path} has shape {tuple(have[path].shape)} but the fine-tuned "
+                f"model's is {x.shape}; the model section changed its size."
             )
     dropped = sorted(set(have) - used)
     heads_off = [k for k in HEAD_FIELDS if getattr(cfg, k) != getattr(base_cfg, k)]

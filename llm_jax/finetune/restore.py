@@ -27,7 +27,7 @@ def finetuned_params(
     finetune = FinetuneConfig.from_dict(config.get("finetune") or {})
     seed = int((config.get("train") or {}).get("seed", 0))
     start = start_params(cfg, base.params, seed=seed, base_cfg=base.config)
-    partition = partition_for(cfg, finetune, start.params, start.new)
+    partition = partition_for(cfg, finetune, start.params, start.fresh)
     trainable, frozen = partition.split(start.params)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
     trained = jax.tree.map(jax.device_get, read_params(step_dir, abstract))

@@ -118,7 +118,7 @@ def prepare_finetune(
     start = start_params(model_cfg, base.params, seed=cfg.train.seed, base_cfg=base.config)
     if ft.method == "prompt_tuning":
         _init_prompt(start.params, ft, tokenizer, labels, seed=cfg.train.seed)
-    partition = partition_for(model_cfg, ft, start.params, start.new)
+    partition = partition_for(model_cfg, ft, start.params, start.fresh)
     return FinetunePlan(base, model_cfg, start, partition)
 
 
