@@ -341,6 +341,11 @@ def test_lora_run_trains_only_adapters_and_head_and_resumes_exactly(bert_base, c
     changed = _changed(base, tuned)
     assert changed and all(k.startswith("classifier") or "/lora_" in k for k in changed)
     assert any(k.endswith("q/lora_b") for k in changed) and any("v/lora_a" in k for k in changed)
+    from llm_jax.finetune.peft import save_peft_adapter
+
+    model = restore_model(whole.workdir).model
+    with pytest.raises(ValueError, match="classification head"):
+        save_peft_adapter(model.cfg, params_of(model), tmp_path / "adapter")
     import orbax.checkpoint as ocp
 
     state_dir = restore_model(whole.workdir).step_dir / "state"

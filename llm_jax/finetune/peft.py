@@ -160,12 +160,19 @@ def save_peft_adapter(
       The folder.
 
     Raises:
-      ValueError: the model has no LoRA.
+      ValueError: the model has no LoRA, or has a classification head (which a LoRA run
+        trains beside the adapters, and which this folder would not carry).
     """
     if not cfg.lora_rank:
         raise ValueError(
             "this model has no LoRA adapters (lora_rank=0): train with finetune.method=lora, "
             "or export the whole model with --to-hf instead of --adapters-only."
+        )
+    if cfg.num_labels:
+        raise ValueError(
+            "this LoRA model has a classification head, which trains beside the adapters and "
+            "which an adapter folder here would not carry (no modules_to_save): export the "
+            "merged model with --to-hf instead of --adapters-only."
         )
     from llm_jax.convert.safetensors_io import write_safetensors
 
@@ -188,14 +195,24 @@ def save_peft_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(tensors, out / ADAPTER_WEIGHTS, metadata={_FUSED_KEY: json.dumps(fused)})
-    adapter_config = {
+    adapter_config = _adapter_config(cfg, list(groups), rank_pattern, alpha_pattern)
+    adapter_config["base_model_name_or_path"] = base_model_name_or_path
+    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+    return out
+
+
+def _adapter_config(
+    cfg: ModelConfig, modules: list[str], rank_pattern: dict, alpha_pattern: dict
+) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` fields for our LoRA settings (plain LoRA only)."""
+    return {
         "peft_type": "LORA",
         "task_type": {"gpt": "CAUSAL_LM", "t5": "SEQ_2_SEQ_LM"}.get(cfg.family),
-        "base_model_name_or_path": base_model_name_or_path,
-        "r": r,
-        "lora_alpha": alpha,
+        "base_model_name_or_path": None,
+        "r": cfg.lora_rank,
+        "lora_alpha": cfg.lora_alpha,
         "lora_dropout": cfg.lora_dropout,
-        "target_modules": _target_modules(cfg, list(groups)),
+        "target_modules": _target_modules(cfg, modules),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
         "bias": "none",
@@ -208,8 +225,6 @@ def save_peft_adapter(
         "layers_to_transform": None,
         "layers_pattern": None,
     }
-    (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
-    return out
 
 
 def _read_adapter(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray], dict[str, str]]:
