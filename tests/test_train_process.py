@@ -500,8 +500,12 @@ def test_config_loads_and_initialises(path, corpora, monkeypatch):
         with pytest.raises(ValueError, match=rf"data.paths: {missing[0]} not found.*data.paths="):
             load_config(path, overrides)
         overrides.append(f"data.paths=[{corpora / 'shakespeare.txt'}]")
+    data = yaml.safe_load(path.read_text())["data"]
+    for key in ("validation_paths", "test_paths"):  # held-out files of ../shared/data
+        if any(not (REPO / p).exists() for p in data.get(key, [])):
+            overrides.append(f"data.{key}=[{corpora / 'shakespeare.txt'}]")
     cfg = load_config(path, overrides)
-    model_config, partition = _model_of(cfg)
+    model_config, partition = _model_of(cfg, corpora)
     if model_config.position == "learned":
         assert cfg.data.seq_len + model_config.prompt_length <= model_config.max_position_embeddings
     model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
@@ -529,7 +533,7 @@ FINETUNE_BASES = {
 }
 
 
-def _model_of(cfg):
+def _model_of(cfg, corpora):
     """(model config, partition) of a config; a fine-tuning config's model is its base's
     (from the pretraining config it names) with its changes, heads and adapters."""
     if not cfg.init.source:
@@ -538,7 +542,10 @@ def _model_of(cfg):
     from llm_jax.finetune.partition import partition_for
     from llm_jax.finetune.setup import _with_task_head
 
-    base = load_config(REPO / "configs" / f"{FINETUNE_BASES[cfg.name]}.yaml", ["workdir=/x"])
+    base = load_config(
+        REPO / "configs" / f"{FINETUNE_BASES[cfg.name]}.yaml",
+        ["workdir=/x", f"data.paths=[{corpora / 'shakespeare.txt'}]"],  # only its model is read
+    )
     # The folder the config's comment says to make: the base run, or its HF export.
     assert cfg.init.source in (f"runs/{base.name}", f"runs/{base.name}_hf")
     base_cfg = base.model_config(base.data.vocab_size or 256)
