@@ -15,7 +15,6 @@ weight and freezes [0:L-2], with no optimizer state or gradient for the frozen l
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -57,10 +56,6 @@ class Partition:
 
     parts: Mapping[str, Part]
     layers: Mapping[str, int] = dataclasses.field(default_factory=dict)  # L of cut leaves
-
-    @classmethod
-    def everything(cls, params: Mapping[str, Any]) -> Partition:
-        return cls({p: True for p in flatten_tree(params)})
 
     @property
     def is_everything(self) -> bool:
@@ -206,8 +201,3 @@ def partition_for(
             "add a head (model.num_labels) or choose another trainable setting."
         )
     return Partition(parts, layers)
-
-
-def count(tree: Mapping[str, Any]) -> int:
-    """Number of scalars in a tree of arrays or ShapeDtypeStructs."""
-    return sum(math.prod(x.shape) for x in flatten_tree(tree).values())

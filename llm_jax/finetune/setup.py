@@ -24,8 +24,9 @@ from llm_jax.finetune.base import (
     load_base,
     start_params,
 )
-from llm_jax.finetune.partition import Partition, count, partition_for
+from llm_jax.finetune.partition import Partition, partition_for
 from llm_jax.finetune.prompt import check_prompt_fits, init_prompt
+from llm_jax.models.common import count_params
 from llm_jax.models.config import ModelConfig
 
 if TYPE_CHECKING:
@@ -48,8 +49,8 @@ class FinetunePlan:
 
     def banner(self, layout: StateLayout) -> list[str]:
         """Trainable / total parameters, optimizer-state bytes, and the new parameters."""
-        trainable = count(layout.abstract_state.params)
-        total = trainable + count(layout.abstract_frozen)
+        trainable = count_params(layout.abstract_state.params)
+        total = trainable + count_params(layout.abstract_frozen)
         opt_bytes = sum(
             x.size * x.dtype.itemsize
             for x in jax.tree.leaves(layout.abstract_state.opt_state)

@@ -37,6 +37,7 @@ from llm_jax.train.step import (
     TrainState,
     make_eval_step,
     make_train_step,
+    new_train_state,
 )
 
 if TYPE_CHECKING:
@@ -180,12 +181,7 @@ def state_layout(
     tx = make_optimizer(optimizer, total_steps, axes)  # weight decay chosen by logical axes
 
     def new_state(trainable) -> TrainState:
-        return TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=trainable,
-            opt_state=tx.init(trainable),
-            rng=jax.random.key_data(jax.random.key(seed)),
-        )
+        return new_train_state(trainable, tx, seed)
 
     def init_fn() -> TrainState:
         params = nnx.to_pure_dict(nnx.state(build(model_config, rngs=nnx.Rngs(seed)), nnx.Param))

@@ -188,13 +188,18 @@ def make_eval_step(
     return eval_step
 
 
-def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
-    """(graphdef, TrainState) for a freshly built model."""
-    graphdef, params = nnx.split(model)
-    params = nnx.to_pure_dict(params)
-    return graphdef, TrainState(
+def new_train_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+    """A step-0 `TrainState` of `params` (a pure dict; for fine-tuning, the trainable part)
+    with fresh optimizer state and the dropout key of `seed`."""
+    return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
         opt_state=tx.init(params),
         rng=jax.random.key_data(jax.random.key(seed)),
     )
+
+
+def init_train_state(model: nnx.Module, tx: optax.GradientTransformation, seed: int):
+    """(graphdef, TrainState) for a freshly built model."""
+    graphdef, params = nnx.split(model)
+    return graphdef, new_train_state(nnx.to_pure_dict(params), tx, seed)
