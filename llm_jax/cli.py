@@ -14,6 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from llm_jax.convert.cli import add_parser as add_convert
     from llm_jax.data.cli import add_parser as add_data
+    from llm_jax.eval.cli import add_parser as add_eval
     from llm_jax.models.cli import add_parser as add_models
     from llm_jax.models.word2vec_cli import add_parser as add_word2vec
     from llm_jax.sample.cli import add_parser as add_sample
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data(sub)
     add_convert(sub)
     add_sample(sub)
+    add_eval(sub)
     add_word2vec(sub)
     return parser
 

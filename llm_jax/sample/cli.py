@@ -189,46 +189,13 @@ def _check_generates(model: Any, where: Path) -> None:
         )
 
 
-def _load_checkpoint(path: str, step: int | None) -> tuple[Any, Any, dict[str, Any], str]:
-    """(model, tokenizer, saved config, what was loaded) of one of our checkpoints; the
-    tokenizer is the step's copy, else the training workdir's `tokenizer/` folder."""
-    from llm_jax.convert import load_hf_tokenizer, restore_model
-
-    restored = restore_model(path, step)
-    ref = restored.ref
-    _check_generates(restored.model, ref.dir)
-    tokenizer_dir = ref.tokenizer_dir()
-    if tokenizer_dir is None:
-        raise FileNotFoundError(
-            f"checkpoint step {ref.step} in {ref.root} has no tokenizer and neither does "
-            f"{ref.root.parent}; copy the run's tokenizer folder to "
-            f"{ref.root.parent / 'tokenizer'}."
-        )
-    what = f"step {ref.step} from {ref.dir}"
-    return restored.model, load_hf_tokenizer(tokenizer_dir), restored.config, what
-
-
-def _load_hf_folder(path: str) -> tuple[Any, Any, dict[str, Any], str]:
-    """(model, tokenizer, {}, what was loaded) of a Hugging Face model folder."""
-    from llm_jax.convert import load_hf, load_hf_tokenizer
-
-    source = Path(path).expanduser().absolute()
-    if not source.is_dir():
-        raise FileNotFoundError(
-            f"{source} is not a folder; pass a Hugging Face model folder (config.json, "
-            "model.safetensors and the tokenizer files), e.g. one saved by save_pretrained."
-        )
-    model = load_hf(source)
-    _check_generates(model, source)
-    return model, load_hf_tokenizer(source), {}, f"Hugging Face model from {source}"
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any], str]:
-    if args.hf is not None:
-        if args.step is not None:
-            raise ValueError("--step applies to --checkpoint, not to --hf folders.")
-        return _load_hf_folder(args.hf)
-    return _load_checkpoint(args.checkpoint, args.step)
+    """(model, tokenizer, saved run config, what was loaded); the model must generate."""
+    from llm_jax.convert.load import load_for_inference
+
+    loaded = load_for_inference(args.checkpoint, args.hf, args.step)
+    _check_generates(loaded.model, loaded.where)
+    return loaded.model, loaded.tokenizer, loaded.run_config, loaded.what
 
 
 def _check_lengths(decoder: Any, n: int, max_new_tokens: int) -> None:

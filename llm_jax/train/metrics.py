@@ -336,6 +336,7 @@ class Progress:
       total_steps: the step the run ends at.
       initial_step: the step it starts from (a resumed run).
       desc: a label in front of the bar / line.
+      unit: what is counted ("step"; evaluation counts examples, "ex").
       log_every: steps between log lines when not interactive; default total/20.
       file: the stream; default sys.stdout.
       enabled: default `jax.process_index() == 0`; a disabled Progress prints nothing.
@@ -347,6 +348,7 @@ class Progress:
         initial_step: int = 0,
         *,
         desc: str = "train",
+        unit: str = "step",
         log_every: int | None = None,
         file: TextIO | None = None,
         enabled: bool | None = None,
@@ -356,7 +358,7 @@ class Progress:
             raise ValueError(
                 f"initial_step={initial_step} must be in [0, total_steps={total_steps}]."
             )
-        self.total, self.step, self.desc = total_steps, initial_step, desc
+        self.total, self.step, self.desc, self.unit = total_steps, initial_step, desc, unit
         self.enabled = jax.process_index() == 0 if enabled is None else enabled
         self.file = sys.stdout if file is None else file
         self.log_every = max(1, total_steps // 20) if log_every is None else log_every
@@ -375,7 +377,7 @@ class Progress:
                 total=total_steps,
                 initial=initial_step,
                 desc=desc,
-                unit="step",
+                unit=unit,
                 file=self.file,
                 dynamic_ncols=True,
                 mininterval=0.5,
@@ -409,7 +411,7 @@ class Progress:
     def _log(self) -> None:
         self._last_logged = self.step
         pct = 100 * self.step / max(self.total, 1)
-        line = f"{self.desc} step {self.step}/{self.total} ({pct:.0f}%) | "
+        line = f"{self.desc} {self.unit} {self.step}/{self.total} ({pct:.0f}%) | "
         line += format_postfix(self._metrics)
         elapsed = self._clock() - self._t0
         done = self.step - self._step0
