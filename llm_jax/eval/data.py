@@ -95,6 +95,8 @@ def read_multiple_choice(path: str | os.PathLike) -> list[Choice]:
             and all(isinstance(c, str) for c in choices)
         ):
             raise ValueError(f'{where}: expected "choices": a list of at least 2 strings.')
+        if not all(c.strip() for c in choices):
+            raise ValueError(f'{where}: choice {[c.strip() for c in choices].index("")} is empty.')
         if isinstance(answer, bool) or not isinstance(answer, int):
             raise ValueError(f'{where}: expected "answer": the index of the right choice.')
         if not 0 <= answer < len(choices):
@@ -181,7 +183,7 @@ def fewshot_indices(n_pool: int, index: int | None, shots: int, seed: int) -> li
     available = n_pool - (index is not None)
     if shots > available:
         raise ValueError(f"--shots {shots} needs {shots} other examples; the pool has {available}.")
-    rng = np.random.default_rng([seed, -1 if index is None else index])
+    rng = np.random.default_rng([seed, 0 if index is None else index + 1])
     drawn = rng.permutation(n_pool).tolist()
     return [i for i in drawn if i != index][:shots]
 
