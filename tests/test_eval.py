@@ -101,7 +101,7 @@ def test_fixture_sliding_window_perplexity_equals_the_hf_recipe(name):
         stride=want["stride"],
     )
     assert len(windows.requests) > 3  # the text really is cut into windows
-    out = tasks.perplexity(model, [want["text"]], windows, batch_size=4)
+    out = tasks.perplexity(model, windows, batch_size=4)
     assert out["tokens"] == want["tokens"]
     np.testing.assert_allclose(out["perplexity"], want["perplexity"], rtol=LL_RTOL)
     n_bytes = len(want["text"].encode())
@@ -131,7 +131,6 @@ def test_sliding_window_equals_the_full_window_when_the_text_fits(gpt2):
     prompting = tasks.Prompting()
     full = tasks.perplexity(
         model,
-        [text],
         tasks.perplexity_windows(model, tok, [text], prompting=prompting),
         batch_size=2,
     )
@@ -141,7 +140,7 @@ def test_sliding_window_equals_the_full_window_when_the_text_fits(gpt2):
     for stride in (1, 7, 64):
         windows = tasks.perplexity_windows(model, tok, [text], prompting=prompting, stride=stride)
         assert len(windows.requests) == 1
-        got = tasks.perplexity(model, [text], windows, batch_size=2)
+        got = tasks.perplexity(model, windows, batch_size=2)
         np.testing.assert_allclose(got["perplexity"], full["perplexity"], rtol=1e-6)
 
 
@@ -467,3 +466,26 @@ def test_cli_classification_matches_the_model_and_draws_the_matrix(tmp_path, cap
     assert result["metrics"]["confusion"] == confusion.tolist()
     assert result["metrics"]["accuracy"] == pytest.approx(np.trace(confusion) / 6)
     assert set(result["metrics"]["per_class"]) == {"neg", "pos"}
+
+
+def test_cli_split_scores_the_runs_own_held_out_chunks(tmp_path, capsys):
+    from llm_jax.train.config import config_from_dict
+    from llm_jax.train.loop import train
+    from tests.test_sample_cli import CONFIG
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text((Path(__file__).parent / "data" / "shakespeare.txt").read_text()[:4000])
+    cfg = {**CONFIG, "workdir": str(tmp_path / "run")}
+    cfg["data"] = {**CONFIG["data"], "paths": [str(corpus)], "validation_fraction": 0.2}
+    cfg["train"] = {**CONFIG["train"], "eval_every": 6, "eval_batches": 1000}
+    train(config_from_dict(cfg))
+    result = _run(
+        capsys, "--checkpoint", tmp_path / "run", "--task", "perplexity", "--split", "validation"
+    )
+    records = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    held_out = [r for r in records if "eval/lm_loss" in r and r["step"] == 6][-1]
+    # The same chunks the run's evaluation read, every one: the same mean NLL.
+    np.testing.assert_allclose(result["metrics"]["nll"], held_out["eval/lm_loss"], rtol=1e-5)
+    assert result["settings"]["split"] == "validation" and result["metrics"]["bits_per_byte"] > 0

@@ -186,6 +186,47 @@ def evaluate(
     return result
 
 
+def evaluate_split(
+    model: Any,
+    tokenizer: Any,
+    data_config: Any,
+    split: str = "validation",
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Perplexity of a causal-LM run on its own held-out split (`tasks.held_out_windows`):
+    the chunks its evaluation reads, every one scored in full.
+
+    Returns: as `evaluate` for task "perplexity", with "data" naming the split and
+    "data_sha256" the SHA-256 of the scored token ids.
+    """
+    import hashlib
+
+    import numpy as np
+
+    windows = tasks.held_out_windows(data_config, tokenizer, split)
+    ids = np.concatenate(
+        [np.asarray(r.context + r.continuation, np.int32) for r in windows.requests]
+    )
+    counter = _Counter(len(windows.requests), f"eval {split}", progress)
+    try:
+        metrics = tasks.perplexity(model, windows, batch_size=batch_size, on_batch=counter)
+    finally:
+        timing = counter.close()
+    result = {
+        "task": "perplexity",
+        "data": f"{split} split of {', '.join(data_config.paths)}",
+        "data_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+        "examples": len(windows.requests),
+        "metrics": metrics,
+        "settings": {"batch_size": batch_size, "split": split, "seq_len": data_config.seq_len},
+        **timing,
+    }
+    result["windows_per_second"] = result.pop("examples_per_second")
+    return result
+
+
 def _runner(model, tokenizer, task, items, settings, args):
     """(the task's closure over its checked inputs, the units of work it reports): every
     check runs here, before any compilation; the closure does the device work."""
@@ -200,7 +241,7 @@ def _runner(model, tokenizer, task, items, settings, args):
             max_length=args["max_length"],
             stride=args["stride"],
         )
-        run = functools.partial(tasks.perplexity, model, items, windows, batch_size=batch_size)
+        run = functools.partial(tasks.perplexity, model, windows, batch_size=batch_size)
         return lambda on: run(on_batch=on), len(windows.requests)
     if task in ("multiple_choice", "sentiment"):
         return _choice_runner(model, tokenizer, task, items, settings, args), len(items)

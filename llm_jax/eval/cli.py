@@ -95,7 +95,8 @@ def format_table(result: dict[str, Any]) -> str:
     rows += [(rate.replace("_per_second", "/s"), result[rate])]
     rows += [("tokens/s", result["tokens_per_second"])]
     width = max(len(k) for k, _ in rows)
-    lines = [f"{result['task']} on {Path(result['data']).name} ({result['examples']} examples)"]
+    data = Path(result["data"]).name if Path(result["data"]).is_file() else result["data"][:60]
+    lines = [f"{result['task']} on {data} ({result['examples']} examples)"]
     for k, v in rows:
         if isinstance(v, bool):
             shown = str(v).lower()
@@ -119,8 +120,58 @@ def _sidecar(out: str | None, suffix: str) -> Path | None:
     return None if out is None else Path(out).with_suffix(suffix)
 
 
+def _split_config(args: argparse.Namespace, loaded: Any) -> Any:
+    """The run's data config, for --split."""
+    from llm_jax.data import DataConfig
+
+    data = loaded.run_config.get("data")
+    if not data:
+        raise ValueError(f"{loaded.where} records no data config; pass held-out text with --data.")
+    config = DataConfig.from_dict(data)
+    if not config.paths:
+        from llm_jax.train.data import stdlib_corpus
+
+        # The run trained on the default corpus (train does the same substitution).
+        config = config.replace(paths=stdlib_corpus())
+    return config
+
+
+def _eval_split(args: argparse.Namespace) -> int:
+    if args.task != "perplexity" or args.hf is not None:
+        raise ValueError(
+            "--split scores a run's held-out text: use it with --checkpoint and --task perplexity."
+        )
+    from llm_jax.convert.load import load_for_inference
+    from llm_jax.eval.api import evaluate_split
+
+    loaded = load_for_inference(args.checkpoint, None, args.step)
+    print(f"loaded {loaded.what}", file=sys.stderr)
+    result = evaluate_split(
+        loaded.model,
+        loaded.tokenizer,
+        _split_config(args, loaded),
+        args.split,
+        batch_size=args.batch_size,
+        progress=not args.quiet,
+    )
+    return _finish(args, loaded, result)
+
+
+def _finish(args: argparse.Namespace, loaded: Any, result: dict[str, Any]) -> int:
+    """Print the table and the JSON line; write --out."""
+    result["model"] = loaded.what
+    line = json.dumps(result, sort_keys=True)
+    if args.out is not None:
+        Path(args.out).write_text(line + "\n")
+    print(format_table(result))
+    print(line)
+    return 0
+
+
 def _eval(args: argparse.Namespace) -> int:
     check_task(args.task)
+    if args.split is not None:
+        return _eval_split(args)
     from llm_jax.eval.api import evaluate, read_task_data
 
     # The data file's format is checked before the model loads (and long before compiling).
@@ -162,7 +213,6 @@ def _eval(args: argparse.Namespace) -> int:
         hypotheses_path=hypotheses,
         progress=not args.quiet,
     )
-    result["model"] = loaded.what
     if hypotheses is not None:
         result["hypotheses"] = str(hypotheses)
     if args.task == "classification" and args.out is not None:
@@ -171,12 +221,7 @@ def _eval(args: argparse.Namespace) -> int:
         png = _sidecar(args.out, ".confusion.png")
         plot_confusion(result["metrics"]["confusion"], result["metrics"]["labels"], png)
         result["confusion_png"] = str(png)
-    line = json.dumps(result, sort_keys=True)
-    if args.out is not None:
-        Path(args.out).write_text(line + "\n")
-    print(format_table(result))
-    print(line)
-    return 0
+    return _finish(args, loaded, result)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -191,7 +236,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     source.add_argument("--hf", metavar="DIR", help="a Hugging Face model folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--task", required=True, help=f"one of {', '.join(TASKS)}")
-    p.add_argument("--data", required=True, metavar="FILE", help="the task's data file")
+    data = p.add_mutually_exclusive_group(required=True)
+    data.add_argument("--data", metavar="FILE", help="the task's data file")
+    data.add_argument(
+        "--split",
+        choices=("validation", "test"),
+        help="perplexity of a causal-LM run on its own held-out split (with --checkpoint)",
+    )
     p.add_argument("--out", metavar="FILE", help="also write the result JSON here")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples")

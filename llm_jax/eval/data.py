@@ -96,7 +96,7 @@ def read_multiple_choice(path: str | os.PathLike) -> list[Choice]:
         ):
             raise ValueError(f'{where}: expected "choices": a list of at least 2 strings.')
         if not all(c.strip() for c in choices):
-            raise ValueError(f'{where}: choice {[c.strip() for c in choices].index("")} is empty.')
+            raise ValueError(f"{where}: choice {[c.strip() for c in choices].index('')} is empty.")
         if isinstance(answer, bool) or not isinstance(answer, int):
             raise ValueError(f'{where}: expected "answer": the index of the right choice.')
         if not 0 <= answer < len(choices):

@@ -74,12 +74,16 @@ def _decoder_only(model: Any, task: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Windows:
-    """Perplexity's work: the sliding-window requests of every document, and the settings."""
+    """Perplexity's work: the requests that score every token once, the window settings,
+    and the size of the scored text (bits per byte and word perplexity divide by it)."""
 
     requests: list[loglik.Request]
     max_length: int
     stride: int
     prefix: int | None
+    bytes: int
+    words: int
+    documents: int
 
 
 def perplexity_windows(
@@ -110,19 +114,50 @@ def perplexity_windows(
         requests += loglik.rolling_requests(tokenizer.encode(doc), prefix, max_length, stride)
     if not requests:
         raise ValueError("the text has no token to score; give a longer text.")
-    return Windows(requests, max_length, stride, prefix)
+    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
+    words = sum(len(d.split()) for d in documents)
+    return Windows(requests, max_length, stride, prefix, n_bytes, words, len(documents))
+
+
+def held_out_windows(data_config: Any, tokenizer: Any, split: str) -> Windows:
+    """The held-out chunks of a causal-LM run's own data (`data.validation_fraction` /
+    `validation_paths` / `test_paths`), exactly those its evaluation reads: each chunk of
+    up to seq_len + 1 tokens (BOS/EOS framed as in training) is one window whose first token
+    is the context. Bytes and words are those of each chunk's scored tokens, decoded."""
+    from llm_jax.data.iterator import load_source
+
+    if data_config.objective != "clm":
+        raise ValueError(
+            f"--split scores a causal-LM run's held-out text; this run's objective is "
+            f"{data_config.objective!r}. Pass the held-out file with --data instead."
+        )
+    source = load_source(data_config, tokenizer, split)
+    pieces, stream = source.pieces, np.asarray(source.stream)
+    requests, n_bytes, words = [], 0, 0
+    for p in range(len(pieces)):
+        body = stream[pieces.start[p] : pieces.start[p] + pieces.length[p]].tolist()
+        ids = [int(pieces.prefix[p])] * int(pieces.prefix[p] >= 0) + body
+        ids += [int(pieces.suffix[p])] * int(pieces.suffix[p] >= 0)
+        if len(ids) < 2:
+            continue
+        requests.append(loglik.Request.of(ids[:1], ids[1:]))
+        text = tokenizer.decode(ids[1:], skip_special_tokens=True)
+        n_bytes, words = n_bytes + len(text.encode("utf-8")), words + len(text.split())
+    if not requests:
+        raise ValueError(f"the {split} split has no chunk to score.")
+    T = data_config.seq_len
+    return Windows(requests, T, T, requests[0].context[0], n_bytes, words, len(requests))
 
 
 def perplexity(
     model: Any,
-    documents: Sequence[str],
     windows: Windows,
     *,
     batch_size: int = 8,
     on_batch: OnBatch | None = None,
 ) -> dict[str, Any]:
-    """Token perplexity, NLL, bits per byte and word perplexity of `documents` over their
-    `perplexity_windows`."""
+    """Token perplexity, NLL, bits per byte and word perplexity over `windows`
+    (`perplexity_windows` of documents, or a run's `held_out_windows`)."""
     scores = loglik.loglikelihood(
         model,
         windows.requests,
@@ -132,8 +167,7 @@ def perplexity(
     )
     ll = sum(s.loglikelihood for s in scores)
     tokens = sum(s.num_tokens for s in scores)
-    n_bytes = sum(len(d.encode("utf-8")) for d in documents)
-    words = sum(len(d.split()) for d in documents)
+    n_bytes, words = windows.bytes, windows.words
     return {
         "perplexity": math.exp(-ll / tokens),
         "nll": -ll / tokens,
@@ -142,7 +176,7 @@ def perplexity(
         "tokens": tokens,
         "bytes": n_bytes,
         "words": words,
-        "documents": len(documents),
+        "documents": windows.documents,
         "windows": len(windows.requests),
         "max_length": windows.max_length,
         "stride": windows.stride,
