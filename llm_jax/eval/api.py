@@ -216,7 +216,7 @@ def evaluate_split(
         timing = counter.close()
     result = {
         "task": "perplexity",
-        "data": f"{split} split of {', '.join(data_config.paths)}",
+        "data": f"{split} split of the run's data ({_paths(data_config.paths)})",
         "data_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
         "examples": len(windows.requests),
         "metrics": metrics,
@@ -225,6 +225,10 @@ def evaluate_split(
     }
     result["windows_per_second"] = result.pop("examples_per_second")
     return result
+
+
+def _paths(paths: Sequence[str]) -> str:
+    return paths[0] if len(paths) == 1 else f"{len(paths)} files: {paths[0]}, ..."
 
 
 def _runner(model, tokenizer, task, items, settings, args):

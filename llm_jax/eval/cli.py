@@ -95,7 +95,7 @@ def format_table(result: dict[str, Any]) -> str:
     rows += [(rate.replace("_per_second", "/s"), result[rate])]
     rows += [("tokens/s", result["tokens_per_second"])]
     width = max(len(k) for k, _ in rows)
-    data = Path(result["data"]).name if Path(result["data"]).is_file() else result["data"][:60]
+    data = result["data"] if "split" in result["settings"] else Path(result["data"]).name
     lines = [f"{result['task']} on {data} ({result['examples']} examples)"]
     for k, v in rows:
         if isinstance(v, bool):
