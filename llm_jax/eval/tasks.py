@@ -303,7 +303,7 @@ def classification(
     from flax import nnx
 
     from llm_jax.data.objectives.classification import framed_row, row_specials
-    from llm_jax.train.task_eval import classification_eval_step, classification_metrics
+    from llm_jax.train.task_eval import classification_eval_step
 
     if not model.cfg.num_labels:
         raise ValueError(
@@ -340,7 +340,15 @@ def classification(
         confusion += out["confusion"]
         if on_batch is not None:
             on_batch(min(batch_size, len(encoded) - lo), int(batch["segment_ids"].sum()))
+    return classification_result(confusion, label_names)
+
+
+def classification_result(confusion: np.ndarray, label_names: Sequence[str]) -> dict[str, Any]:
+    """The metrics dict of `classification` from [C, C] confusion counts (rows: truth)."""
+    from llm_jax.train.task_eval import classification_metrics
+
     m = classification_metrics(confusion)
+    C = len(confusion)
     names = list(label_names) + [f"class_{i}" for i in range(len(label_names), C)]
     per_class = {
         name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
@@ -354,7 +362,7 @@ def classification(
         "per_class": per_class,
         "confusion": confusion.astype(int).tolist(),
         "labels": names,
-        "examples": len(encoded),
+        "examples": int(confusion.sum()),
     }
 
 
