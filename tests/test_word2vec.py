@@ -28,6 +28,7 @@ from llm_jax.eval.word_vectors import (
 from llm_jax.models import word2vec as w2v
 from llm_jax.parallel import make_mesh
 from tests.reference.ops_ref import hierarchical_softmax_loss_ref, negative_sampling_loss_ref
+from tests.reference.word2vec_ref import sgd_step_ref
 
 SHAKESPEARE = Path(__file__).parent / "data" / "shakespeare.txt"
 
@@ -344,3 +345,49 @@ def test_resume_with_other_settings_names_them(tmp_path):
     other.write_text(corpus.read_text().replace("the", "thee"))
     with pytest.raises(ValueError, match=r"vocabulary .* differs .*same --input files"):
         w2v.train(_tiny_config(epochs=1), [other], workdir=tmp_path / "r", resume=True)
+
+
+# ------------------------------------------------------------------- the update vs the twin
+
+
+def _step(loss, w_in, w_out, tree, batch, lr):
+    step = jax.jit(w2v._update, static_argnames="loss")
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    tree = None if tree is None else tuple(jnp.asarray(x) for x in tree)
+    return step(jnp.asarray(w_in), jnp.asarray(w_out), tree, batch, jnp.float32(lr), loss=loss)
+
+
+def test_negative_sampling_step_matches_word2vec_c_twin():
+    # CBOW rows with 2, 1 and 0 (padding) contexts, repeated words so scatter-adds collide.
+    rng = np.random.default_rng(4)
+    w_in, w_out = rng.normal(size=(6, 4)) * 0.3, rng.normal(size=(6, 4)) * 0.3
+    inp = np.asarray([[1, 2], [3, 0], [0, 0]], np.int32)
+    inp_mask = np.asarray([[1, 1], [1, 0], [0, 0]], np.float32)
+    out = np.asarray([[0, 5, 1], [4, 4, 1], [2, 3, 3]], np.int32)
+    out_mask = np.asarray([[1, 1, 1], [1, 0, 1], [0, 0, 0]], np.float32)
+    batch = dict(inp=inp, inp_mask=inp_mask, out=out, out_mask=out_mask)
+    new_in, new_out, _, count = _step("ns", w_in, w_out, None, batch, 0.5)
+    labels = np.asarray([[1, 0, 0]] * 3)
+    ref_in, ref_out = sgd_step_ref(w_in, w_out, inp, inp_mask, out, labels, out_mask, 0.5)
+    _close(new_in, ref_in)
+    _close(new_out, ref_out)
+    assert float(count) == 2.0
+
+
+def test_hierarchical_softmax_step_matches_word2vec_c_twin():
+    rng = np.random.default_rng(5)
+    counts = np.asarray([5, 3, 2, 1])
+    codes, points, mask = w2v.padded_tree(counts)
+    w_in, w_out = rng.normal(size=(4, 4)) * 0.3, rng.normal(size=(3, 4)) * 0.3
+    inp = np.asarray([[1], [2], [3], [0]], np.int32)
+    inp_mask = np.asarray([[1], [1], [1], [0]], np.float32)
+    target = np.asarray([2, 0, 3, 1], np.int32)  # the last is padding (weight 0)
+    batch = dict(inp=inp, inp_mask=inp_mask, out=target, out_mask=inp_mask[:, 0])
+    new_in, new_out, _, count = _step("hs", w_in, w_out, (codes, points, mask), batch, 0.5)
+    weights = mask[target] * inp_mask
+    ref_in, ref_out = sgd_step_ref(
+        w_in, w_out, inp, inp_mask, points[target], 1 - codes[target], weights, 0.5
+    )
+    _close(new_in, ref_in)
+    _close(new_out, ref_out)
+    assert float(count) == 3.0

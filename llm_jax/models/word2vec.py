@@ -280,22 +280,24 @@ def _rows(table: jax.Array, ids: jax.Array) -> jax.Array:
     return table.at[ids].get(mode="promise_in_bounds")
 
 
-def _update(w_in, w_out, tree, inp, inp_mask, out, out_mask, lr, *, loss: str):
-    """One sparse SGD step. inp/inp_mask [P, C]; ns: out/out_mask [P, K] (true word, then
-    the negatives); hs: out [P, 1] the true word, out_mask [P, 1] the example's weight and
-    `tree` = (codes, points, mask) [V, L] on the device, so that only the target id travels
-    from the host (its padded path is looked up here); lr scalar.
+def _update(w_in, w_out, tree, batch, lr, *, loss: str):
+    """One sparse SGD step on `batch` (lr a scalar): inp/inp_mask [P, C] and
+
+    ns: out/out_mask [P, K], the true word then the negatives;
+    hs: out/out_mask [P], the true word and the example's weight; its path comes from
+        `tree` = (codes, points, mask) [V, L] held on the device, so that one id per
+        example crosses from the host instead of three [P, L] arrays.
 
     h is the masked mean of the input rows (the row itself for skip-gram); each input row
     receives the full gradient of h, not 1/C of it, as word2vec.c and gensim's cbow_mean do.
     """
+    inp, inp_mask, out, out_mask = batch["inp"], batch["inp_mask"], batch["out"], batch["out_mask"]
     rows_in = _rows(w_in, inp)  # [P, C, D]
     n_in = jnp.maximum(jnp.sum(inp_mask, axis=1, keepdims=True), 1.0)
     h = jnp.einsum("pcd,pc->pd", rows_in, inp_mask) / n_in
     if loss == "hs":
         codes_v, points_v, mask_v = tree
-        target = out[:, 0]
-        codes, out, out_mask = codes_v[target], points_v[target], mask_v[target] * out_mask
+        codes, out, out_mask = codes_v[out], points_v[out], mask_v[out] * out_mask[:, None]
     rows_out = _rows(w_out, out)  # [P, K, D]
 
     def loss_fn(h, rows_out):
@@ -313,19 +315,16 @@ def _update(w_in, w_out, tree, inp, inp_mask, out, out_mask, lr, *, loss: str):
     return w_in, w_out, total, count
 
 
-def _scan_updates(w_in, w_out, tree, inp, inp_mask, out, out_mask, lr, *, loss: str):
-    """M sequential `_update`s in one call: arrays [M, P, ...], lr [M]. Small updates in a
-    scan keep the gathered rows in cache; one dispatch per M of them hides the call cost
-    (P=512, M=32 is 3x faster per example than one update of P=4096 on CPU)."""
+def _scan_updates(w_in, w_out, tree, batch, lr, *, loss: str):
+    """M sequential `_update`s in one call: `batch` arrays [M, P, ...], lr [M]. Small
+    updates in a scan keep the gathered rows in cache; one dispatch per M of them hides the
+    call cost (P=512, M=32 is 3x faster per example than one update of P=4096 on CPU)."""
 
     def body(tables, xs):
-        *xs, lr_m = xs
-        w_in, w_out, total, count = _update(*tables, tree, *xs, lr_m, loss=loss)
+        w_in, w_out, total, count = _update(*tables, tree, *xs, loss=loss)
         return (w_in, w_out), (total, count)
 
-    (w_in, w_out), (total, count) = jax.lax.scan(
-        body, (w_in, w_out), (inp, inp_mask, out, out_mask, lr)
-    )
+    (w_in, w_out), (total, count) = jax.lax.scan(body, (w_in, w_out), (batch, lr))
     return w_in, w_out, jnp.sum(total), jnp.sum(count)
 
 
@@ -392,9 +391,9 @@ class Progress:
     calls: int = 0  # calls of the jitted update so far (the metrics' step)
 
 
-def _examples(cfg, ids, sent, rng, table, start, stop, reach):
-    """Arrays (inp, inp_mask, out, out_mask) of one chunk, unpadded, example-major; for hs
-    `out` is only the target word [N, 1] (the device looks up its Huffman path)."""
+def _examples(cfg, ids, sent, rng, table, start, stop, reach) -> dict[str, np.ndarray]:
+    """One chunk's examples, unpadded, example-major: inp/inp_mask [N, C] and out/out_mask,
+    ns: [N, K] the true word then the negatives; hs: [N] the true word and weight 1."""
     if cfg.model == "sg":
         c, x = window_pairs(sent, start, stop, reach, cfg.window)
         inp, inp_mask = ids[x][:, None], np.ones((len(x), 1), np.float32)
@@ -402,13 +401,27 @@ def _examples(cfg, ids, sent, rng, table, start, stop, reach):
         c, ctx, inp_mask = cbow_contexts(sent, start, stop, reach, cfg.window)
         inp = ids[ctx]
     target = ids[c]
-    ones = np.ones((len(c), 1), np.float32)
+    examples = {"inp": inp.astype(np.int32), "inp_mask": inp_mask}
     if cfg.loss == "hs":
-        return inp.astype(np.int32), inp_mask, target[:, None].astype(np.int32), ones
-    neg = table[rng.integers(0, len(table), (len(c), cfg.negative))]
-    out = np.concatenate([target[:, None], neg], axis=1)
-    out_mask = np.concatenate([ones, (neg != target[:, None]).astype(np.float32)], 1)
-    return inp.astype(np.int32), inp_mask, out.astype(np.int32), out_mask
+        return {**examples, "out": target.astype(np.int32), "out_mask": np.ones(len(c), np.float32)}
+    neg = table[rng.integers(0, len(table), (len(c), cfg.negative), dtype=np.int32)]
+    out_mask = np.ones((len(c), 1 + cfg.negative), np.float32)
+    out_mask[:, 1:] = neg != target[:, None]  # a negative that drew the true word is skipped
+    out = np.concatenate([target[:, None], neg], axis=1).astype(np.int32)
+    return {**examples, "out": out, "out_mask": out_mask}
+
+
+def _fixed_steps(cfg: Word2VecConfig, examples: dict[str, np.ndarray]):
+    """Steps of P examples, zero-padded (weight 0) to whole calls of M steps.
+    Returns (arrays [S, P, ...], first example of each step [S])."""
+    n, p = len(examples["inp"]), cfg.batch
+    steps = max(-(-n // (p * cfg.steps_per_call)), 1) * cfg.steps_per_call
+    out = {}
+    for k, a in examples.items():  # one zeroed buffer filled in place: no concatenate copy
+        buf = np.zeros((steps * p, *a.shape[1:]), a.dtype)
+        buf[:n] = a
+        out[k] = buf.reshape(steps, p, *a.shape[1:])
+    return out, np.arange(steps) * p
 
 
 def _lr(cfg: Word2VecConfig, done: np.ndarray, total_words: int) -> np.ndarray:
@@ -416,21 +429,20 @@ def _lr(cfg: Word2VecConfig, done: np.ndarray, total_words: int) -> np.ndarray:
     return np.maximum(cfg.alpha * (1.0 - done / (total_words + 1)), cfg.min_alpha)
 
 
-def _calls(cfg: Word2VecConfig, arrays, raw_lo: float, raw_hi: float, total_words: int):
-    """Split one chunk's examples into calls of [M, P, ...] (zero-padded, weight 0), each
-    with its learning rates [M] and the raw word position it reaches."""
-    n, per_call = len(arrays[0]), cfg.batch * cfg.steps_per_call
-    calls = max(-(-n // per_call), 1)
-    padded = []
-    for a in arrays:  # one zeroed buffer filled in place: no concatenate-then-reshape copy
-        buf = np.zeros((calls * per_call, *a.shape[1:]), a.dtype)
-        buf[:n] = a
-        padded.append(buf.reshape(calls, cfg.steps_per_call, cfg.batch, *a.shape[1:]))
-    starts = np.arange(calls * cfg.steps_per_call) * cfg.batch
-    done = raw_lo + (raw_hi - raw_lo) * np.minimum(starts / max(n, 1), 1.0)
-    lrs = _lr(cfg, done, total_words).astype(np.float32).reshape(calls, cfg.steps_per_call)
-    for c in range(calls):
-        yield [a[c] for a in padded], lrs[c], done[min((c + 1) * cfg.steps_per_call, len(done) - 1)]
+def _calls(cfg, steps, first, n, raw_lo: float, raw_hi: float, total_words: int):
+    """Group steps [S, ...] (S a multiple of M) into calls of M, each with its learning
+    rates [M] (by the raw corpus position of each step's first example) and the raw
+    position it reaches."""
+    m = cfg.steps_per_call
+    done = raw_lo + (raw_hi - raw_lo) * np.minimum(first / max(n, 1), 1.0)  # [S]
+    lrs = _lr(cfg, done, total_words).astype(np.float32)
+    for c in range(len(first) // m):
+        reached = done[(c + 1) * m] if (c + 1) * m < len(done) else raw_hi
+        yield (
+            {k: a[c * m : (c + 1) * m] for k, a in steps.items()},
+            lrs[c * m : (c + 1) * m],
+            reached,
+        )
 
 
 def _row_sharding(mesh: Mesh | None) -> tuple[NamedSharding | None, NamedSharding | None, int]:
@@ -464,7 +476,7 @@ def _compile_step(cfg: Word2VecConfig, mesh: Mesh | None):
     return jax.jit(
         fn,
         donate_argnums=(0, 1),
-        in_shardings=(rows, rows, rep, rep, rep, rep, rep, rep),
+        in_shardings=(rows, rows, rep, rep, rep),
         out_shardings=(rows, rows, rep, rep),
     )
 
@@ -580,6 +592,7 @@ def _train_loop(cfg: Word2VecConfig, corpus: Corpus, run: _Run, step, hooks: _Ho
     uninterrupted one drew from that position on."""
     n, cw = len(corpus.ids), cfg.chunk_words
     vocab = corpus.vocab
+    # The Huffman paths padded to the longest, and their masks, built once, on the device.
     tree = tuple(jnp.asarray(x) for x in padded_tree(vocab.counts)) if cfg.loss == "hs" else None
     table = noise_table(noise_cdf(vocab.counts, cfg.ns_exponent)) if cfg.loss == "ns" else None
     keep = keep_probability(vocab.counts, cfg.sample)
@@ -591,14 +604,14 @@ def _train_loop(cfg: Word2VecConfig, corpus: Corpus, run: _Run, step, hooks: _Ho
             rng = np.random.default_rng([cfg.seed, epoch, chunk + 1])
             start, stop = chunk * cw, min(chunk * cw + cw, len(kept))
             reach = rng.integers(1, cfg.window + 1, size=stop - start)
-            arrays = _examples(cfg, e_ids, e_sent, rng, table, start, stop, reach)
-            for batch, lrs, done in _calls(
-                cfg, arrays, bounds[start], bounds[stop], hooks.total_words
-            ):
+            examples = _examples(cfg, e_ids, e_sent, rng, table, start, stop, reach)
+            steps, first = _fixed_steps(cfg, examples)
+            n_ex, lo, hi = len(examples["inp"]), bounds[start], bounds[stop]
+            for batch, lrs, done in _calls(cfg, steps, first, n_ex, lo, hi, hooks.total_words):
                 run.w_in, run.w_out, run.loss_sum, run.count = step(
-                    run.w_in, run.w_out, tree, *batch, lrs
+                    run.w_in, run.w_out, tree, batch, lrs
                 )
-                run.calls, run.lr, run.words_done = run.calls + 1, float(lrs[-1]), done
+                run.calls, run.lr, run.words_done = run.calls + 1, float(lrs[-1]), float(done)
                 hooks.call_done(run)
             run.epoch, run.chunk, run.chunks_done = epoch, chunk + 1, run.chunks_done + 1
             hooks.chunk_done(run)
