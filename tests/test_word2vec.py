@@ -391,3 +391,30 @@ def test_hierarchical_softmax_step_matches_word2vec_c_twin():
     _close(new_in, ref_in)
     _close(new_out, ref_out)
     assert float(count) == 3.0
+
+
+# ------------------------------------------------------------------------ bad input (CLI)
+
+
+def test_cli_eval_and_queries_on_bad_input(tmp_path, capsys):
+    vectors = save_word2vec(_analogy_vectors(), tmp_path / "v.bin", binary=True)
+    questions = tmp_path / "q.txt"
+    questions.write_text(": royal\nman king woman queen\n")
+    bad_ws = tmp_path / "ws.tsv"
+    bad_ws.write_text("king\tqueen\t9\nking\tqueen\tnine\n")
+    rc = main(["word2vec", "eval", str(vectors), "--wordsim", str(bad_ws),
+               "--analogies", str(questions)])  # fmt: skip
+    assert rc == 2 and "ws.tsv:2: expected 'word1<TAB>word2<TAB>score'" in capsys.readouterr().err
+    assert main(["word2vec", "analogy", str(vectors), "man", "king", "zebra"]) == 1
+    assert "not in the vocabulary (6 words): zebra" in capsys.readouterr().out
+    assert main(["word2vec", "analogy", str(vectors), "man", "king", "woman", "--topn", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("queen")
+    assert main(["word2vec", "neighbours", str(tmp_path / "none.bin"), "king"]) == 2
+    assert "none.bin" in capsys.readouterr().err
+
+
+def test_empty_corpus_says_no_word_survives(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"only 0 of the corpus's 0 distinct words"):
+        w2v.train(w2v.Word2VecConfig(), [empty])
