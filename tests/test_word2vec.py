@@ -203,15 +203,19 @@ def test_gensim_loads_our_files(tmp_path):
 
 def test_cli_train_saves_formats_and_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["word2vec", "train", "--input", str(SHAKESPEARE), "--min-count", "3",
-               "--dim", "8", "--epochs", "1", "--quiet", "--out", str(out)])  # fmt: skip
-    assert rc == 0
+    args = ["word2vec", "train", "--input", str(SHAKESPEARE), "--min-count", "3",
+            "--dim", "8", "--epochs", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
     text, binary = load_word2vec(out / "vectors.txt"), load_word2vec(out / "vectors.bin")
     assert text.words == binary.words
     np.testing.assert_allclose(text.vectors, binary.vectors, atol=1e-6)
     model = w2v.Word2Vec.load(out)
     np.testing.assert_array_equal(model.w_in, binary.vectors)
     assert model.config.dim == 8 and model.vocab.words == binary.words
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
+    # Resuming a finished run restores its last checkpoint and trains no further.
+    assert main([*args, "--resume"]) == 0
+    np.testing.assert_array_equal(load_word2vec(out / "vectors.bin").vectors, binary.vectors)
     capsys.readouterr()
     assert main(["word2vec", "neighbours", str(out), "the", "zzzq", "--topn", "2"]) == 1
     printed = capsys.readouterr().out

@@ -629,6 +629,7 @@ def train(
     checkpoint_every: int = 0,
     resume: bool = False,
     mesh: Mesh | None = None,
+    tensorboard: bool = False,
 ) -> Word2Vec:
     """Train on whitespace-tokenised text files (one sentence per line).
 
@@ -638,10 +639,12 @@ def train(
       on_step: sees the progress every `log_every` calls of the jitted update (each call is
         `cfg.steps_per_call` updates) and at the end of each epoch.
       workdir: where `checkpoints/` (every `checkpoint_every` chunks of `cfg.chunk_words`
-        corpus positions, and at the end) and `metrics.jsonl` + `tensorboard/` go.
+        corpus positions, and at the end) and `metrics.jsonl` go.
       resume: continue from the latest good checkpoint in `workdir` (the same config and
         corpus; checked), else start afresh.
       mesh: run under `jax.set_mesh(mesh)` with the tables' rows split over its data axes.
+      tensorboard: also write `workdir/tensorboard/` and `loss_curve.png` (off by default:
+        tensorboardX imports torch, which takes longer than training a small model).
 
     Returns:
       The trained model (the vocabulary's rows only, on the host).
@@ -674,7 +677,12 @@ def train(
         )
         if workdir is not None:
             metrics = stack.enter_context(
-                MetricsWriter(workdir, resume_step=run.calls if resumed else None)
+                MetricsWriter(
+                    workdir,
+                    resume_step=run.calls if resumed else None,
+                    tensorboard=tensorboard,
+                    loss_curve=tensorboard,
+                )
             )
         total = cfg.epochs * len(corpus.ids)
         saver = ckpt if checkpoint_every else None

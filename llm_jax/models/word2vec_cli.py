@@ -57,13 +57,14 @@ def _train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
         mesh=mesh,
+        tensorboard=args.tensorboard,
     )
     bar.close()
     out = model.save(args.out)
     secs = time.perf_counter() - start
     print(
         f"{len(model.vocab):,} words x {cfg.dim} in {secs:.1f}s; wrote {out}/vectors.txt, "
-        f"{out}/vectors.bin and {out}/checkpoint/"
+        f"{out}/vectors.bin, {out}/checkpoint/ and {out}/metrics.jsonl"
     )
     return 0
 
@@ -144,6 +145,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     t.add_argument(
         "--resume", action="store_true", help="continue from OUT/checkpoints' latest good step"
+    )
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write OUT/tensorboard/ and OUT/loss_curve.png (OUT/metrics.jsonl always)",
     )
     t.add_argument(
         "--shard", action="store_true", help="split the tables' rows over all devices (a mesh)"
