@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -308,6 +309,30 @@ def test_sharded_training_equals_single_device(model, loss, tmp_path):
     np.testing.assert_allclose(sharded.w_in, single.w_in, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(sharded.w_out, single.w_out, rtol=1e-5, atol=1e-7)
     assert np.abs(single.w_out).max() > 0  # it trained
+
+
+def test_sharded_step_moves_gathered_rows_not_tables():
+    # Rows split 8 ways: each device holds [64 / 8, D] of each table, the only collective is
+    # one all-reduce of the gathered rows ([P, 1, D] inputs, [P, K, D] outputs), and the
+    # scatter-add is local; nothing of size [V, D] crosses devices.
+    cfg = w2v.Word2VecConfig(dim=8, batch=4, steps_per_call=2)
+    mesh = make_mesh()
+    rows, _, shards = w2v._row_sharding(mesh)
+    batch = {
+        "inp": np.zeros((2, 4, 1), np.int32),
+        "inp_mask": np.ones((2, 4, 1), np.float32),
+        "out": np.zeros((2, 4, 6), np.int32),
+        "out_mask": np.ones((2, 4, 6), np.float32),
+    }
+    with jax.set_mesh(mesh):
+        table = jax.device_put(jnp.zeros((64, 8)), rows)
+        lowered = w2v._compile_step(cfg, mesh).lower(table, table, None, batch, np.zeros(2))
+        hlo = lowered.compile().as_text()
+    assert shards == 8 and "entry_computation_layout={(f32[8,8]{1,0}, f32[8,8]{1,0}," in hlo
+    kinds = r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+    collectives = [line for line in hlo.splitlines() if re.search(kinds, line)]
+    assert len(collectives) == 1
+    assert "(f32[4,1,8]{2,1,0}, f32[4,6,8]{2,1,0}) all-reduce(" in collectives[0]
 
 
 class _Interrupt(Exception):
