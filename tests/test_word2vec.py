@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -352,6 +353,7 @@ def test_resume_equals_uninterrupted_training(tmp_path):
         w2v.train(cfg, [corpus], workdir=work, checkpoint_every=2, on_step=crash, log_every=1)
     steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= 4
+    shutil.copytree(work / "checkpoints", tmp_path / "run8" / "checkpoints")  # for later
     seen = []
     resumed = w2v.train(
         cfg, [corpus], workdir=work, checkpoint_every=2, resume=True, on_step=seen.append
@@ -361,6 +363,9 @@ def test_resume_equals_uninterrupted_training(tmp_path):
     # bytes, so the resumed run computes exactly what the uninterrupted one did.
     np.testing.assert_array_equal(resumed.w_in, whole.w_in)
     np.testing.assert_array_equal(resumed.w_out, whole.w_out)
+    # The interrupted run's checkpoint resumed on 8 devices (rows sharded): fp32-equal.
+    on_mesh = w2v.train(cfg, [corpus], workdir=tmp_path / "run8", resume=True, mesh=make_mesh())
+    np.testing.assert_allclose(on_mesh.w_in, whole.w_in, rtol=1e-5, atol=1e-7)
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == sorted(r["step"] for r in records)
 

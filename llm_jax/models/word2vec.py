@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -496,14 +497,15 @@ def _compile_step(cfg: Word2VecConfig, mesh: Mesh | None):
 
 def _initial_tables(cfg: Word2VecConfig, v: int, shards: int) -> dict[str, np.ndarray]:
     """word2vec.c's initialisation: input rows uniform in [-0.5/D, 0.5/D), output rows zero;
-    rows padded with zeros to a multiple of the shard count (never indexed)."""
+    rows padded with zeros (never indexed) to a multiple of 64 and of the shard count, so
+    that a checkpoint has the same shapes on 1, 2, 4, ..., 64 devices and resumes on any."""
     rng = np.random.default_rng(cfg.seed)
     d = cfg.dim
     w_in = (rng.random((v, d), np.float32) - 0.5) / d
     rows_out = v if cfg.loss == "ns" else v - 1
 
     def pad(x: np.ndarray) -> np.ndarray:
-        return np.pad(x, ((0, -len(x) % shards), (0, 0)))
+        return np.pad(x, ((0, -len(x) % math.lcm(64, shards)), (0, 0)))
 
     return {"w_in": pad(w_in), "w_out": pad(np.zeros((rows_out, d), np.float32))}
 
