@@ -3,7 +3,10 @@ evaluation and bad input."""
 
 from __future__ import annotations
 
+import json
 import math
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -25,7 +28,9 @@ from llm_jax.eval.word_vectors import (
     wordsim,
 )
 from llm_jax.models import word2vec as w2v
+from llm_jax.parallel import make_mesh
 from tests.reference.ops_ref import hierarchical_softmax_loss_ref, negative_sampling_loss_ref
+from tests.reference.word2vec_ref import sgd_step_ref
 
 SHAKESPEARE = Path(__file__).parent / "data" / "shakespeare.txt"
 
@@ -200,15 +205,19 @@ def test_gensim_loads_our_files(tmp_path):
 
 def test_cli_train_saves_formats_and_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["word2vec", "train", "--input", str(SHAKESPEARE), "--min-count", "3",
-               "--dim", "8", "--epochs", "1", "--quiet", "--out", str(out)])  # fmt: skip
-    assert rc == 0
+    args = ["word2vec", "train", "--input", str(SHAKESPEARE), "--min-count", "3",
+            "--dim", "8", "--epochs", "1", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
     text, binary = load_word2vec(out / "vectors.txt"), load_word2vec(out / "vectors.bin")
     assert text.words == binary.words
     np.testing.assert_allclose(text.vectors, binary.vectors, atol=1e-6)
     model = w2v.Word2Vec.load(out)
     np.testing.assert_array_equal(model.w_in, binary.vectors)
     assert model.config.dim == 8 and model.vocab.words == binary.words
+    assert (out / "checkpoints").is_dir() and (out / "metrics.jsonl").is_file()
+    # Resuming a finished run restores its last checkpoint and trains no further.
+    assert main([*args, "--resume"]) == 0
+    np.testing.assert_array_equal(load_word2vec(out / "vectors.bin").vectors, binary.vectors)
     capsys.readouterr()
     assert main(["word2vec", "neighbours", str(out), "the", "zzzq", "--topn", "2"]) == 1
     printed = capsys.readouterr().out
@@ -271,3 +280,175 @@ def test_bad_evaluation_files_name_the_line(tmp_path):
     no_section.write_text("a b c d\n")
     with pytest.raises(ValueError, match=r"n.txt:1: expected a ': section' line first"):
         read_analogies(no_section)
+
+
+# ------------------------------------------------------------------ sharding and resumption
+
+
+def _tiny_corpus(tmp_path: Path) -> Path:
+    words = SHAKESPEARE.read_text().split()[:3000]
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text("\n".join(" ".join(words[i : i + 12]) for i in range(0, len(words), 12)))
+    return corpus
+
+
+def _tiny_config(**kw) -> w2v.Word2VecConfig:
+    base = dict(dim=8, epochs=2, batch=32, steps_per_call=2, chunk_words=400, min_count=2)
+    return w2v.Word2VecConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(("model", "loss"), [("sg", "ns"), ("cbow", "hs")])
+def test_sharded_training_equals_single_device(model, loss, tmp_path):
+    # The tables' rows split over 8 devices (padded to a multiple of 8), the batch
+    # replicated: the same updates in the same order, so the same tables.
+    corpus, cfg = _tiny_corpus(tmp_path), _tiny_config(model=model, loss=loss)
+    single = w2v.train(cfg, [corpus])
+    mesh = make_mesh()  # ('data', 'fsdp', 'tensor') = (8, 1, 1)
+    sharded = w2v.train(cfg, [corpus], mesh=mesh)
+    assert len(single.vocab) % 8 != 0  # the padding path is exercised
+    assert sharded.w_in.shape == single.w_in.shape
+    np.testing.assert_allclose(sharded.w_in, single.w_in, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(sharded.w_out, single.w_out, rtol=1e-5, atol=1e-7)
+    assert np.abs(single.w_out).max() > 0  # it trained
+
+
+def test_sharded_step_moves_gathered_rows_not_tables():
+    # Rows split 8 ways: each device holds [64 / 8, D] of each table, the only collective is
+    # one all-reduce of the gathered rows ([P, 1, D] inputs, [P, K, D] outputs), and the
+    # scatter-add is local; nothing of size [V, D] crosses devices.
+    cfg = w2v.Word2VecConfig(dim=8, batch=4, steps_per_call=2)
+    mesh = make_mesh()
+    rows, _, shards = w2v._row_sharding(mesh)
+    batch = {
+        "inp": np.zeros((2, 4, 1), np.int32),
+        "inp_mask": np.ones((2, 4, 1), np.float32),
+        "out": np.zeros((2, 4, 6), np.int32),
+        "out_mask": np.ones((2, 4, 6), np.float32),
+    }
+    with jax.set_mesh(mesh):
+        table = jax.device_put(jnp.zeros((64, 8)), rows)
+        lowered = w2v._compile_step(cfg, mesh).lower(table, table, None, batch, np.zeros(2))
+        hlo = lowered.compile().as_text()
+    assert shards == 8 and "entry_computation_layout={(f32[8,8]{1,0}, f32[8,8]{1,0}," in hlo
+    kinds = r" (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)(-start)?\("
+    collectives = [line for line in hlo.splitlines() if re.search(kinds, line)]
+    assert len(collectives) == 1
+    assert "(f32[4,1,8]{2,1,0}, f32[4,6,8]{2,1,0}) all-reduce(" in collectives[0]
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_equals_uninterrupted_training(tmp_path):
+    corpus, cfg = _tiny_corpus(tmp_path), _tiny_config(chunk_words=150)
+    whole = w2v.train(cfg, [corpus])
+
+    def crash(p: w2v.Progress) -> None:
+        if p.words_done >= 0.8 * p.words_total:  # in the second epoch, a few chunks in
+            raise _Interrupt
+
+    work = tmp_path / "run"
+    with pytest.raises(_Interrupt):
+        w2v.train(cfg, [corpus], workdir=work, checkpoint_every=2, on_step=crash, log_every=1)
+    steps = sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= 4
+    shutil.copytree(work / "checkpoints", tmp_path / "run8" / "checkpoints")  # for later
+    seen = []
+    resumed = w2v.train(
+        cfg, [corpus], workdir=work, checkpoint_every=2, resume=True, on_step=seen.append
+    )
+    assert 0.5 * seen[0].words_total < seen[0].words_done < 0.8 * seen[0].words_total
+    # Every draw is seeded by (seed, epoch, chunk) and the restored tables are the saved
+    # bytes, so the resumed run computes exactly what the uninterrupted one did.
+    np.testing.assert_array_equal(resumed.w_in, whole.w_in)
+    np.testing.assert_array_equal(resumed.w_out, whole.w_out)
+    # The interrupted run's checkpoint resumed on 8 devices (rows sharded): fp32-equal.
+    on_mesh = w2v.train(cfg, [corpus], workdir=tmp_path / "run8", resume=True, mesh=make_mesh())
+    np.testing.assert_allclose(on_mesh.w_in, whole.w_in, rtol=1e-5, atol=1e-7)
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == sorted(r["step"] for r in records)
+
+
+def test_resume_with_other_settings_names_them(tmp_path):
+    corpus = _tiny_corpus(tmp_path)
+    w2v.train(_tiny_config(epochs=1), [corpus], workdir=tmp_path / "r", checkpoint_every=1)
+    with pytest.raises(ValueError, match=r"word2vec window=5 \(now 3\).*without --resume"):
+        w2v.train(_tiny_config(epochs=1, window=3), [corpus], workdir=tmp_path / "r", resume=True)
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text().replace("the", "thee"))
+    with pytest.raises(ValueError, match=r"vocabulary .* differs .*same --input files"):
+        w2v.train(_tiny_config(epochs=1), [other], workdir=tmp_path / "r", resume=True)
+
+
+# ------------------------------------------------------------------- the update vs the twin
+
+
+def _step(loss, w_in, w_out, tree, batch, lr):
+    step = jax.jit(w2v._update, static_argnames="loss")
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    tree = None if tree is None else tuple(jnp.asarray(x) for x in tree)
+    return step(jnp.asarray(w_in), jnp.asarray(w_out), tree, batch, jnp.float32(lr), loss=loss)
+
+
+def test_negative_sampling_step_matches_word2vec_c_twin():
+    # CBOW rows with 2, 1 and 0 (padding) contexts, repeated words so scatter-adds collide.
+    rng = np.random.default_rng(4)
+    w_in, w_out = rng.normal(size=(6, 4)) * 0.3, rng.normal(size=(6, 4)) * 0.3
+    inp = np.asarray([[1, 2], [3, 0], [0, 0]], np.int32)
+    inp_mask = np.asarray([[1, 1], [1, 0], [0, 0]], np.float32)
+    out = np.asarray([[0, 5, 1], [4, 4, 1], [2, 3, 3]], np.int32)
+    out_mask = np.asarray([[1, 1, 1], [1, 0, 1], [0, 0, 0]], np.float32)
+    batch = dict(inp=inp, inp_mask=inp_mask, out=out, out_mask=out_mask)
+    new_in, new_out, _, count = _step("ns", w_in, w_out, None, batch, 0.5)
+    labels = np.asarray([[1, 0, 0]] * 3)
+    ref_in, ref_out = sgd_step_ref(w_in, w_out, inp, inp_mask, out, labels, out_mask, 0.5)
+    _close(new_in, ref_in)
+    _close(new_out, ref_out)
+    assert float(count) == 2.0
+
+
+def test_hierarchical_softmax_step_matches_word2vec_c_twin():
+    rng = np.random.default_rng(5)
+    counts = np.asarray([5, 3, 2, 1])
+    codes, points, mask = w2v.padded_tree(counts)
+    w_in, w_out = rng.normal(size=(4, 4)) * 0.3, rng.normal(size=(3, 4)) * 0.3
+    inp = np.asarray([[1], [2], [3], [0]], np.int32)
+    inp_mask = np.asarray([[1], [1], [1], [0]], np.float32)
+    target = np.asarray([2, 0, 3, 1], np.int32)  # the last is padding (weight 0)
+    batch = dict(inp=inp, inp_mask=inp_mask, out=target, out_mask=inp_mask[:, 0])
+    new_in, new_out, _, count = _step("hs", w_in, w_out, (codes, points, mask), batch, 0.5)
+    weights = mask[target] * inp_mask
+    ref_in, ref_out = sgd_step_ref(
+        w_in, w_out, inp, inp_mask, points[target], 1 - codes[target], weights, 0.5
+    )
+    _close(new_in, ref_in)
+    _close(new_out, ref_out)
+    assert float(count) == 3.0
+
+
+# ------------------------------------------------------------------------ bad input (CLI)
+
+
+def test_cli_eval_and_queries_on_bad_input(tmp_path, capsys):
+    vectors = save_word2vec(_analogy_vectors(), tmp_path / "v.bin", binary=True)
+    questions = tmp_path / "q.txt"
+    questions.write_text(": royal\nman king woman queen\n")
+    bad_ws = tmp_path / "ws.tsv"
+    bad_ws.write_text("king\tqueen\t9\nking\tqueen\tnine\n")
+    rc = main(["word2vec", "eval", str(vectors), "--wordsim", str(bad_ws),
+               "--analogies", str(questions)])  # fmt: skip
+    assert rc == 2 and "ws.tsv:2: expected 'word1<TAB>word2<TAB>score'" in capsys.readouterr().err
+    assert main(["word2vec", "analogy", str(vectors), "man", "king", "zebra"]) == 1
+    assert "not in the vocabulary (6 words): zebra" in capsys.readouterr().out
+    assert main(["word2vec", "analogy", str(vectors), "man", "king", "woman", "--topn", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("queen")
+    assert main(["word2vec", "neighbours", str(tmp_path / "none.bin"), "king"]) == 2
+    assert "none.bin" in capsys.readouterr().err
+
+
+def test_empty_corpus_says_no_word_survives(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"only 0 of the corpus's 0 distinct words"):
+        w2v.train(w2v.Word2VecConfig(), [empty])

@@ -44,13 +44,27 @@ def _train(args: argparse.Namespace) -> int:
             epoch=p.epoch + 1, loss=f"{p.loss:.3f}", lr=f"{p.lr:.5f}", wps=f"{rate:,.0f}"
         )
 
-    model = train(cfg, args.input, on_step=on_step)
+    mesh = None
+    if args.shard:
+        from llm_jax.parallel import make_mesh
+
+        mesh = make_mesh()
+    model = train(
+        cfg,
+        args.input,
+        on_step=on_step,
+        workdir=args.out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        mesh=mesh,
+        tensorboard=args.tensorboard,
+    )
     bar.close()
     out = model.save(args.out)
     secs = time.perf_counter() - start
     print(
         f"{len(model.vocab):,} words x {cfg.dim} in {secs:.1f}s; wrote {out}/vectors.txt, "
-        f"{out}/vectors.bin and {out}/checkpoint/"
+        f"{out}/vectors.bin, {out}/checkpoint/ and {out}/metrics.jsonl"
     )
     return 0
 
@@ -123,6 +137,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--min-alpha", type=float, default=1e-4)
     t.add_argument("--seed", type=int, default=1)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="checkpoint every N chunks of 200k corpus positions into OUT/checkpoints (0: none)",
+    )
+    t.add_argument(
+        "--resume", action="store_true", help="continue from OUT/checkpoints' latest good step"
+    )
+    t.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write OUT/tensorboard/ and OUT/loss_curve.png (OUT/metrics.jsonl always)",
+    )
+    t.add_argument(
+        "--shard", action="store_true", help="split the tables' rows over all devices (a mesh)"
+    )
     t.add_argument("--out", required=True)
     t.set_defaults(func=_train)
     e = wsub.add_parser("eval", help="WordSim-353 Spearman and analogy accuracy")
