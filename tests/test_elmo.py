@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -238,6 +239,7 @@ def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
         f"data.paths=[{corpus}]",
         "model.filters=[[1, 8], [2, 8], [3, 16]]",
         "model.cell_dim=32",
+        "model.num_layers=1",
         "model.proj_dim=16",
         "data.batch_size=8",
         "data.seq_len=10",
@@ -272,6 +274,22 @@ def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
     layers, mask = et.embed_sentences(
         a, [["to", "be"], ["or", "not", "to", "be"]], batch_size=4, length=8
     )
-    assert layers.shape == (2, 3, 8, 32) and mask.sum(1).tolist() == [4, 6]
-    mix = elmo.ScalarMix(3)
+    assert layers.shape == (2, 2, 8, 32) and mask.sum(1).tolist() == [4, 6]
+    mix = elmo.ScalarMix(2)
     assert mix(jnp.swapaxes(layers, 0, 1)).shape == (2, 8, 32)
+
+
+def test_corpus_rows_packed_and_a_sentence_a_row():
+    vocab = et.build_vocab(Counter("a b a c".split()), 1, 10)
+    assert vocab.words == (elmo.BOS, elmo.EOS, elmo.UNK, "a", "b", "c")
+    sentences = [["a", "b"], ["c", "zebra"]]
+    # types in order of appearance: <S> a b </S> c zebra -> 0 1 2 3 4 5
+    packed = et.make_corpus(sentences, vocab, 4, 8, pack=True)
+    assert packed.rows.tolist() == [[0, 1, 2, 3], [3, 0, 4, 5], [5, 3, -1, -1]]
+    rows = et.make_corpus(sentences, vocab, 4, 8, pack=False)
+    assert rows.rows.tolist() == [[0, 1, 2, 3], [0, 4, 5, 3]]
+    assert rows.type_words.tolist() == [0, 3, 4, 1, 5, 2]  # zebra is <UNK> as a target
+    batch = rows.batch(np.array([1]))
+    assert batch["words"].tolist() == [[0, 5, 2, 1]] and batch["mask"].all()
+    zebra = [elmo.BOW_CHAR, *(b + 1 for b in b"zebra"), elmo.EOW_CHAR]
+    assert batch["chars"][0, 2, :7].tolist() == zebra

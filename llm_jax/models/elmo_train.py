@@ -8,8 +8,9 @@ the optax chain (`OptimizerConfig` + `make_optimizer`), the `TrainState`, the ve
 `CheckpointManager` (exact resume: the batch of step s is drawn from seed + s), the
 `MetricsWriter` (metrics.jsonl, TensorBoard, loss curve) and the `Progress` bar.
 
-Data: each line is a sentence of whitespace-separated words, framed by <S> ... </S> and
-cut into rows of at most T words (right-padded). The word vocabulary keeps the words seen
+Data: each line is a sentence of whitespace-separated words, framed by <S> ... </S>; the
+framed sentences are one stream cut into rows of T words (`data.pack`, the original's
+recipe), or a sentence a row, right-padded. The word vocabulary keeps the words seen
 `min_count` times (at most `max_vocab`, most frequent first); others are <UNK> as targets
 but keep their characters as input. A `eval_fraction` of the rows (the last ones) is
 held out for the perplexities.
@@ -60,6 +61,9 @@ class ElmoDataConfig(Config):
     max_lines: int = 0  # read at most this many lines (0: all)
     lowercase: bool = False
     eval_fraction: float = 0.05
+    # True: the framed sentences as one stream cut into full rows of T words (the original's
+    # recipe, no padding); False: a sentence a row (longer ones cut), right-padded.
+    pack: bool = True
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -224,14 +228,16 @@ class Corpus:
 
 
 def make_corpus(
-    sentences: Sequence[list[str]], vocab: WordVocab, seq_len: int, max_chars: int
+    sentences: Sequence[list[str]], vocab: WordVocab, seq_len: int, max_chars: int, pack: bool
 ) -> Corpus:
-    """Frame each sentence with <S> ... </S> and cut it into rows of <= `seq_len` words
-    (consecutive rows overlap by one word, so every next-word pair is in some row)."""
+    """Frame each sentence with <S> ... </S>; with `pack`, cut the stream of them into
+    rows of `seq_len` words (the last, short one padded); else cut each sentence into rows
+    of <= `seq_len` words, right-padded. Consecutive rows overlap by one word, so every
+    next-word pair is in some row."""
     types: dict[str, int] = {}
+    framed = [[types.setdefault(w, len(types)) for w in (BOS, *s, EOS)] for s in sentences]
     rows = []
-    for s in sentences:
-        ids = [types.setdefault(w, len(types)) for w in (BOS, *s, EOS)]
+    for ids in [[i for f in framed for i in f]] if pack else framed:
         for start in range(0, max(len(ids) - 1, 1), seq_len - 1):
             piece = ids[start : start + seq_len]
             rows.append(piece + [-1] * (seq_len - len(piece)))
@@ -322,9 +328,9 @@ def prepare(cfg: ElmoRunConfig, workdir: Path) -> tuple[WordVocab, Corpus, Corpu
             "raise it or give more lines."
         )
     split = len(sentences) - n_eval
-    train_c = make_corpus(sentences[:split], vocab, dc.seq_len, cfg.model.max_chars)
+    train_c = make_corpus(sentences[:split], vocab, dc.seq_len, cfg.model.max_chars, dc.pack)
     held_out = sentences[split:] or sentences[-1:]
-    eval_c = make_corpus(held_out, vocab, dc.seq_len, cfg.model.max_chars)
+    eval_c = make_corpus(held_out, vocab, dc.seq_len, cfg.model.max_chars, dc.pack)
     model_cfg = cfg.model
     if model_cfg.vocab_size == 0:
         model_cfg = model_cfg.replace(vocab_size=len(vocab))
