@@ -227,6 +227,10 @@ def test_elmo_configs_load_and_initialise(name, corpora, monkeypatch):
         assert shapes["forward_layers"][0]["w_x"].shape == (128, 4096)
         assert shapes["forward_layers"][0]["w_p"].shape == (1024, 128)
         assert shapes["chars"]["highway_w"].shape == (1, 2048, 4096)
+        # AllenNLP lists the small ELMo at 13.6M parameters (its sampled softmax aside).
+        softmax = shapes.pop("softmax_w").size + shapes.pop("softmax_b").size
+        assert softmax == 128 * 1000 + 1000
+        assert sum(x.size for x in jax.tree.leaves(shapes)) == 13_593_312
 
 
 def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
