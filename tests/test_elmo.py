@@ -268,6 +268,8 @@ def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
     assert main(["train", str(config), f"workdir={run}", "train.steps=4", *common]) == 0
     assert "resuming from step 2" in capsys.readouterr().err
     b, _ = et.load(run)
+    assert main(["train", str(config), f"workdir={run}", "train.steps=3", *common]) == 0
+    assert "at step 4, train.steps=3: nothing to train" in capsys.readouterr().err
     for x, y in zip(
         jax.tree.leaves(nnx.state(a, nnx.Param)),
         jax.tree.leaves(nnx.state(b, nnx.Param)),

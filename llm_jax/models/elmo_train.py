@@ -386,6 +386,13 @@ def _loop(cfg, state, start, steps, corpora, ckpt, writer, resolved):
     run sees the batches the uninterrupted one would have."""
     tc, (train_step, eval_step), (train_c, eval_c) = cfg.train, steps, corpora
     losses: dict[int, float] = {}
+    if start >= tc.steps:
+        print(
+            f"the run is at step {start}, train.steps={tc.steps}: nothing to train; raise "
+            "train.steps to continue.",
+            file=sys.stderr,
+        )
+        return state, losses
     progress = Progress(tc.steps, initial_step=start, desc="elmo", enabled=tc.progress)
     tick, words = time.perf_counter(), 0
     for step in range(start + 1, tc.steps + 1):
