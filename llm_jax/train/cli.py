@@ -17,6 +17,10 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     if args.config is None:
         args.parser.error("a CONFIG is required, e.g. llm-jax train configs/tiny.yaml")
+    from llm_jax.models.elmo_train import is_elmo_config, run_command
+
+    if is_elmo_config(args.config):  # model.family: elmo, ELMo's own trainer
+        return run_command(args.config, args.overrides)
     # The signal handling goes in before the slow start-up (the training modules' imports,
     # tokenizer training, init, compile) so that Ctrl-C there ends in one line.
     from llm_jax.train.hooks import Interrupted, StopOnSignal
