@@ -71,7 +71,7 @@ class _Counter:
         self.examples += examples
         self.tokens += tokens
         dt = max(time.perf_counter() - self.t0, 1e-9)
-        rates = {"ex/s": self.examples / dt, "tok/s": self.tokens / dt}
+        rates = {"examples_per_second": self.examples / dt, "tokens_per_second": self.tokens / dt}
         self.bar.update(min(self.examples, self.bar.total), rates)
 
     def close(self) -> dict[str, float]:

@@ -311,8 +311,9 @@ def _interactive(file: TextIO) -> bool:
 def format_postfix(metrics: Mapping[str, Any]) -> str:
     """'loss 3.2150 | lr 3.00e-04 | tok/s 12.3k | mfu 41.2%' from a metrics dict.
 
-    Reads `loss`, `learning_rate` (or `lr`), `tokens_per_second` and `mfu`, bare or with a
-    `train/` prefix; a missing one is left out, except MFU which reads "n/a".
+    Reads `loss`, `learning_rate` (or `lr`), `examples_per_second`, `tokens_per_second`
+    and `mfu`, bare or with a `train/` prefix; a missing one is left out, except MFU which
+    reads "n/a" (evaluation's examples/s lines, which measure no MFU, leave it out too).
     """
     m = {k.removeprefix("train/"): v for k, v in metrics.items()}
     parts = []
@@ -321,9 +322,13 @@ def format_postfix(metrics: Mapping[str, Any]) -> str:
     lr = m.get("learning_rate", m.get("lr"))
     if lr is not None:
         parts.append(f"lr {float(lr):.2e}")
+    if m.get("examples_per_second") is not None:
+        parts.append(f"ex/s {_human(float(m['examples_per_second']))}")
     if m.get("tokens_per_second") is not None:
         parts.append(f"tok/s {_human(float(m['tokens_per_second']))}")
     value = m.get("mfu")
+    if value is None and m.get("examples_per_second") is not None:
+        return " | ".join(parts)
     parts.append(f"mfu {format_mfu(None if value is None else float(value))}")
     return " | ".join(parts)
 
