@@ -206,7 +206,7 @@ def test_acc_and_acc_norm_on_known_probabilities():
     want = [math.log(table[1, 2]), math.log(table[1, 3] * table[3, 3])]
     want += [math.log(table[4, 2]), math.log(table[4, 3])]
     np.testing.assert_allclose([s.loglikelihood for s in scores], want, rtol=1e-5)
-    out = tasks.multiple_choice(model, tok, items, prompting=prompting, batch_size=4)
+    out = tasks.multiple_choice(model, items, requests, batch_size=4)
     assert out["acc"] == 0.5 and out["acc_norm"] == 1.0
     assert [s.is_greedy for s in scores] == [True, False, False, True]
 

@@ -161,7 +161,7 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}.")
     settings: dict[str, Any] = {"batch_size": batch_size, "add_bos": add_bos}
-    # `work`: the progress bar's total (examples; perplexity: windows).
+    # `work`: the progress bar's total (examples; perplexity: windows; choices: one a choice).
     run, work = _runner(model, tokenizer, task, items, settings, locals())
     total = len(items)
     counter = _Counter(work, f"eval {task}", progress)
@@ -248,7 +248,7 @@ def _runner(model, tokenizer, task, items, settings, args):
         run = functools.partial(tasks.perplexity, model, windows, batch_size=batch_size)
         return lambda on: run(on_batch=on), len(windows.requests)
     if task in ("multiple_choice", "sentiment"):
-        return _choice_runner(model, tokenizer, task, items, settings, args), len(items)
+        return _choice_runner(model, tokenizer, task, items, settings, args)
     if task == "cloze":
         prompting = tasks.Prompting(add_bos=args["add_bos"])
         return lambda on: tasks.cloze(
@@ -290,15 +290,15 @@ def _choice_runner(model, tokenizer, task, items, settings, args):
     loglik.check_requests(
         requests, max_length=limit, encoder_decoder=loglik.is_encoder_decoder(model)
     )
-    return lambda on: tasks.multiple_choice(
+    run = functools.partial(
+        tasks.multiple_choice,
         model,
-        tokenizer,
         items,
-        prompting=prompting,
+        requests,
         batch_size=args["batch_size"],
         max_length=args["max_length"],
-        on_batch=on,
     )
+    return lambda on: run(on_batch=on), len(requests)
 
 
 def _classification_runner(model, tokenizer, items, settings, args):

@@ -235,22 +235,20 @@ def choice_metrics(
 
 def multiple_choice(
     model: Any,
-    tokenizer: Any,
     items: Sequence[data_lib.Choice],
+    requests: Sequence[loglik.Request],
     *,
-    prompting: Prompting,
     batch_size: int = 8,
     max_length: int | None = None,
     on_batch: OnBatch | None = None,
 ) -> dict[str, Any]:
-    """acc and acc_norm of `items` (see the module doc)."""
+    """acc and acc_norm of `items` from their `choice_requests` (see the module doc)."""
     if not loglik.is_encoder_decoder(model):
         _decoder_only(model, "multiple_choice")
-    requests = choice_requests(tokenizer, items, prompting)
     scores = loglik.loglikelihood(
         model, requests, batch_size=batch_size, max_length=max_length, on_batch=on_batch
     )
-    return {**choice_metrics(items, scores), "shots": prompting.shots}
+    return choice_metrics(items, scores)
 
 
 def cloze(
