@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert(sub)
     add_sample(sub)
     add_word2vec(sub)
+    from llm_jax.train.plan_cli import add_parser as add_plan
+
+    add_plan(sub)
     return parser
 
 
