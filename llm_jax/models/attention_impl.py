@@ -30,9 +30,12 @@ H head dim.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import sys
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,26 @@ from llm_jax.parallel.rules import active_mesh_and_rules, logical_to_spec
 _AUTO = {"gpu": "cudnn", "cuda": "cudnn", "tpu": "pallas"}
 SPLASH_BLOCK = 128  # the smallest block the splash kernel tiles T and S with
 _said: set[str] = set()
+# The platform programs are compiled for, when it is not JAX's default backend (a memory
+# plan compiles for a TPU topology from a CPU host); None: the default backend.
+_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
+
+
+@contextlib.contextmanager
+def target_platform(platform: str) -> Iterator[None]:
+    """Within this context `auto` and the kernels' checks pick for `platform` ("tpu",
+    "gpu", "cpu") instead of JAX's default backend: compiling ahead of time for devices
+    this host does not have."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def current_platform() -> str:
+    """The platform attention is being compiled for (see `target_platform`)."""
+    return _TARGET.get() or jax.default_backend()
 
 
 def _say_once(message: str) -> None:
@@ -93,7 +116,7 @@ def resolve(impl: str, backend: str | None = None) -> str:
         raise ValueError(f"attention_impl={impl!r} is not one of {list(ATTENTION_IMPLS)}.")
     if impl != "auto":
         return impl
-    backend = jax.default_backend() if backend is None else backend
+    backend = current_platform() if backend is None else backend
     return _AUTO.get(backend, "xla")
 
 
@@ -153,7 +176,7 @@ def attention(
     Returns:
       [B, T, N, H] in q's dtype.
     """
-    backend = jax.default_backend()
+    backend = current_platform()
     chosen = resolve(impl, backend)
     if impl == "auto":
         _say_once(f"attention_impl=auto picked {chosen} on {backend}.")

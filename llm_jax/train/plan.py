@@ -24,6 +24,7 @@ import jax
 import numpy as np
 
 from llm_jax.data.objectives import objective_spec
+from llm_jax.models.attention_impl import resolve, target_platform
 from llm_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train.compile import compile_steps, state_layout
@@ -133,6 +134,7 @@ class MemoryPlan:
       hbm: the device's memory (None when unknown).
       param_table: (path, shape, dtype, sharding spec, bytes per device) of each parameter.
       mesh: the mesh's axis sizes.
+      attention: the attention implementation the step was compiled with.
     """
 
     params: int
@@ -147,6 +149,7 @@ class MemoryPlan:
     hbm: float | None
     param_table: tuple[tuple[str, tuple[int, ...], str, str, int], ...]
     mesh: dict[str, int]
+    attention: str = "xla"
 
     @property
     def total(self) -> int:
@@ -182,7 +185,8 @@ def compile_plan(cfg: RunConfig, devices: list[Any], hbm: float | None) -> tuple
         model_config, cfg.optimizer, mesh, total_steps=tc.steps, rules=cfg.mesh.rules
     )
     batch = abstract_batch(cfg)
-    with activation_sharding(mesh, layout.rules):
+    platform = devices[0].platform  # attention picks its kernel for the target's platform
+    with target_platform(platform), activation_sharding(mesh, layout.rules):
         steps = compile_steps(
             layout,
             cfg.data.objective,
@@ -219,6 +223,7 @@ def compile_plan(cfg: RunConfig, devices: list[Any], hbm: float | None) -> tuple
         hbm=hbm,
         param_table=table,
         mesh=dict(mesh.shape),
+        attention=resolve(model_config.attention_impl, platform),
     )
     return plan, steps
 
@@ -273,7 +278,7 @@ def report(plan: MemoryPlan, target: str, suggestion: tuple[str, MemoryPlan] | N
         return f"  {label:<17}{_mib(n)}{note}"
 
     lines = [
-        f"memory plan for {target}: mesh {plan.mesh}, per device",
+        f"memory plan for {target}: mesh {plan.mesh}, attention {plan.attention}, per device",
         row("parameters", plan.params),
         row("optimizer state", plan.opt_state),
         row("batch", plan.batch),
