@@ -170,3 +170,20 @@ def test_models_auto_is_todays_program_and_pallas_matches():
     params = nnx.state(build(base.replace(attention_impl="pallas"), rngs=nnx.Rngs(0)), nnx.Param)
     same = nnx.state(build(base, rngs=nnx.Rngs(0)), nnx.Param)
     assert jax.tree.structure(params) == jax.tree.structure(same)
+
+
+def test_splash_under_a_mesh_runs_per_batch_shard():
+    """Inside `activation_sharding` the kernel runs in `shard_map` over the batch axes (XLA
+    cannot partition a Pallas call): 8 rows on 8 fake devices, same values."""
+    from llm_jax.parallel.mesh import RULES, MeshConfig, make_mesh
+    from llm_jax.parallel.rules import activation_sharding
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, rules="fsdp"))
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.normal(size=(8, T, N, H)), jnp.float32)
+    k, v = (jnp.asarray(a, jnp.float32) for a in rng.normal(size=(2, 8, T, K, H)))
+    seg = jnp.asarray(np.repeat(np.arange(1, 5), 32)[None].repeat(8, 0), jnp.int32)
+    mask = attn.AttentionMask.of(T, causal=True, segment_ids=seg)
+    with activation_sharding(mesh, RULES["fsdp"]):
+        out = jax.jit(_splash)(q, k, v, mask)
+    np.testing.assert_allclose(out, _reference(q, k, v, mask), atol=2e-5, rtol=0)
