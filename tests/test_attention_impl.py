@@ -187,3 +187,20 @@ def test_splash_under_a_mesh_runs_per_batch_shard():
     with activation_sharding(mesh, RULES["fsdp"]):
         out = jax.jit(_splash)(q, k, v, mask)
     np.testing.assert_allclose(out, _reference(q, k, v, mask), atol=2e-5, rtol=0)
+
+
+def test_cudnn_refusing_a_call_falls_back(capsys, monkeypatch):
+    """A limit cuDNN reports itself (NotImplementedError at trace time) runs the reference."""
+    monkeypatch.setattr(attn, "_said", set())
+
+    def refuse(*args, **kwargs):
+        raise NotImplementedError("Unsupported sequence length")
+
+    monkeypatch.setattr(attn, "cudnn_attention", refuse)
+    q, k, v = (a.astype(jnp.bfloat16) for a in _qkv())
+    dense = ops.causal_mask(T)
+    with attn.target_platform("gpu"):
+        out = attn.attention(q, k, v, dense, impl="auto")
+    np.testing.assert_array_equal(out, ops.dot_product_attention(q, k, v, mask=dense))
+    err = capsys.readouterr().err
+    assert "auto picked cudnn on gpu" in err and "Unsupported sequence length" in err

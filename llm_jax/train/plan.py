@@ -107,7 +107,11 @@ def abstract_batch(cfg: RunConfig) -> dict[str, jax.ShapeDtypeStruct]:
     if spec.name in ("clm", "instruct"):
         return fields("", t, row)
     if spec.name == "mlm":
-        return fields("", t, (*row, "token_type_ids"))
+        out = fields("", t, (*row, "token_type_ids"))
+        if d.pair_task != "none":  # NSP / SOP: one label per row
+            out["nsp_labels"] = jax.ShapeDtypeStruct((b,), i32)
+            out["nsp_weights"] = jax.ShapeDtypeStruct((b,), f32)
+        return out
     if spec.name == "classification":
         out = fields("", t, ("tokens", "token_type_ids", "segment_ids", "positions"))
         out["labels"] = jax.ShapeDtypeStruct((b,), i32)
