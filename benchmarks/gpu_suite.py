@@ -171,6 +171,9 @@ def run_decode(args) -> int:
         return best
 
     per_token = (timed(2 * n) - timed(n)) / n
+    if per_token <= 0:
+        print(f"timing noise exceeded {n} tokens' time; rerun with more --new-tokens")
+        return 1
     kind = jax.devices()[0].device_kind
     sheet = next((v for k, v in HBM_BANDWIDTH.items() if k in kind.lower()), None)
     bandwidth = measured_bandwidth(0.25 if args.tiny else 2.0)

@@ -58,7 +58,9 @@ fi
 run attention $SUITE attention $ATTN
 run mfu_gpt2_small $SUITE mfu --preset gpt2-small --target-mfu 0.45 --impls auto,xla $GPT2
 run mfu_llama_1b $SUITE mfu --preset llama-1b --target-mfu 0.55 --impls auto,xla $LLAMA
-run decode_llama_1b $SUITE decode --preset llama-1b $DECODE
+# XLA attention for decoding: a KV-cache step reads a dense mask, and attention is a small
+# part of a weight-bandwidth-bound step.
+run decode_llama_1b $SUITE decode --preset llama-1b --impl xla $DECODE
 if [[ "${1:-}" == "--dry-run" ]]; then
   run tests_gpu python -m pytest -q -p no:cacheprovider tests/gpu
 else
