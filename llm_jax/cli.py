@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(sub)
     add_eval(sub)
     add_word2vec(sub)
+    from llm_jax.train.plan_cli import add_parser as add_plan
+
+    add_plan(sub)
     return parser
 
 

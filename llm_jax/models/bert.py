@@ -18,6 +18,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
+from llm_jax.models.attention_impl import AttentionMask
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import init_scheme
 from llm_jax.models.inputs import (
@@ -158,7 +159,9 @@ class BERT(nnx.Module):
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
         if self.embed_proj is not None:
             x = self.embed_proj(x)
-        mask = None if segment_ids is None else ops.segment_mask(segment_ids)
+        mask = None
+        if segment_ids is not None:  # dense part: ops.segment_mask, as the reference reads it
+            mask = AttentionMask.of(x.shape[1], causal=False, segment_ids=segment_ids)
         x, _ = self.layers(x, mask=mask, dropout_rng=rngs[1])
         return x
 

@@ -19,6 +19,8 @@ NORMS = ("layernorm", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+# See llm_jax.models.attention_impl; "auto" is xla on CPU, cudnn on GPU, pallas on TPU.
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "pallas")
 DTYPES = ("float32", "bfloat16", "float16")
 # The dense layers of a block that LoRA can adapt (wi_gate only in gated MLPs), and the
 # name that stands for all of them.
@@ -92,6 +94,7 @@ class ModelConfig(Config):
     initializer_range: float = 0.02
     scan_layers: bool = False  # lax.scan over the stacked layers (else a Python loop).
     remat_policy: str = "none"
+    attention_impl: str = "auto"  # auto | xla | cudnn | pallas (models.attention_impl).
     dtype: str = "float32"  # compute dtype; parameters stay in param_dtype.
     param_dtype: str = "float32"
 
@@ -183,6 +186,7 @@ class ModelConfig(Config):
         one_of(self, "norm_position", NORM_POSITIONS)
         one_of(self, "activation", ACTIVATIONS)
         one_of(self, "remat_policy", REMAT_POLICIES)
+        one_of(self, "attention_impl", ATTENTION_IMPLS)
         one_of(self, "dtype", DTYPES)
         one_of(self, "param_dtype", DTYPES)
 

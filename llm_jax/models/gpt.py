@@ -17,6 +17,7 @@ from jaxtyping import Array, Float, Int
 
 from llm_jax import ops
 from llm_jax.models import _xla_cpu
+from llm_jax.models.attention_impl import AttentionMask
 from llm_jax.models.cache import KVCache
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import init_scheme
@@ -147,9 +148,8 @@ class GPT(nnx.Module):
         x = constrain(ops.dropout(x, cfg.dropout_rate, rngs[0]), ("batch", "length", "embed"))
 
         if cache is None:
-            mask = ops.combine_masks(
-                ops.causal_mask(t), None if segment_ids is None else ops.segment_mask(segment_ids)
-            )
+            # Its dense part is today's mask; fused kernels read the structure instead.
+            mask = AttentionMask.of(t, causal=True, segment_ids=segment_ids)
             x, _ = self.layers(x, mask=mask, positions=positions, dropout_rng=rngs[1])
         else:
             mask, valid = cache.step(t, segment_ids)

@@ -24,6 +24,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax import ops
 from llm_jax.models import _xla_cpu
+from llm_jax.models import attention_impl as attn
 from llm_jax.models.cache import LayerKV
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import InitScheme
@@ -233,6 +234,7 @@ class BlockSpec:
       dtype, param_dtype: the compute and parameter dtypes.
       lora, lora_targets: the LoRA settings (None: no LoRA) and the dense layer names
         (q, k, v, o, wi, wi_gate, wo) that get it.
+      attention_impl: auto | xla | cudnn | pallas (`llm_jax.models.attention_impl`).
     """
 
     d_model: int
@@ -255,6 +257,7 @@ class BlockSpec:
     param_dtype: Any
     lora: LoRA | None = None
     lora_targets: tuple[str, ...] = ()
+    attention_impl: str = "auto"
 
     def lora_of(self, name: str) -> LoRA | None:
         """The LoRA settings of dense layer `name`, or None when it is not a target."""
@@ -285,6 +288,7 @@ def block_spec(cfg: ModelConfig) -> BlockSpec:
         param_dtype=jnp.dtype(cfg.param_dtype),
         lora=LoRA(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None,
         lora_targets=cfg.lora_layers,
+        attention_impl=cfg.attention_impl,
     )
 
 
@@ -306,6 +310,7 @@ class _Projections(nnx.Module):
         d, n, k, h = spec.d_model, spec.num_heads, spec.num_kv_heads, spec.head_dim
         self.scale = None if spec.attention_scale else 1.0
         self.dropout_rate = spec.attention_dropout_rate
+        self.attention_impl = spec.attention_impl
         common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
 
         def dense(name, equation, shape, axes, std, bias_shape, bias_axes):
@@ -351,17 +356,18 @@ class _Projections(nnx.Module):
         q: Float[Array, "B T N H"],
         k: Float[Array, "B S K H"],
         v: Float[Array, "B S K H"],
-        mask: Bool[Array, "#B #N T S"] | None,
+        mask: attn.AttentionMask | Bool[Array, "#B #N T S"] | None,
         bias: Float[Array, "#B N T S"] | None,
         dropout_rng: jax.Array | None,
         lora_rng: jax.Array | None,
     ) -> Float[Array, "B T D"]:
-        out = ops.dot_product_attention(
+        out = attn.attention(
             q,
             k.astype(q.dtype),
             v.astype(q.dtype),
             mask=mask,
             bias=bias,
+            impl=self.attention_impl,
             scale=self.scale,
             dropout_rate=self.dropout_rate,
             dropout_rng=dropout_rng,

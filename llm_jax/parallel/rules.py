@@ -75,3 +75,9 @@ def constrain(x: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     mesh, rules = active
     spec = logical_to_spec(axes, x.shape, rules, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def active_mesh_and_rules() -> tuple[Mesh, dict[str, Any]] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding` context, or None outside one
+    (kernels that XLA cannot partition wrap themselves in `shard_map` over this mesh)."""
+    return _ACTIVE.get()

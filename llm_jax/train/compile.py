@@ -230,6 +230,11 @@ def check_batch_size(batch_size: int, mesh: Mesh, grad_accum_steps: int = 1) -> 
         )
 
 
+def _dtype(x: Any) -> np.dtype:
+    """The dtype of an array or `jax.ShapeDtypeStruct` (a plan compiles without data)."""
+    return x.dtype if hasattr(x, "dtype") else jnp.asarray(x).dtype
+
+
 def compile_steps(
     layout: StateLayout,
     objective: str,
@@ -245,13 +250,14 @@ def compile_steps(
     Args:
       layout: from `state_layout`.
       objective: clm | mlm | span_corruption | seq2seq | classification | ...
-      example_batch: a batch (host or global arrays) of the shapes every train batch has.
+      example_batch: a batch (host or global arrays, or `jax.ShapeDtypeStruct`s) of the
+        shapes every train batch has.
       loss: label smoothing and z-loss (default: neither).
       grad_accum_steps: micro-batches per step.
       skip_nonfinite: leave the state unchanged on a non-finite loss or gradient norm.
       frozen: the frozen parameters of a layout with a partition (`StateLayout.split`).
     """
-    check_batch_size(len(next(iter(example_batch.values()))), layout.mesh, grad_accum_steps)
+    check_batch_size(np.shape(next(iter(example_batch.values())))[0], layout.mesh, grad_accum_steps)
     frozen = frozen or {}
     if layout.partition is not None and not frozen and layout.abstract_frozen:
         raise ValueError("this layout freezes parameters: pass their values as `frozen`.")
@@ -267,7 +273,7 @@ def compile_steps(
     )
     abstract_batch = {
         k: jax.ShapeDtypeStruct(
-            np.shape(v), jnp.asarray(v).dtype, sharding=batch_sharding(layout.mesh, np.ndim(v))
+            np.shape(v), _dtype(v), sharding=batch_sharding(layout.mesh, np.ndim(v))
         )
         for k, v in example_batch.items()
     }
