@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     from llm_jax.models.word2vec_cli import add_parser as add_word2vec
     from llm_jax.sample.cli import add_parser as add_sample
     from llm_jax.train.cli import add_parser as add_train
+    from llm_jax.train.plan_cli import add_parser as add_plan
 
     add_train(sub)
     add_models(sub)
@@ -27,8 +28,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_sample(sub)
     add_eval(sub)
     add_word2vec(sub)
-    from llm_jax.train.plan_cli import add_parser as add_plan
-
     add_plan(sub)
     return parser
 
