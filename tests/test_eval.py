@@ -401,6 +401,10 @@ def test_cli_generation_writes_hypotheses_and_signature(tmp_path, capsys):
         pairs,
         "--max-new-tokens",
         4,
+        "--source-column",  # verse, English, Spanish
+        1,
+        "--target-column",
+        2,
         "--out",
         out,
     )
@@ -408,7 +412,7 @@ def test_cli_generation_writes_hypotheses_and_signature(tmp_path, capsys):
     assert len(hyps) == 3
     assert result["settings"]["strategy"] == "beam" and result["settings"]["num_beams"] == 4
     assert "tok:13a" in result["sacrebleu"]
-    refs = [r.split("\t")[1] for r in rows]
+    refs = [r.split("\t")[2] for r in rows]
     assert result["metrics"] == pytest.approx(
         {k: v for k, v in tasks.score_generations(hyps, refs).items() if k != "signature"}
     )

@@ -37,6 +37,8 @@ def read_task_data(
     documents: str = "file",
     label_column: int = 1,
     text_column: int = 0,
+    source_column: int = 0,
+    target_column: int = 1,
 ) -> list[Any]:
     """The task's examples from `path` (the first `limit`), checked before any compilation."""
     check_task(task)
@@ -47,7 +49,7 @@ def read_task_data(
     elif task == "classification":
         items = list(zip(*data_lib.read_labelled(path, label_column, text_column), strict=True))
     elif task == "generation":
-        items = list(zip(*data_lib.read_pairs(path), strict=True))
+        items = list(zip(*data_lib.read_pairs(path, source_column, target_column), strict=True))
     elif task == "multiple_choice":
         items = data_lib.read_multiple_choice(path)
     elif task == "sentiment":
@@ -119,6 +121,8 @@ def evaluate(
     seq_len: int | None = None,
     label_column: int = 1,
     text_column: int = 0,
+    source_column: int = 0,
+    target_column: int = 1,
     hypotheses_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -142,6 +146,7 @@ def evaluate(
       labels: classification: the class names in the head's order.
       seq_len: classification row length (default: the model's length).
       label_column, text_column: classification TSV columns (0-based).
+      source_column, target_column: generation TSV columns (0-based).
       hypotheses_path: generation: write the hypotheses there, one a line.
       progress: show a progress bar on stderr.
 
@@ -157,6 +162,8 @@ def evaluate(
         documents=documents,
         label_column=label_column,
         text_column=text_column,
+        source_column=source_column,
+        target_column=target_column,
     )
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}.")

@@ -64,7 +64,15 @@ def _settings_from_run(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
         # Our runs frame documents with BOS by default; HF causal LMs are scored without.
         add_bos = bool(data.get("add_bos", True)) if loaded.run_config else False
     text_columns = data.get("text_columns") or [0]
+    seq2seq = data.get("objective") == "seq2seq"
+    source, target = args.source_column, args.target_column
+    if source is None:
+        source = data.get("source_column", 0) if seq2seq else 0
+    if target is None:
+        target = data.get("target_column", 1) if seq2seq else 1
     return {
+        "source_column": source,
+        "target_column": target,
         "add_bos": add_bos,
         "label_column": data.get("label_column", 1),
         "text_column": text_columns[0],
@@ -175,7 +183,13 @@ def _eval(args: argparse.Namespace) -> int:
     from llm_jax.eval.api import evaluate, read_task_data
 
     # The data file's format is checked before the model loads (and long before compiling).
-    read_task_data(args.task, args.data, limit=args.limit, documents=args.documents)
+    # (The run's own column settings are known after loading; this checks the flags given.)
+    columns = {
+        k: getattr(args, k)
+        for k in ("source_column", "target_column")
+        if getattr(args, k) is not None
+    }
+    read_task_data(args.task, args.data, limit=args.limit, documents=args.documents, **columns)
     strategy = _strategy(args)
     from llm_jax.convert.load import load_for_inference
     from llm_jax.models import count_params
@@ -210,6 +224,8 @@ def _eval(args: argparse.Namespace) -> int:
         seq_len=args.seq_len or run["seq_len"],
         label_column=run["label_column"],
         text_column=run["text_column"],
+        source_column=run["source_column"],
+        target_column=run["target_column"],
         hypotheses_path=hypotheses,
         progress=not args.quiet,
     )
@@ -286,4 +302,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--source-column", type=int, default=None, help="0-based (default: the run's, else 0)"
+    )
+    g.add_argument(
+        "--target-column", type=int, default=None, help="0-based (default: the run's, else 1)"
+    )
     p.set_defaults(func=_eval)

@@ -136,9 +136,12 @@ def read_cloze(path: str | os.PathLike) -> list[tuple[str, str]]:
     return out
 
 
-def read_pairs(path: str | os.PathLike) -> tuple[list[str], list[str]]:
-    """(sources, references) of a TSV `source<TAB>reference` file."""
-    (sources, references), _ = corpus_lib.read_tsv_columns([path], [0, 1], what="--data")
+def read_pairs(
+    path: str | os.PathLike, source_column: int = 0, target_column: int = 1
+) -> tuple[list[str], list[str]]:
+    """(sources, references) of a TSV file (default columns `source<TAB>reference`)."""
+    columns = [source_column, target_column]
+    (sources, references), _ = corpus_lib.read_tsv_columns([path], columns, what="--data")
     return sources, references
 
 
