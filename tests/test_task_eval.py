@@ -4,6 +4,7 @@ plumbing, the fixed ("last") validation range, the test split, and two tiny end-
 
 import json
 import random
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from llm_jax.cli import main
 from llm_jax.data import DataConfig
 from llm_jax.data.splits import split_indices
 from llm_jax.data.tokenizer import train_tokenizer
@@ -309,6 +311,14 @@ def test_seq2seq_run_decodes_and_scores_the_held_out_rows(tmp_path, corpora, mon
     assert f"test: BLEU={test['test/bleu']:.4f} chrF={test['test/chrf']:.4f}" in out
     assert "(sacrebleu signature BLEU nrefs:1|case:mixed|eff:no|tok:13a" in out
     json.dumps(records)  # every record stays plain JSON
+    # `llm-jax eval --split validation` reads the same held-out pairs with the run's own
+    # columns and lengths, and decodes them as the run's evaluation did.
+    argv = ["eval", "--quiet", "--checkpoint", str(result.workdir), "--task", "generation"]
+    argv += ["--split", "validation", "--num-beams", "2", "--limit", "5", "--out"]
+    assert main([*argv, str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert Path(evaluated["hypotheses"]).read_text().splitlines() == val_hyps
+    assert evaluated["metrics"]["bleu"] == pytest.approx(val["eval/bleu"], abs=1e-9)
 
 
 # The bag-of-words baseline -------------------------------------------------------------------

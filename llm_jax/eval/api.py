@@ -103,7 +103,7 @@ def evaluate(
     model: Any,
     tokenizer: Any,
     task: str,
-    data: str | os.PathLike,
+    data: str | os.PathLike | Sequence[Any],
     *,
     batch_size: int = 8,
     limit: int | None = None,
@@ -117,6 +117,7 @@ def evaluate(
     fewshot_data: str | os.PathLike | None = None,
     strategy: Any = None,
     max_new_tokens: int = 64,
+    max_source_tokens: int | None = None,
     labels: Sequence[str] | None = None,
     seq_len: int | None = None,
     label_column: int = 1,
@@ -133,7 +134,9 @@ def evaluate(
         `convert.load_hf(...)`).
       tokenizer: its tokenizer (`convert.load_hf_tokenizer`).
       task: one of `TASKS`.
-      data: the task's file (formats: `llm_jax.eval.data`).
+      data: the task's file (formats: `llm_jax.eval.data`), or its examples as
+        `read_task_data` returns them (documents; (label, text) or (source, reference)
+        pairs; `Choice`s; (context, word) pairs).
       batch_size: rows per compiled call (the last batch is padded: one compile per shape).
       limit: evaluate the first `limit` examples only.
       add_bos: prompts (and perplexity's first window) start with BOS, as in our training.
@@ -143,6 +146,8 @@ def evaluate(
       template, shots, seed, fewshot_data: multiple choice (`tasks.Prompting`); default
         template "{context} {choice}" (sentiment: "Review: {context}\\nSentiment: {choice}").
       strategy, max_new_tokens: generation (default `default_strategy`).
+      max_source_tokens: generation: encoder inputs are cut to this many tokens with EOS
+        (a seq2seq run's `data.seq_len`; default the model's length).
       labels: classification: the class names in the head's order.
       seq_len: classification row length (default: the model's length).
       label_column, text_column: classification TSV columns (0-based).
@@ -155,16 +160,24 @@ def evaluate(
       "seconds", "examples_per_second", "tokens_per_second"} (+ "sacrebleu" signatures for
       generation).
     """
-    items = read_task_data(
-        task,
-        data,
-        limit=limit,
-        documents=documents,
-        label_column=label_column,
-        text_column=text_column,
-        source_column=source_column,
-        target_column=target_column,
-    )
+    if isinstance(data, str | os.PathLike):
+        items = read_task_data(
+            task,
+            data,
+            limit=limit,
+            documents=documents,
+            label_column=label_column,
+            text_column=text_column,
+            source_column=source_column,
+            target_column=target_column,
+        )
+        name, digest = str(data), data_lib.file_sha256(data)
+    else:
+        check_task(task)
+        items = list(data)[:limit]
+        name, digest = f"{len(items)} examples given in memory", data_lib.items_sha256(items)
+    if not items:
+        raise ValueError("no examples to evaluate.")
     if batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {batch_size}.")
     settings: dict[str, Any] = {"batch_size": batch_size, "add_bos": add_bos}
@@ -178,8 +191,8 @@ def evaluate(
         timing = counter.close()
     result = {
         "task": task,
-        "data": str(data),
-        "data_sha256": data_lib.file_sha256(data),
+        "data": name,
+        "data_sha256": digest,
         "examples": total,
         "metrics": metrics,
         "settings": settings,
@@ -330,7 +343,11 @@ def _classification_runner(model, tokenizer, items, settings, args):
 
 def _generation_runner(model, tokenizer, items, settings, args):
     strategy = args["strategy"] or default_strategy(model)
-    settings |= {**strategy_settings(strategy), "max_new_tokens": args["max_new_tokens"]}
+    settings |= {
+        **strategy_settings(strategy),
+        "max_new_tokens": args["max_new_tokens"],
+        "max_source_tokens": args["max_source_tokens"],
+    }
     sources, references = [x[0] for x in items], [x[1] for x in items]
     out = args["hypotheses_path"]
 
@@ -344,6 +361,7 @@ def _generation_runner(model, tokenizer, items, settings, args):
             batch_size=args["batch_size"],
             seed=args["seed"],
             add_bos=args["add_bos"],
+            max_source_tokens=args["max_source_tokens"],
             on_batch=on,
         )
         if out is not None:

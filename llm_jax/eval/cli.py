@@ -70,7 +70,12 @@ def _settings_from_run(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
         source = data.get("source_column", 0) if seq2seq else 0
     if target is None:
         target = data.get("target_column", 1) if seq2seq else 1
+    new_tokens = args.max_new_tokens
+    if new_tokens is None:
+        new_tokens = (data.get("target_seq_len") or data.get("seq_len")) if seq2seq else 64
     return {
+        "max_new_tokens": new_tokens,
+        "max_source_tokens": data.get("seq_len") if seq2seq else None,
         "source_column": source,
         "target_column": target,
         "add_bos": add_bos,
@@ -144,17 +149,18 @@ def _split_config(args: argparse.Namespace, loaded: Any) -> Any:
     return config
 
 
-def _eval_split(args: argparse.Namespace) -> int:
-    if args.task != "perplexity" or args.hf is not None:
+def _check_split(args: argparse.Namespace) -> None:
+    if args.hf is not None or args.task not in ("perplexity", "generation"):
         raise ValueError(
-            "--split scores a run's held-out text: use it with --checkpoint and --task perplexity."
+            "--split evaluates a run on its own held-out data: use it with --checkpoint and "
+            "--task perplexity (a causal-LM run) or --task generation (a seq2seq run)."
         )
-    from llm_jax.convert.load import load_for_inference
+
+
+def _split_perplexity(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
     from llm_jax.eval.api import evaluate_split
 
-    loaded = load_for_inference(args.checkpoint, None, args.step)
-    print(f"loaded {loaded.what}", file=sys.stderr)
-    result = evaluate_split(
+    return evaluate_split(
         loaded.model,
         loaded.tokenizer,
         _split_config(args, loaded),
@@ -162,7 +168,20 @@ def _eval_split(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    return _finish(args, loaded, result)
+
+
+def _split_pairs(args: argparse.Namespace, loaded: Any) -> list[tuple[str, str]]:
+    """The (source, reference) texts of a seq2seq run's held-out split, raw from its TSV."""
+    from llm_jax.train.task_eval import translation_pairs
+
+    config = _split_config(args, loaded)
+    if config.objective != "seq2seq":
+        raise ValueError(
+            f"--split with --task generation reads a seq2seq run's pairs; this run's objective "
+            f"is {config.objective!r}. Pass a source<TAB>reference file with --data."
+        )
+    sources, references = translation_pairs(config, args.split, args.limit or 2**62)
+    return list(zip(sources, references, strict=True))
 
 
 def _finish(args: argparse.Namespace, loaded: Any, result: dict[str, Any]) -> int:
@@ -179,17 +198,19 @@ def _finish(args: argparse.Namespace, loaded: Any, result: dict[str, Any]) -> in
 def _eval(args: argparse.Namespace) -> int:
     check_task(args.task)
     if args.split is not None:
-        return _eval_split(args)
+        _check_split(args)
     from llm_jax.eval.api import evaluate, read_task_data
 
-    # The data file's format is checked before the model loads (and long before compiling).
-    # (The run's own column settings are known after loading; this checks the flags given.)
-    columns = {
-        k: getattr(args, k)
-        for k in ("source_column", "target_column")
-        if getattr(args, k) is not None
-    }
-    read_task_data(args.task, args.data, limit=args.limit, documents=args.documents, **columns)
+    if args.data is not None:
+        # The data file's format is checked before the model loads (and long before
+        # compiling); the run's own column settings are known after loading, so this
+        # checks the flags given.
+        columns = {
+            k: getattr(args, k)
+            for k in ("source_column", "target_column")
+            if getattr(args, k) is not None
+        }
+        read_task_data(args.task, args.data, limit=args.limit, documents=args.documents, **columns)
     strategy = _strategy(args)
     from llm_jax.convert.load import load_for_inference
     from llm_jax.models import count_params
@@ -200,6 +221,9 @@ def _eval(args: argparse.Namespace) -> int:
         f"loaded {loaded.what} ({model.cfg.family}, {count_params(model):,} parameters)",
         file=sys.stderr,
     )
+    if args.split is not None and args.task == "perplexity":
+        return _finish(args, loaded, _split_perplexity(args, loaded))
+    data = args.data if args.split is None else _split_pairs(args, loaded)
     run = _settings_from_run(args, loaded)
     labels = _label_names(args, loaded) if args.task == "classification" else None
     hypotheses = _sidecar(args.out, ".hypotheses.txt") if args.task == "generation" else None
@@ -207,7 +231,7 @@ def _eval(args: argparse.Namespace) -> int:
         model,
         loaded.tokenizer,
         args.task,
-        args.data,
+        data,
         batch_size=args.batch_size,
         limit=args.limit,
         add_bos=run["add_bos"],
@@ -219,7 +243,8 @@ def _eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         fewshot_data=args.fewshot_data,
         strategy=strategy,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=run["max_new_tokens"],
+        max_source_tokens=run["max_source_tokens"],
         labels=labels,
         seq_len=args.seq_len or run["seq_len"],
         label_column=run["label_column"],
@@ -301,7 +326,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--temperature", type=float, default=None)
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
-    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="default: a seq2seq run's target length, else 64",
+    )
     g.add_argument(
         "--source-column", type=int, default=None, help="0-based (default: the run's, else 0)"
     )

@@ -49,6 +49,12 @@ def file_sha256(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def items_sha256(items: Sequence[Any]) -> str:
+    """SHA-256 of in-memory examples (their JSON form)."""
+    rows = [dataclasses.astuple(x) if dataclasses.is_dataclass(x) else x for x in items]
+    return hashlib.sha256(json.dumps(rows, ensure_ascii=False).encode()).hexdigest()
+
+
 def _text(path: str | os.PathLike) -> str:
     texts, _ = corpus_lib.read_texts([path], what="--data")
     return texts[0][1]

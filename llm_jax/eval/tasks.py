@@ -435,11 +435,13 @@ def generate_texts(
     batch_size: int = 8,
     seed: int = 0,
     add_bos: bool = False,
+    max_source_tokens: int | None = None,
     on_batch: OnBatch | None = None,
 ) -> list[str]:
-    """Detokenized outputs for `sources`: an encoder–decoder reads each source (+ EOS) and
-    writes the hypothesis; a decoder-only model continues the source and its hypothesis is
-    the continuation up to the first newline."""
+    """Detokenized outputs for `sources`: an encoder–decoder reads each source (+ EOS,
+    truncated to `max_source_tokens` as in seq2seq training; default the model's length)
+    and writes the hypothesis; a decoder-only model continues the source and its hypothesis
+    is the continuation up to the first newline."""
     import jax
 
     from llm_jax.sample import Beam, as_decoder, generate
@@ -449,7 +451,7 @@ def generate_texts(
     enc_dec = decoder.info.is_encoder_decoder
     encoded = tokenizer.encode_batch(list(sources))
     if enc_dec:
-        limit = decoder.info.max_encoder_length
+        limit = max_source_tokens or decoder.info.max_encoder_length
         prompts = [[*ids[: (limit or len(ids) + 1) - 1], eos] for ids in encoded]
     else:
         bos = [tokenizer.bos_id] if add_bos and tokenizer.bos_id is not None else []
