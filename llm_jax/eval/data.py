@@ -41,12 +41,7 @@ class Choice:
     answer: int
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = corpus_lib.file_digest  # the hex SHA-256 of a file's bytes
 
 
 def items_sha256(items: Sequence[Any]) -> str:
