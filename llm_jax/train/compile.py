@@ -41,6 +41,7 @@ from llm_jax.train.step import (
 )
 
 if TYPE_CHECKING:
+    from llm_jax.compress.distill import Teacher
     from llm_jax.finetune.partition import Partition
 
 
@@ -239,6 +240,7 @@ def compile_steps(
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = False,
     frozen: dict[str, Any] | None = None,
+    teacher: Teacher | None = None,
 ) -> CompiledSteps:
     """Lower and compile the train step for `example_batch`'s shapes; jit the eval step.
 
@@ -250,6 +252,8 @@ def compile_steps(
       grad_accum_steps: micro-batches per step.
       skip_nonfinite: leave the state unchanged on a non-finite loss or gradient norm.
       frozen: the frozen parameters of a layout with a partition (`StateLayout.split`).
+      teacher: distil from this teacher (`llm_jax.compress.distill.prepare_teacher`); its
+        parameters are bound into the train step as a non-donated argument.
     """
     check_batch_size(len(next(iter(example_batch.values()))), layout.mesh, grad_accum_steps)
     frozen = frozen or {}
@@ -264,7 +268,9 @@ def compile_steps(
         skip_nonfinite=skip_nonfinite,
         learning_rate_fn=layout.schedule,
         partition=layout.partition,
+        distill=None if teacher is None else teacher.distillation,
     )
+    teacher_params = {} if teacher is None else teacher.params
     abstract_batch = {
         k: jax.ShapeDtypeStruct(
             np.shape(v), jnp.asarray(v).dtype, sharding=batch_sharding(layout.mesh, np.ndim(v))
@@ -275,11 +281,21 @@ def compile_steps(
     compiled = (
         jax.jit(
             step_fn,
-            in_shardings=(layout.state_sharding, shardings, layout.frozen_sharding),
+            in_shardings=(
+                layout.state_sharding,
+                shardings,
+                layout.frozen_sharding,
+                {} if teacher is None else teacher.sharding,
+            ),
             out_shardings=(layout.state_sharding, None),
-            donate_argnums=0,
+            donate_argnums=0,  # the state only: the frozen part and the teacher are reused
         )
-        .lower(layout.abstract_state, abstract_batch, layout.abstract_frozen)
+        .lower(
+            layout.abstract_state,
+            abstract_batch,
+            layout.abstract_frozen,
+            {} if teacher is None else teacher.abstract,
+        )
         .compile()
     )
     # One leading-axis spec is a prefix of every batch leaf, whatever its rank.
@@ -293,7 +309,7 @@ def compile_steps(
     )
     return CompiledSteps(
         layout,
-        lambda state, batch: compiled(state, batch, frozen),
+        lambda state, batch: compiled(state, batch, frozen, teacher_params),
         lambda params, batch: eval_step(params, batch, frozen),
         compiled.memory_analysis(),
         frozen,

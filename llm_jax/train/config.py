@@ -69,6 +69,16 @@ class TrainConfig(Config):
     async_checkpoint: bool = True
     on_nonfinite: str = "stop"  # stop the run, or skip the update and go on
     progress: bool = True
+    # Distillation (llm_jax.compress.distill): a teacher folder (ours or Hugging Face) turns
+    # it on; loss = alpha T^2 KL + (1 - alpha) CE (+ cosine x hidden-state cosine), or the
+    # DistilBERT preset's 5.0 / 2.0 / 1.0; distill_init=alternate starts the student from
+    # every other teacher layer.
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    distill_cosine: float = 0.0
+    distill_preset: str = "none"
+    distill_init: str = "none"
 
     def __post_init__(self) -> None:
         for name in (
@@ -86,6 +96,13 @@ class TrainConfig(Config):
         one_of(self, "on_nonfinite", NONFINITE)
         in_interval(self, "label_smoothing", 0, 1, high_open=True)
         at_least(self, "z_loss", 0)
+        in_interval(self, "distill_alpha", 0, 1)
+        at_least(self, "distill_temperature", 0, strict=True)
+        at_least(self, "distill_cosine", 0)
+        one_of(self, "distill_preset", ("none", "distilbert"))
+        one_of(self, "distill_init", ("none", "alternate"))
+        if self.distill_init != "none" and not self.teacher:
+            raise ValueError("train.distill_init starts from a teacher: set train.teacher too.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
