@@ -42,6 +42,7 @@ from llm_jax.train.step import (
 
 if TYPE_CHECKING:
     from llm_jax.compress.distill import Teacher
+    from llm_jax.compress.prune import PruneConfig
     from llm_jax.finetune.partition import Partition
 
 
@@ -161,6 +162,7 @@ def state_layout(
     rules: str | dict[str, Any] = "dp",
     seed: int = 0,
     partition: Partition | None = None,
+    prune: PruneConfig | None = None,
 ) -> StateLayout:
     """The shardings of the train state (abstract: nothing is allocated or compiled).
 
@@ -172,6 +174,8 @@ def state_layout(
       rules: a key of `llm_jax.parallel.RULES` (dp, fsdp, fsdp_tp) or a rules dict.
       seed: parameter initialisation and dropout seed.
       partition: which parameters train (fine-tuning); the optimizer sees only those.
+      prune: gradual magnitude pruning (`llm_jax.compress.prune`); its masks join the
+        optimizer state.
     """
     rules = RULES[rules] if isinstance(rules, str) else rules
     abstract_model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
@@ -180,6 +184,10 @@ def state_layout(
     if partition is not None:
         axes, frozen_axes = partition.split(axes, cut=lambda a, *_: a)
     tx = make_optimizer(optimizer, total_steps, axes)  # weight decay chosen by logical axes
+    if prune is not None and prune.enabled:
+        from llm_jax.compress.prune import magnitude_pruning
+
+        tx = magnitude_pruning(tx, prune, total_steps, axes)
 
     def new_state(trainable) -> TrainState:
         return new_train_state(trainable, tx, seed)

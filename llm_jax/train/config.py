@@ -3,7 +3,7 @@
 A run config has the sections `model` (ModelConfig, optionally `preset:`), `data`
 (DataConfig), `train` (TrainConfig), `optimizer` (OptimizerConfig), `mesh` (MeshConfig),
 `distributed`, `init` and `finetune` (a base model to start from, and what of it trains:
-`llm_jax.finetune.config`), plus top-level `name` and `workdir`. With `init`, the `model`
+`llm_jax.finetune.config`), `prune` (gradual magnitude pruning: `llm_jax.compress.prune`), plus top-level `name` and `workdir`. With `init`, the `model`
 section is optional and may only change the fields that keep the base's weights valid.
 Every section is a frozen dataclass; unknown keys and bad values fail at load time with the
 valid choices named. YAML is read with a `yaml.SafeLoader` subclass (safe: no code runs)
@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from llm_jax.compress.prune import PruneConfig
 from llm_jax.config import Config, at_least, in_interval, nearest_first, one_of
 from llm_jax.data.config import DataConfig
 from llm_jax.finetune.config import FinetuneConfig, InitConfig
@@ -132,6 +133,7 @@ class RunConfig(Config):
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
         if self.init.source:

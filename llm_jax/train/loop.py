@@ -171,6 +171,7 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
         rules=cfg.mesh.rules,
         seed=tc.seed,
         partition=plan and plan.partition,
+        prune=cfg.prune,
     )
     teacher = _teacher(cfg, model_config, mesh, layout.rules)
     resolved = {**cfg.to_dict(), "model": model_config.to_dict()}
