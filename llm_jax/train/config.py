@@ -3,11 +3,12 @@
 A run config has the sections `model` (ModelConfig, optionally `preset:`), `data`
 (DataConfig), `train` (TrainConfig), `optimizer` (OptimizerConfig), `mesh` (MeshConfig),
 `distributed`, `init` and `finetune` (a base model to start from, and what of it trains:
-`llm_jax.finetune.config`), `prune` (gradual magnitude pruning: `llm_jax.compress.prune`), plus top-level `name` and `workdir`. With `init`, the `model`
+`llm_jax.finetune.config`), plus top-level `name` and `workdir`. With `init`, the `model`
 section is optional and may only change the fields that keep the base's weights valid.
 Every section is a frozen dataclass; unknown keys and bad values fail at load time with the
 valid choices named. YAML is read with a `yaml.SafeLoader` subclass (safe: no code runs)
-that also reads `1e-3` as a float.
+that also reads `1e-3` as a float. A `prune` section turns on gradual magnitude pruning
+(`llm_jax.compress.prune`).
 """
 
 from __future__ import annotations
