@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_convert(sub)
     add_sample(sub)
     add_word2vec(sub)
+    from llm_jax.compress.cli import add_parser as add_prune
+
+    add_prune(sub)
     return parser
 
 
