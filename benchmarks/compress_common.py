@@ -18,6 +18,7 @@ import yaml
 from flax import nnx
 
 ROOT = Path(__file__).resolve().parents[1]
+_EVAL_STEPS: dict[Any, Any] = {}  # (model config, objective) -> jitted eval step
 
 
 def train_cli(config: Path, workdir: Path, *overrides: str) -> Path:
@@ -71,7 +72,10 @@ def heldout(model: nnx.Module, batches: list[dict], objective: str = "clm") -> d
     from llm_jax.train.step import make_eval_step
 
     graphdef, state = nnx.split(model)
-    step = jax.jit(make_eval_step(graphdef, objective))
+    key = (model.cfg, objective)
+    if key not in _EVAL_STEPS:  # one compile per architecture, not per pruned copy
+        _EVAL_STEPS[key] = jax.jit(make_eval_step(graphdef, objective))
+    step = _EVAL_STEPS[key]
     params = nnx.to_pure_dict(state)
     total = count = 0.0
     for batch in batches:
