@@ -172,3 +172,18 @@ def test_two_step_distillation_run_from_a_tiny_teacher(tmp_path, corpora):
                    "grad_accum_steps": 2}}  # fmt: skip
     result = train(config_from_dict(d))
     assert np.isfinite(result.losses[2]) and np.isfinite(result.eval_losses[2])
+
+
+def test_a_hugging_face_folder_is_a_teacher():
+    from pathlib import Path
+
+    from llm_jax.compress.distill import read_teacher
+
+    folder = Path(__file__).parent / "fixtures" / "hf" / "gpt2"
+    cfg, params = read_teacher(str(folder))
+    assert cfg.family == "gpt" and "embed" in params
+    with pytest.raises(ValueError, match="no such folder"):
+        read_teacher(str(folder / "missing"))
+    student = cfg.replace(num_layers=1, vocab_size=cfg.vocab_size + 1)
+    with pytest.raises(ValueError, match=r"data\.tokenizer_path"):
+        check_teacher(student, cfg, "clm", False)
