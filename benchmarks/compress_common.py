@@ -85,23 +85,28 @@ def heldout(model: nnx.Module, batches: list[dict], objective: str = "clm") -> d
     return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
 
 
-def decode_speed(model: nnx.Module, repeats: int = 5, new_tokens: int = 64) -> float:
-    """Greedy batch-1 tokens/s (16-token prompt), best of `repeats` after a cold call."""
+def decode_speeds(models: dict[str, nnx.Module], repeats: int = 7, new_tokens: int = 64):
+    """{name: greedy batch-1 tokens/s} (16-token prompt): after a cold call each, the models'
+    calls alternate (a, b, ..., a, b, ...) so load from other processes falls on all alike;
+    the best of `repeats` calls each."""
     from llm_jax import sample
 
     prompt = np.arange(1, 17, dtype=np.int32)[None]
+    decoders = {name: sample.as_decoder(m) for name, m in models.items()}
 
-    def call():
-        out = sample.generate(model, prompt, max_new_tokens=new_tokens)
+    def call(decoder):
+        out = sample.generate(decoder, prompt, max_new_tokens=new_tokens)
         return jax.device_get(out.tokens)
 
-    call()
-    best = math.inf
+    for decoder in decoders.values():
+        call(decoder)
+    best = dict.fromkeys(decoders, math.inf)
     for _ in range(repeats):
-        t = time.perf_counter()
-        call()
-        best = min(best, time.perf_counter() - t)
-    return new_tokens / best
+        for name, decoder in decoders.items():
+            t = time.perf_counter()
+            call(decoder)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return {name: new_tokens / t for name, t in best.items()}
 
 
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compress_common import (
     ROOT,
-    decode_speed,
+    decode_speeds,
     heldout,
     heldout_batches,
     run_config,
@@ -60,10 +60,9 @@ def main() -> int:
         "distilled, init from teacher layers": {**kd, "distill_init": "alternate"},
     }
     batches = heldout_batches(teacher_run, args.eval_batches)
-    teacher_speed = decode_speed(teacher)
     rows = [{"model": f"teacher ({teacher.cfg.num_layers} layers)", "params": count_params(teacher),
-             "ppl": heldout(teacher, batches)["ppl"], "tok/s": teacher_speed,
-             "speed ratio": 1.0}]  # fmt: skip
+             "ppl": heldout(teacher, batches)["ppl"]}]  # fmt: skip
+    models = {rows[0]["model"]: teacher}
     for i, (name, train) in enumerate(students.items()):
         workdir = out / f"student{i}"
         d = run_config(TINY, teacher_run, workdir, model={"num_layers": half},
@@ -72,10 +71,13 @@ def main() -> int:
         if not (workdir / "checkpoints").exists():
             train_dict(d)
         model = restore_model(workdir).model
-        speed = decode_speed(model)
         rows.append({"model": f"{name} ({half} layers)", "params": count_params(model),
-                     "ppl": heldout(model, batches)["ppl"], "tok/s": speed,
-                     "speed ratio": speed / teacher_speed})  # fmt: skip
+                     "ppl": heldout(model, batches)["ppl"]})  # fmt: skip
+        models[rows[-1]["model"]] = model
+    speeds = decode_speeds(models)
+    for row in rows:
+        row["tok/s"] = speeds[row["model"]]
+        row["speed ratio"] = speeds[row["model"]] / speeds[rows[0]["model"]]
     print(f"## Distillation: {args.steps} student steps, α={args.alpha}, T={args.temperature}\n")
     print(table(rows, ["model", "params", "ppl", "tok/s", "speed ratio"]))
     (out / "distill.json").write_text(json.dumps(rows, indent=1))

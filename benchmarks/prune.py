@@ -28,7 +28,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compress_common import (
     ROOT,
-    decode_speed,
+    decode_speeds,
     heldout,
     heldout_batches,
     run_config,
@@ -85,14 +85,15 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("tiny GPT: magnitude pruning")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
     FigureCanvasAgg(fig).print_png(str(path))
 
 
 def structured(run: Path, model, batches, args, out: Path) -> list[dict]:
     cfg, params = model.cfg, jax.device_get(params_of(model))
-    dense_speed = decode_speed(model)
-    rows = [{"model": "dense", "params": count_params(model), "tok/s": dense_speed,
-             "speed ratio": 1.0, "ppl": heldout(model, batches)["ppl"]}]  # fmt: skip
+    rows = [{"model": "dense", "params": count_params(model),
+             "ppl": heldout(model, batches)["ppl"]}]  # fmt: skip
+    models = {"dense": model}
     saliencies = {
         "norm": norm_saliency(params),
         "gradient": gradient_saliency(model, batches[: args.importance_batches], "clm"),
@@ -105,10 +106,9 @@ def structured(run: Path, model, batches, args, out: Path) -> list[dict]:
         ckpt = out / f"pruned_{name}"
         if not ckpt.exists():
             save_checkpoint(pruned, ckpt, tokenizer=run / "tokenizer")
-        speed = decode_speed(pruned)
+        models[f"{args.heads} heads, d_ff {args.ffn} ({name})"] = pruned
         row = {"model": f"{args.heads} heads, d_ff {args.ffn} ({name})",
-               "params": count_params(pruned), "tok/s": speed, "speed ratio": speed / dense_speed,
-               "ppl": heldout(pruned, batches)["ppl"]}  # fmt: skip
+               "params": count_params(pruned), "ppl": heldout(pruned, batches)["ppl"]}  # fmt: skip
         if args.recover_steps:
             tuned = out / f"recovered_{name}"
             d = run_config(TINY, run, tuned, model=None, init={"from_checkpoint": str(ckpt)},
@@ -119,6 +119,10 @@ def structured(run: Path, model, batches, args, out: Path) -> list[dict]:
                 train_dict(d)
             row["ppl after recovery"] = heldout(restore_model(tuned).model, batches)["ppl"]
         rows.append(row)
+    speeds = decode_speeds(models)
+    for row in rows:
+        row["tok/s"] = speeds[row["model"]]
+        row["speed ratio"] = speeds[row["model"]] / speeds["dense"]
     return rows
 
 
