@@ -105,9 +105,10 @@ def test_masks_persist_through_updates_and_an_exact_resume(tmp_path):
 
 
 def test_prune_section_loads_and_checks():
-    cfg = config_from_dict({"model": {"preset": "gpt2-tiny"}, "prune": {"sparsity": 0.9}})
+    base = {"model": {"preset": "gpt2-tiny"}, "data": {"seq_len": 64}}
+    cfg = config_from_dict({**base, "prune": {"sparsity": 0.9}})
     assert cfg.prune.enabled and cfg.prune.scope == "global"
     with pytest.raises(ValueError, match=r"prune\.scope"):
-        config_from_dict({"model": {"preset": "gpt2-tiny"}, "prune": {"scope": "row"}})
+        config_from_dict({**base, "prune": {"scope": "row"}})
     with pytest.raises(ValueError, match="initial_sparsity"):
         PruneConfig(sparsity=0.1, initial_sparsity=0.5)
