@@ -12,6 +12,7 @@ import sys
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llm-jax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    from llm_jax.compress.cli import add_parser as add_prune
     from llm_jax.convert.cli import add_parser as add_convert
     from llm_jax.data.cli import add_parser as add_data
     from llm_jax.eval.cli import add_parser as add_eval
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval(sub)
     add_word2vec(sub)
     add_plan(sub)
+    add_prune(sub)
     return parser
 
 

@@ -41,6 +41,8 @@ from llm_jax.train.step import (
 )
 
 if TYPE_CHECKING:
+    from llm_jax.compress.distill import Teacher
+    from llm_jax.compress.prune import PruneConfig
     from llm_jax.finetune.partition import Partition
 
 
@@ -160,6 +162,7 @@ def state_layout(
     rules: str | dict[str, Any] = "dp",
     seed: int = 0,
     partition: Partition | None = None,
+    prune: PruneConfig | None = None,
 ) -> StateLayout:
     """The shardings of the train state (abstract: nothing is allocated or compiled).
 
@@ -171,6 +174,8 @@ def state_layout(
       rules: a key of `llm_jax.parallel.RULES` (dp, fsdp, fsdp_tp) or a rules dict.
       seed: parameter initialisation and dropout seed.
       partition: which parameters train (fine-tuning); the optimizer sees only those.
+      prune: gradual magnitude pruning (`llm_jax.compress.prune`); its masks join the
+        optimizer state.
     """
     rules = RULES[rules] if isinstance(rules, str) else rules
     abstract_model = nnx.eval_shape(lambda: build(model_config, rngs=nnx.Rngs(0)))
@@ -179,6 +184,10 @@ def state_layout(
     if partition is not None:
         axes, frozen_axes = partition.split(axes, cut=lambda a, *_: a)
     tx = make_optimizer(optimizer, total_steps, axes)  # weight decay chosen by logical axes
+    if prune is not None and prune.enabled:
+        from llm_jax.compress.prune import magnitude_pruning
+
+        tx = magnitude_pruning(tx, prune, total_steps, axes)
 
     def new_state(trainable) -> TrainState:
         return new_train_state(trainable, tx, seed)
@@ -244,6 +253,7 @@ def compile_steps(
     grad_accum_steps: int = 1,
     skip_nonfinite: bool = False,
     frozen: dict[str, Any] | None = None,
+    teacher: Teacher | None = None,
 ) -> CompiledSteps:
     """Lower and compile the train step for `example_batch`'s shapes; jit the eval step.
 
@@ -256,6 +266,8 @@ def compile_steps(
       grad_accum_steps: micro-batches per step.
       skip_nonfinite: leave the state unchanged on a non-finite loss or gradient norm.
       frozen: the frozen parameters of a layout with a partition (`StateLayout.split`).
+      teacher: distil from this teacher (`llm_jax.compress.distill.prepare_teacher`); its
+        parameters are bound into the train step as a non-donated argument.
     """
     check_batch_size(np.shape(next(iter(example_batch.values())))[0], layout.mesh, grad_accum_steps)
     frozen = frozen or {}
@@ -270,7 +282,9 @@ def compile_steps(
         skip_nonfinite=skip_nonfinite,
         learning_rate_fn=layout.schedule,
         partition=layout.partition,
+        distill=None if teacher is None else teacher.distillation,
     )
+    teacher_params = {} if teacher is None else teacher.params
     abstract_batch = {
         k: jax.ShapeDtypeStruct(
             np.shape(v), _dtype(v), sharding=batch_sharding(layout.mesh, np.ndim(v))
@@ -281,11 +295,21 @@ def compile_steps(
     compiled = (
         jax.jit(
             step_fn,
-            in_shardings=(layout.state_sharding, shardings, layout.frozen_sharding),
+            in_shardings=(
+                layout.state_sharding,
+                shardings,
+                layout.frozen_sharding,
+                {} if teacher is None else teacher.sharding,
+            ),
             out_shardings=(layout.state_sharding, None),
-            donate_argnums=0,
+            donate_argnums=0,  # the state only: the frozen part and the teacher are reused
         )
-        .lower(layout.abstract_state, abstract_batch, layout.abstract_frozen)
+        .lower(
+            layout.abstract_state,
+            abstract_batch,
+            layout.abstract_frozen,
+            {} if teacher is None else teacher.abstract,
+        )
         .compile()
     )
     # One leading-axis spec is a prefix of every batch leaf, whatever its rank.
@@ -299,7 +323,7 @@ def compile_steps(
     )
     return CompiledSteps(
         layout,
-        lambda state, batch: compiled(state, batch, frozen),
+        lambda state, batch: compiled(state, batch, frozen, teacher_params),
         lambda params, batch: eval_step(params, batch, frozen),
         compiled.memory_analysis(),
         frozen,

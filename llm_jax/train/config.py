@@ -7,7 +7,8 @@ A run config has the sections `model` (ModelConfig, optionally `preset:`), `data
 section is optional and may only change the fields that keep the base's weights valid.
 Every section is a frozen dataclass; unknown keys and bad values fail at load time with the
 valid choices named. YAML is read with a `yaml.SafeLoader` subclass (safe: no code runs)
-that also reads `1e-3` as a float.
+that also reads `1e-3` as a float. A `prune` section turns on gradual magnitude pruning
+(`llm_jax.compress.prune`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from llm_jax.compress.prune import PruneConfig
 from llm_jax.config import Config, at_least, in_interval, nearest_first, one_of
 from llm_jax.data.config import DataConfig
 from llm_jax.finetune.config import FinetuneConfig, InitConfig
@@ -69,6 +71,16 @@ class TrainConfig(Config):
     async_checkpoint: bool = True
     on_nonfinite: str = "stop"  # stop the run, or skip the update and go on
     progress: bool = True
+    # Distillation (llm_jax.compress.distill): a teacher folder (ours or Hugging Face) turns
+    # it on; loss = alpha T^2 KL + (1 - alpha) CE (+ cosine x hidden-state cosine), or the
+    # DistilBERT preset's 5.0 / 2.0 / 1.0; distill_init=alternate starts the student from
+    # every other teacher layer.
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+    distill_cosine: float = 0.0
+    distill_preset: str = "none"
+    distill_init: str = "none"
 
     def __post_init__(self) -> None:
         for name in (
@@ -86,6 +98,13 @@ class TrainConfig(Config):
         one_of(self, "on_nonfinite", NONFINITE)
         in_interval(self, "label_smoothing", 0, 1, high_open=True)
         at_least(self, "z_loss", 0)
+        in_interval(self, "distill_alpha", 0, 1)
+        at_least(self, "distill_temperature", 0, strict=True)
+        at_least(self, "distill_cosine", 0)
+        one_of(self, "distill_preset", ("none", "distilbert"))
+        one_of(self, "distill_init", ("none", "alternate"))
+        if self.distill_init != "none" and not self.teacher:
+            raise ValueError("train.distill_init starts from a teacher: set train.teacher too.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -115,6 +134,7 @@ class RunConfig(Config):
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     init: InitConfig = dataclasses.field(default_factory=InitConfig)
     finetune: FinetuneConfig = dataclasses.field(default_factory=FinetuneConfig)
+    prune: PruneConfig = dataclasses.field(default_factory=PruneConfig)
 
     def __post_init__(self) -> None:
         if self.init.source:

@@ -13,9 +13,10 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
+import numpy as np
 
 from llm_jax.checkpoint import CheckpointManager
 from llm_jax.data.iterator import DataIterator
@@ -48,6 +49,9 @@ from llm_jax.train.hooks import (
 )
 from llm_jax.train.metrics import MetricsWriter, Progress, Throughput
 from llm_jax.train.step import LossConfig, TrainState
+
+if TYPE_CHECKING:
+    from llm_jax.compress.distill import Teacher
 
 __all__ = ["NonFiniteLossError", "Run", "RunResult", "evaluate", "setup", "train"]
 
@@ -167,7 +171,9 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
         rules=cfg.mesh.rules,
         seed=tc.seed,
         partition=plan and plan.partition,
+        prune=cfg.prune,
     )
+    teacher = _teacher(cfg, model_config, mesh, layout.rules)
     resolved = {**cfg.to_dict(), "model": model_config.to_dict()}
     if plan is not None:
         resolved["init"] = plan.reference()
@@ -179,7 +185,9 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     )
     batches = data.train_iterator(mesh)
     with activation_sharding(mesh, layout.rules):
-        state, start, frozen = _restore_or_init(layout, ckpt, batches, is_main, plan)
+        state, start, frozen = _restore_or_init(
+            layout, ckpt, batches, is_main, plan, _student_start(cfg, model_config, teacher)
+        )
         run = Run(
             cfg=cfg,
             workdir=workdir,
@@ -211,6 +219,7 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
             grad_accum_steps=tc.grad_accum_steps,
             skip_nonfinite=tc.on_nonfinite == "skip",
             frozen=frozen,
+            teacher=teacher,
         )
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
@@ -243,16 +252,49 @@ def _model_config(cfg: RunConfig, tokenizer_vocab: int):
     return model_config
 
 
+def _teacher(cfg: RunConfig, model_config: ModelConfig, mesh, rules) -> Teacher | None:
+    """The distillation teacher `train.teacher` names, read, checked and placed."""
+    if not cfg.train.teacher:
+        return None
+    from llm_jax.compress.distill import prepare_teacher
+
+    teacher = prepare_teacher(cfg.train, model_config, cfg.data.objective, mesh, rules)
+    print(f"distilling from {cfg.train.teacher}", file=sys.stderr)
+    return teacher
+
+
+def _student_start(cfg: RunConfig, model_config: ModelConfig, teacher: Teacher | None):
+    """() -> the student's starting parameters taken from the teacher's layers
+    (train.distill_init=alternate), or None."""
+    if teacher is None or cfg.train.distill_init == "none":
+        return None
+    if cfg.init.source:
+        raise ValueError("train.distill_init=alternate and init.from_* both start the model.")
+    from flax import nnx
+
+    from llm_jax.compress.distill import layers_from_teacher
+    from llm_jax.models import build
+
+    def start():
+        model = build(model_config, rngs=nnx.Rngs(cfg.train.seed))
+        fresh = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+        return layers_from_teacher(model_config, teacher.config, teacher.host_params, fresh)
+
+    return start
+
+
 def _restore_or_init(
     layout: StateLayout,
     ckpt: CheckpointManager,
     batches: DataIterator,
     is_main: bool,
     plan: FinetunePlan | None,
+    start_params=None,
 ) -> tuple[TrainState, int, dict[str, Any]]:
     """(state, step, frozen params): the latest good checkpoint (with the data position),
-    else fresh (from the base for a fine-tuning run). The frozen part of a fine-tuning run
-    always comes from its base: checkpoints hold only what trains."""
+    else fresh (from the base for a fine-tuning run, or from `start_params()` when given).
+    The frozen part of a fine-tuning run always comes from its base: checkpoints hold only
+    what trains."""
     trainable, frozen = (None, {}) if plan is None else layout.split(plan.start.params)
     if ckpt.latest_step() is not None:
         restored = ckpt.restore(layout.abstract_state)
@@ -266,6 +308,8 @@ def _restore_or_init(
             f"{ckpt.all_steps()}, see the warnings above): starting again from step 0.",
             file=sys.stderr,
         )
+    if plan is None and start_params is not None:
+        return layout.init_from(start_params()), 0, frozen
     if plan is None:
         return layout.init(), 0, frozen
     return layout.init_from(trainable), 0, frozen

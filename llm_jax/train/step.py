@@ -22,6 +22,7 @@ from llm_jax.data.objectives import objective_spec
 from llm_jax.train.losses import LOSSES, Batch, LossConfig, loss_counts
 
 if TYPE_CHECKING:
+    from llm_jax.compress.distill import Distillation
     from llm_jax.finetune.partition import Partition
 
 
@@ -111,8 +112,9 @@ def make_train_step(
     learning_rate_fn: Callable | None = None,
     axis_name: str | None = None,
     partition: Partition | None = None,
+    distill: Distillation | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-    """Build `train_step(state, batch, frozen=None) -> (state, metrics)`.
+    """Build `train_step(state, batch, frozen=None, teacher=None) -> (state, metrics)`.
 
     Args:
       graphdef: the model structure from `nnx.split(model)`.
@@ -127,6 +129,9 @@ def make_train_step(
       partition: for fine-tuning, `state.params` is the trainable part only and the step
         takes the frozen part as `frozen` (`llm_jax.finetune.Partition`): gradients and
         optimizer state exist only for the trainable part.
+      distill: distil from a teacher (`llm_jax.compress.distill`): the step takes the
+        teacher's parameters as `teacher` (frozen, never differentiated) and the loss is
+        the recipe's weighted sum of the label loss, the KL term and the hidden cosine.
     """
     spec = objective_spec(objective)
     losses_fn = LOSSES[spec.name]
@@ -135,14 +140,18 @@ def make_train_step(
     def psum(x):
         return x if axis_name is None else jax.lax.psum(x, axis_name)
 
-    def train_step(state: TrainState, batch: Batch, frozen: Any = None):
+    def train_step(state: TrainState, batch: Batch, frozen: Any = None, teacher: Any = None):
         rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
-        counts = psum(loss_counts(spec, batch))
+        counts = loss_counts(spec, batch)
+        counts = psum(counts if distill is None else distill.counts(counts, batch))
 
         def loss_fn(params, micro: Batch, micro_rng):
             if partition is not None:
                 params = partition.combine(params, frozen)
             model = nnx.merge(graphdef, params)
+            if distill is not None:  # the teacher runs on this micro-batch only
+                losses = distill.losses(model, teacher, micro, micro_rng, loss_config)
+                return distill.total(losses, counts), losses
             losses = losses_fn(model, micro, micro_rng, loss_config)
             total = sum(s / jnp.maximum(counts[k], 1.0) for k, (s, _) in losses.items())
             return total, losses
