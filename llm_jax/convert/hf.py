@@ -89,8 +89,9 @@ def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> nnx.Module:
         raise ValueError(
             f"parameters do not fit the {cfg.family} model of this config: {'; '.join(lines)}."
         )
-    dtype = jnp.dtype(cfg.param_dtype)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+    # Floats take the config's param_dtype; a quantized model's int8 kernels stay int8.
+    dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params, dtypes))
     return nnx.merge(graphdef, state)
 
 
