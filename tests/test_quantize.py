@@ -138,7 +138,7 @@ def test_generate_on_a_quantized_model_is_its_greedy_argmax(tiny):
 
 
 def test_bad_settings_raise_clear_errors(tiny):
-    with pytest.raises(ValueError, match="bits=3.*use bits=8"):
+    with pytest.raises(ValueError, match=r"bits=3.*use bits=8"):
         quantize(tiny, bits=3)
     with pytest.raises(ValueError, match="group_size=48 does not divide"):
         quantize(tiny, bits=4, group_size=48)

@@ -119,10 +119,10 @@ def dequantize(model: nnx.Module) -> nnx.Module:
         return model
     fcfg = cfg.replace(quant_bits=0, quant_group_size=0)
     params = params_of(model)
+    dtype = jnp.dtype(cfg.param_dtype)
     for path, module in _modules(model).items():
         if module.quant is None:
             continue
-        dtype = jnp.dtype(cfg.param_dtype)
         if isinstance(module, Embed):
             table_t = quant_ops.dequantize(module.embedding[...], module.scale[...], cfg.quant_bits)
             _set(params, path, {"embedding": table_t.T.astype(dtype)})
