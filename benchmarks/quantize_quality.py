@@ -19,12 +19,12 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
-import llm_jax as lj  # noqa: E402
+import llm_jax as lj
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PROMPTS = ("ROMEO:\nWhat light", "In the beginning", "The king said")
