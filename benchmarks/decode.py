@@ -377,15 +377,12 @@ def hlo_summary(text: str) -> str:
     from collections import Counter
 
     kinds = Counter(re.findall(r"fusion\(.*?kind=(k\w+)", text))
-    weight_shapes = ("[768,2304]", "[768,768]", "[768,3072]", "[3072,768]", "[768,50257]")
-    materialised = Counter(
-        shape
-        for line in text.splitlines()
-        if "=" in line and "ENTRY" not in line
-        for shape in weight_shapes
-        if f"f32{shape}" in line.split("=", 1)[1].split("(")[0]
-        and ("fusion(" in line or "convert(" in line)
-    )
+    weight_shapes = ("768,2304", "768,12,64", "768,768", "12,64,768", "768,3072", "3072,768")
+    weight_shapes += ("768,50257", "50257,768")
+    # Top-level fusion instructions only (their results are buffers; lines inside a fused
+    # computation are not).
+    outputs = re.findall(r"= f32\[([\d,]+)\][^ ]* fusion\(.*kind=k\w+", text)
+    materialised = Counter(shape for shape in outputs if shape in weight_shapes)
     return f"fusions {dict(kinds)}; f32 weight-shaped buffers produced: {dict(materialised)}"
 
 

@@ -57,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     tok = lj.convert.load_hf_tokenizer(restored.tokenizer_dir)
     fp32 = restored.model
     cfg = fp32.cfg
-    d_in = min(cfg.d_model, cfg.d_ff)
-    group = args.group_size if d_in % args.group_size == 0 else math.gcd(d_in, args.group_size)
+    # The largest group <= --group-size dividing every kernel's input (D, F and N * H).
+    group = math.gcd(args.group_size, cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim)
     models = {
         "fp32": fp32,
         "int8": lj.compress.quantize(fp32, bits=8),
