@@ -17,6 +17,18 @@ Cases (targets: llm_jax tokens/s over HF's):
     sample1  T=0.8, top-k 50, top-p 0.95, batch 1, 128 new tokens    >= 1.5x
     beam4    4 beams, batch 1, 64 new tokens    >= 3x
 
+Quantized cases (llm_jax with `lj.compress.quantize`: int8 per output channel, int4 with
+groups of 128; tokens/s of the quantized llm_jax over HF fp32, and over PyTorch's dynamic
+int8 (`torch.ao.quantization.quantize_dynamic` on every Linear, GPT-2's Conv1D rewritten as
+Linear), all from the same weights in the same run; llm_jax fp32 is timed alongside):
+    greedy1-int8   greedy, batch 1, 128 new tokens    >= 1.6x HF fp32, >= 1.2x torch int8
+    greedy1-int4   greedy, batch 1, 128 new tokens    >= 2.2x HF fp32
+    greedy8-int8   greedy, batch 8, 128 new tokens    >= 1.6x HF fp32, >= 1.2x torch int8
+Their table adds the weight bytes read per token and the fraction of the bandwidth floor
+those bytes set, and how many greedy tokens equal HF fp32's (quantization changes some);
+before it, a summary of one quantized decode step's optimized HLO: its fusion kinds and
+the f32 buffers of a weight's shape it produces (a dequantized copy of a weight).
+
 Timing: after a first (cold) call each, the sides' calls alternate (ours, ours prepared,
 theirs, ours, ...) so load from other processes on a shared machine falls on all alike;
 the table shows the best of --repeats calls and the spread (median / best - 1). The
@@ -59,6 +71,7 @@ import time
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 CASES = ("greedy1", "greedy8", "sample1", "beam4")
+QUANT_CASES = ("greedy1-int8", "greedy1-int4", "greedy8-int8")
 PROMPT_LEN = 16
 
 
@@ -69,6 +82,8 @@ class Case:
     new_tokens: int
     strategy: str  # greedy | sample | beam
     target: float
+    bits: int = 0  # weight-only quantization of our model (lj.compress.quantize); 0: fp32
+    target_torch_int8: float = 0.0  # quantized cases: the target over torch dynamic int8
 
 
 CASE_TABLE = {
@@ -76,20 +91,28 @@ CASE_TABLE = {
     "greedy8": Case("greedy8", 8, 128, "greedy", 2.0),
     "sample1": Case("sample1", 1, 128, "sample", 1.5),
     "beam4": Case("beam4", 1, 64, "beam", 3.0),
+    "greedy1-int8": Case("greedy1-int8", 1, 128, "greedy", 1.6, 8, 1.2),
+    "greedy1-int4": Case("greedy1-int4", 1, 128, "greedy", 2.2, 4),
+    "greedy8-int8": Case("greedy8-int8", 8, 128, "greedy", 1.6, 8, 1.2),
 }
+INT4_GROUP_SIZE = 128
 TEMPERATURE, TOP_K, TOP_P, NUM_BEAMS = 0.8, 50, 0.95, 4
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=5, help="timed calls per side and case")
-    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated of {CASES}")
+    p.add_argument(
+        "--cases",
+        default=",".join(CASES + QUANT_CASES),
+        help=f"comma-separated of {CASES + QUANT_CASES}",
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = sorted(set(args.cases) - set(CASES))
+    unknown = sorted(set(args.cases) - set(CASES) - set(QUANT_CASES))
     if unknown:
-        p.error(f"unknown cases {unknown}; choose from {list(CASES)}")
+        p.error(f"unknown cases {unknown}; choose from {list(CASES + QUANT_CASES)}")
     return args
 
 
@@ -288,6 +311,111 @@ def run_case(case: Case, ours_model, prepared, hf_model, repeats: int, seed: int
     }
 
 
+def torch_dynamic_int8(hf_model):
+    """HF's model with PyTorch's own dynamic int8 (`torch.ao.quantization.quantize_dynamic`)
+    on its Linear layers. GPT-2's blocks use transformers' Conv1D (a transposed Linear), so
+    those are first rewritten as nn.Linear with the same weights, or only the head would
+    be quantized."""
+    import copy
+
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    model = copy.deepcopy(hf_model)
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, Conv1D):
+                linear = torch.nn.Linear(child.weight.shape[0], child.nf)
+                linear.weight.data = child.weight.data.T.contiguous()
+                linear.bias.data = child.bias.data
+                setattr(module, name, linear)
+    return torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def run_quant_case(case: Case, decoders: dict, hf_models: dict, repeats: int, seed: int) -> dict:
+    """Cold calls, then `repeats` rounds alternating llm_jax fp32 / quantized (prepared
+    decoders) and HF fp32 / torch dynamic int8, on one prompt."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed + case.batch)
+    vocab = decoders["fp32"].info.vocab_size
+    prompt = rng.integers(0, vocab, (case.batch, PROMPT_LEN), dtype=np.int32)
+    calls = {name: make_ours(d, case, prompt, seed) for name, d in decoders.items()}
+    calls.update({name: make_hf(m, case, prompt) for name, m in hf_models.items()})
+    tokens, times = {}, {name: [] for name in calls}
+    for name, call in calls.items():
+        tokens[name] = call()
+    for _ in range(repeats):
+        for name, call in calls.items():
+            times[name].append(timed(call)[0])
+    assert np.array_equal(np.asarray(tokens["fp32"]), tokens["hf"]), "fp32 sides disagree"
+    generated = case.batch * case.new_tokens
+    same = {n: float(np.mean(np.asarray(tokens[n]) == tokens["hf"])) for n in ("quant", "hf-int8")}
+    return {
+        "case": case,
+        "tps": {name: generated / min(t) for name, t in times.items()},
+        "spread": {name: statistics.median(t) / min(t) - 1 for name, t in times.items()},
+        "same": same,
+    }
+
+
+def decode_step_hlo(decoder, batch: int) -> str:
+    """The optimized HLO text of one cached decode step (T = 1) of a prepared decoder."""
+    import jax
+    import jax.numpy as jnp
+
+    cache = decoder.init_cache(batch, PROMPT_LEN + 8)
+    ones = jnp.ones((batch, 1), jnp.int32)
+    step = jax.jit(lambda d, t, p, s, c: d.tokens_to_logits(t, p, s, c))
+    return step.lower(decoder, ones, ones, ones, cache).compile().as_text()
+
+
+def hlo_summary(text: str) -> str:
+    """Fusion kinds in a compiled step and the f32 buffers of a GPT-2 weight's shape (a
+    dequantized weight materialised before its product)."""
+    import re
+    from collections import Counter
+
+    kinds = Counter(re.findall(r"fusion\(.*?kind=(k\w+)", text))
+    weight_shapes = ("768,2304", "768,12,64", "768,768", "12,64,768", "768,3072", "3072,768")
+    weight_shapes += ("768,50257", "50257,768")
+    # Top-level fusion instructions only (their results are buffers; lines inside a fused
+    # computation are not).
+    outputs = re.findall(r"= f32\[([\d,]+)\][^ ]* fusion\(.*kind=k\w+", text)
+    materialised = Counter(shape for shape in outputs if shape in weight_shapes)
+    return f"fusions {dict(kinds)}; f32 weight-shaped buffers produced: {dict(materialised)}"
+
+
+def print_quant_rows(rows: list[dict], wbytes: dict[int, int], best_bw: float) -> None:
+    """The quantized cases' table: llm_jax fp32 / int8|int4 vs HF fp32 / torch int8."""
+    print(
+        "\nweight-only quantized llm_jax (lj.compress.quantize; int4 group size "
+        f"{INT4_GROUP_SIZE}) vs HF fp32 and torch dynamic int8 (quantize_dynamic on every "
+        "Linear), prepared decoders; ratios are the quantized llm_jax over the other side."
+    )
+    header = (
+        f"{'case':<14}{'lj fp32':>9}{'lj quant':>10}{'HF fp32':>9}{'torch i8':>10}"
+        f"{'/HF':>7}{'/torch i8':>10}{'target':>12}{'MB/token':>10}{'floor':>7}"
+        f"{'same tokens as HF fp32 (lj quant / torch i8)':>46}"
+    )
+    print(header + "\n" + "-" * len(header))
+    for r in rows:
+        case, tps = r["case"], r["tps"]
+        vs_hf, vs_t8 = tps["quant"] / tps["hf"], tps["quant"] / tps["hf-int8"]
+        ok = vs_hf >= case.target and vs_t8 >= case.target_torch_int8
+        target = f"{case.target}x/{case.target_torch_int8 or '-'}x"
+        floor_ms = wbytes[case.bits] / (best_bw * 1e9) * 1e3
+        frac = floor_ms / (case.batch * 1e3 / tps["quant"])  # per step of the batch
+        same = f"{r['same']['quant']:.0%} / {r['same']['hf-int8']:.0%}"
+        print(
+            f"{case.name:<14}{tps['fp32']:>9.1f}{tps['quant']:>10.1f}{tps['hf']:>9.1f}"
+            f"{tps['hf-int8']:>10.1f}{vs_hf:>6.2f}x{vs_t8:>9.2f}x{target:>9} "
+            f"{'ok' if ok else 'MISS':<4}"
+            f"{wbytes[case.bits] / 1e6:>8.1f}{frac:>7.0%}{same:>46}"
+        )
+    print("tok/s; floor = the quantized weights' bytes / matvec bandwidth over the time per step")
+
+
 def gemm_rates(repeats: int = 10) -> dict[str, dict[int, float]]:
     """GFLOP/s of x[M, 768] @ W[768, 3072] over 24 weights (226 MB), XLA and torch, M=1/4/8."""
     import jax
@@ -370,6 +498,37 @@ def ceiling_ratio(row: dict, weight_pass: dict[int, dict[str, float]]) -> float:
     return row["best"]["hf"] / case.new_tokens * 1e3 / weight_pass[m]["xla"]
 
 
+def quant_cases(args, ours_model, prepared, hf_model, best_bw: float):
+    """Run the quantized cases asked for: (rows, weight bytes per token by bits, bandwidth),
+    or None; prints the optimized HLO summary of each quantized decode step."""
+    import llm_jax as lj
+
+    names = [n for n in args.cases if n in QUANT_CASES]
+    if not names:
+        return None
+    hf_int8 = torch_dynamic_int8(hf_model)
+    wanted = sorted({CASE_TABLE[n].bits for n in names})
+    models = {
+        bits: lj.compress.quantize(
+            ours_model, bits=bits, group_size=INT4_GROUP_SIZE if bits == 4 else None
+        )
+        for bits in wanted
+    }
+    wbytes = {0: weight_bytes(ours_model), **{b: weight_bytes(m) for b, m in models.items()}}
+    decoders = {bits: lj.sample.as_decoder(m) for bits, m in models.items()}
+    for bits, decoder in decoders.items():
+        summary = hlo_summary(decode_step_hlo(decoder, 1))
+        print(f"int{bits} decode step (batch 1), optimized HLO: {summary}")
+    print(f"fp32 decode step (batch 1), optimized HLO: {hlo_summary(decode_step_hlo(prepared, 1))}")
+    rows = []
+    for name in names:
+        case = CASE_TABLE[name]
+        ours = {"fp32": prepared, "quant": decoders[case.bits]}
+        theirs = {"hf": hf_model, "hf-int8": hf_int8}
+        rows.append(run_quant_case(case, ours, theirs, args.repeats, args.seed))
+    return rows, wbytes, best_bw
+
+
 def main() -> int:
     args = parse_args()
     import jax
@@ -425,9 +584,11 @@ def main() -> int:
     jax.block_until_ready(prepared)
     print(f"lj.sample.as_decoder(model): {time.perf_counter() - t0:.2f} s (compile included)")
 
+    quant_rows = quant_cases(args, ours_model, prepared, hf_model, best_bw)
     rows = [
         run_case(CASE_TABLE[name], ours_model, prepared, hf_model, args.repeats, args.seed)
         for name in args.cases
+        if name in CASES
     ]
     print(
         "\nllm_jax = generate(model, ...); prepared = generate(lj.sample.as_decoder(model), ...). "
@@ -474,7 +635,10 @@ def main() -> int:
             )
         if r["beam_same"] is not None:
             print(f"beam 4: best beam identical to HF's: {r['beam_same']}")
-    print("greedy tokens identical to HF in every greedy case (asserted)")
+    if rows:
+        print("greedy tokens identical to HF in every fp32 greedy case (asserted)")
+    if quant_rows:
+        print_quant_rows(*quant_rows)
     print(f"CPU pressure from other processes at the end: {cpu_pressure()}")
     return 0
 

@@ -9,6 +9,7 @@ from typing import Any
 
 _SUBPACKAGES = (
     "checkpoint",
+    "compress",
     "convert",
     "data",
     "eval",

@@ -1,50 +1,48 @@
-"""Model compression: knowledge distillation (`distill`), gradual magnitude pruning
-(`prune`) and structured pruning of heads and neurons (`structured`)."""
+"""Model compression: weight-only int8 / int4 quantization (`quant`), knowledge
+distillation (`distill`), gradual magnitude pruning (`prune`) and structured pruning of
+heads and neurons (`structured`).
 
-from llm_jax.compress.distill import (
-    Distillation,
-    Teacher,
-    distill_kl,
-    hidden_cosine,
-    layers_from_teacher,
-    prepare_teacher,
-    read_teacher,
-)
-from llm_jax.compress.prune import (
-    PruneConfig,
-    magnitude_masks,
-    magnitude_pruning,
-    prune_params,
-    sparsity_of,
-    sparsity_schedule,
-)
-from llm_jax.compress.structured import (
-    gradient_saliency,
-    head_scores,
-    neuron_scores,
-    norm_saliency,
-    param_count,
-    prune_structure,
-)
+Names load on first use, so `import llm_jax.compress` stays cheap (and `train.config`,
+which reads `compress.prune`'s config, never imports the training code back through
+here); each entry of `_NAMES` maps a public name to the module that defines it.
+"""
 
-__all__ = [
-    "Distillation",
-    "PruneConfig",
-    "Teacher",
-    "distill_kl",
-    "gradient_saliency",
-    "head_scores",
-    "hidden_cosine",
-    "layers_from_teacher",
-    "magnitude_masks",
-    "magnitude_pruning",
-    "neuron_scores",
-    "norm_saliency",
-    "param_count",
-    "prepare_teacher",
-    "prune_params",
-    "prune_structure",
-    "read_teacher",
-    "sparsity_of",
-    "sparsity_schedule",
-]
+import importlib
+from typing import Any
+
+_NAMES = {
+    "quantize": "llm_jax.compress.quant",
+    "dequantize": "llm_jax.compress.quant",
+    "weight_bytes": "llm_jax.compress.quant",
+    "Distillation": "llm_jax.compress.distill",
+    "Teacher": "llm_jax.compress.distill",
+    "distill_kl": "llm_jax.compress.distill",
+    "hidden_cosine": "llm_jax.compress.distill",
+    "layers_from_teacher": "llm_jax.compress.distill",
+    "prepare_teacher": "llm_jax.compress.distill",
+    "read_teacher": "llm_jax.compress.distill",
+    "PruneConfig": "llm_jax.compress.prune",
+    "magnitude_masks": "llm_jax.compress.prune",
+    "magnitude_pruning": "llm_jax.compress.prune",
+    "prune_params": "llm_jax.compress.prune",
+    "sparsity_of": "llm_jax.compress.prune",
+    "sparsity_schedule": "llm_jax.compress.prune",
+    "gradient_saliency": "llm_jax.compress.structured",
+    "head_scores": "llm_jax.compress.structured",
+    "neuron_scores": "llm_jax.compress.structured",
+    "norm_saliency": "llm_jax.compress.structured",
+    "param_count": "llm_jax.compress.structured",
+    "prune_structure": "llm_jax.compress.structured",
+}
+
+__all__ = sorted(_NAMES)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _NAMES:
+        return getattr(importlib.import_module(_NAMES[name]), name)
+    raise AttributeError(f"module 'llm_jax.compress' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -5,6 +5,8 @@
     llm-jax convert --from-hf HF_DIR --to-hf OUT_DIR          (re-export, e.g. to check)
     llm-jax convert --from-checkpoint RUN --to-hf OUT_DIR --adapters-only   (a LoRA run's
         adapters as a PEFT folder; without the flag a LoRA model is written merged)
+    llm-jax convert --from-hf HF_DIR --to CHECKPOINT_DIR --quantize int8   (or int4
+        [--group-size 128]: weight-only quantized; `sample --checkpoint` loads it as is)
 
 The tokenizer travels along when the source has one (HF tokenizer files, or the
 checkpoint's `tokenizer/` folder).
@@ -43,6 +45,25 @@ def _check_destination(args: argparse.Namespace) -> None:
         )
 
 
+QUANT_BITS = {"int8": 8, "int4": 4}
+
+
+def _check_quantize(args: argparse.Namespace) -> int | None:
+    """The group size for --quantize (None: the default of its bit width)."""
+    if args.quantize is None:
+        if args.group_size is not None:
+            raise ValueError("--group-size applies only with --quantize int8|int4.")
+        return None
+    if args.to is None:
+        raise ValueError(
+            "--quantize writes our checkpoint format (int8 kernels + scales): use it with "
+            "--to CHECKPOINT_DIR, not --to-hf."
+        )
+    if args.group_size is not None and args.group_size < 0:
+        raise ValueError(f"--group-size {args.group_size} must be >= 0 (0: per channel).")
+    return args.group_size
+
+
 def _convert(args: argparse.Namespace) -> int:
     if (args.from_hf is None) == (args.from_checkpoint is None):
         raise ValueError("give exactly one source: --from-hf DIR or --from-checkpoint DIR.")
@@ -53,6 +74,7 @@ def _convert(args: argparse.Namespace) -> int:
             "--adapters-only writes a LoRA run's adapters as a PEFT folder: use it with "
             "--from-checkpoint RUN --to-hf OUT_DIR."
         )
+    group_size = _check_quantize(args)
     _check_extra()
     _check_destination(args)
     # Imported after the checks: they pull in JAX and the optional extra.
@@ -92,6 +114,10 @@ def _convert(args: argparse.Namespace) -> int:
             )
         out = save_peft_adapter(cfg, params_of(model), args.to_hf)
     elif args.to is not None:
+        if args.quantize is not None:
+            from llm_jax.compress import quantize
+
+            model = quantize(model, bits=QUANT_BITS[args.quantize], group_size=group_size)
         out = save_checkpoint(model, args.to, tokenizer=tokenizer)
     else:
         out = save_hf(model, args.to_hf, tokenizer=tokenizer, spec=spec, add_bos=add_bos)
@@ -138,6 +164,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         action="store_true",
         help="with --from-checkpoint of a LoRA run and --to-hf: write only the adapters, as "
         "a PEFT folder (adapter_config.json + adapter_model.safetensors)",
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=sorted(QUANT_BITS),
+        help="with --to: store the dense kernels and token embedding weight-only quantized "
+        "(int8: one scale per output channel; int4: packed, grouped scales)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        metavar="G",
+        help="inputs per scale with --quantize (default: per channel for int8, 128 for int4)",
     )
     parser.set_defaults(func=_convert)
     return parser

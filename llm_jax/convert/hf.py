@@ -89,8 +89,9 @@ def model_from_params(cfg: ModelConfig, params: dict[str, Any]) -> nnx.Module:
         raise ValueError(
             f"parameters do not fit the {cfg.family} model of this config: {'; '.join(lines)}."
         )
-    dtype = jnp.dtype(cfg.param_dtype)
-    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+    # Floats take the config's param_dtype; a quantized model's int8 kernels stay int8.
+    dtypes = jax.tree.map(lambda v: v.dtype, nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params, dtypes))
     return nnx.merge(graphdef, state)
 
 
@@ -145,7 +146,7 @@ def save_hf(
     Args:
       model: a `GPT` (learned positions -> GPT2LMHeadModel, RoPE -> LlamaForCausalLM),
         `BERT` (class chosen by its heads) or T5 (relative positions). A model with LoRA
-        is written merged (`llm_jax.finetune.merge_lora`).
+        is written merged (`llm_jax.finetune.merge_lora`), a quantized one dequantized.
       out_dir: created if needed; existing files of the same names are replaced.
       tokenizer: a `Tokenizer` or a tokenizer folder to write beside the model.
       spec: special ids to record in config.json; by default taken from `tokenizer`
@@ -163,6 +164,10 @@ def save_hf(
         from llm_jax.finetune.lora import merge_lora  # finetune sits above convert
 
         model = merge_lora(model)
+    if model.cfg.quant_bits:
+        from llm_jax.compress.quant import dequantize  # compress sits above convert
+
+        model = dequantize(model)
     cfg: ModelConfig = model.cfg
     if cfg.prompt_length:
         raise UnsupportedConfigError(

@@ -106,6 +106,13 @@ class ModelConfig(Config):
     # "all_linear" for every one the model has.
     lora_targets: tuple[str, ...] = ("q", "v")
 
+    # Weight-only quantization (`llm_jax.compress.quantize`): 0 keeps float weights; 8 or 4
+    # stores the dense kernels and the token embedding as int8 / packed int4 with scales in
+    # param_dtype, one per output channel and group of `quant_group_size` inputs (0: the
+    # whole input is one group, i.e. per-channel).
+    quant_bits: int = 0
+    quant_group_size: int = 0
+
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str | list):  # a single name, or a YAML list
             names = (
@@ -177,6 +184,7 @@ class ModelConfig(Config):
         self._check_family_options()
         self._check_prompt()
         self._check_lora()
+        self._check_quant()
 
     def _check_choices(self) -> None:
         one_of(self, "family", FAMILIES)
@@ -320,6 +328,20 @@ class ModelConfig(Config):
                 f"{self.family} model; the available names are {available}"
                 + (" (wi_gate needs gated_mlp=True)" if "wi_gate" in unknown else "")
                 + "."
+            )
+
+    def _check_quant(self) -> None:
+        one_of(self, "quant_bits", (0, 4, 8))
+        at_least(self, "quant_group_size", 0, note="0 = one scale per output channel")
+        if self.quant_bits and self.lora_rank:
+            raise ValueError(
+                f"{self.key('quant_bits')}={self.quant_bits} with lora_rank={self.lora_rank}: "
+                "LoRA on a quantized base is not supported; quantize after merging the adapters."
+            )
+        if self.quant_bits == 4 and self.quant_group_size % 2:
+            raise ValueError(
+                f"{self.key('quant_group_size')}={self.quant_group_size}: int4 packs two values "
+                "per byte along the input axis, so the group size must be even (e.g. 128)."
             )
 
     # Construction --------------------------------------------------------------------------

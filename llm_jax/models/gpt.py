@@ -63,7 +63,13 @@ class GPT(nnx.Module):
         dtype, pdtype = spec.dtype, spec.param_dtype
         r = init.dense
         self.embed = Embed(
-            cfg.vocab_size, cfg.d_model, std=r, dtype=dtype, param_dtype=pdtype, rngs=rngs
+            cfg.vocab_size,
+            cfg.d_model,
+            std=r,
+            dtype=dtype,
+            param_dtype=pdtype,
+            quant=spec.quant,
+            rngs=rngs,
         )
         self.pos_embed = (
             param(

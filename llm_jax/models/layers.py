@@ -29,6 +29,7 @@ from llm_jax.models.cache import LayerKV
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import InitScheme
 from llm_jax.models.inputs import split_key
+from llm_jax.ops import quant as quant_ops
 from llm_jax.parallel.rules import constrain
 
 Axes = tuple[str | None, ...]
@@ -102,12 +103,65 @@ def _lora_factors(
     return lora_a, lora_b
 
 
+@dataclasses.dataclass(frozen=True)
+class Quant:
+    """Weight-only quantization settings (see `llm_jax.ops.quant`): 8 or 4 bits, and the
+    inputs per scale (0: one scale per output channel)."""
+
+    bits: int
+    group_size: int = 0
+
+    @property
+    def pack(self) -> int:
+        """Values per stored int8 byte."""
+        return 2 if self.bits == 4 else 1
+
+
+def quant_of(cfg: ModelConfig) -> Quant | None:
+    """The config's quantization settings, or None for float weights."""
+    return Quant(cfg.quant_bits, cfg.quant_group_size) if cfg.quant_bits else None
+
+
+def _quantized_kernel(
+    shape: tuple[int, ...], n_in: int, axes: Axes, quant: Quant, param_dtype: Any
+) -> tuple[nnx.Param, nnx.Param]:
+    """The int8 `kernel` [I / pack, O...] and `scale` [G, O...] of a kernel [in..., out...]
+    whose first `n_in` axes (flattened to I) are contracted; ValueError if G does not fit."""
+    num_inputs = math.prod(shape[:n_in])
+    groups = quant_ops.num_groups(num_inputs, quant.bits, quant.group_size)
+    out_shape, out_axes = shape[n_in:], axes[n_in:]
+    # Several input axes flatten to one, which no single logical name describes.
+    in_axis = axes[0] if n_in == 1 else None
+    kernel = nnx.Param(
+        jnp.zeros((num_inputs // quant.pack, *out_shape), jnp.int8),
+        out_sharding=(in_axis, *out_axes),
+        eager_sharding=False,
+    )
+    scale = param(None, (groups, *out_shape), (None, *out_axes), value=1.0, dtype=param_dtype)
+    return kernel, scale
+
+
+def num_inputs(equation: str) -> int:
+    """How many leading kernel axes an 'x,kernel->y' einsum contracts; ValueError unless
+    they lead (the layout quantized kernels flatten)."""
+    ins, out = equation.split("->")
+    lhs, rhs = ins.split(",")
+    contracted = [c in lhs and c not in out for c in rhs]
+    n_in = sum(contracted)
+    if contracted != [True] * n_in + [False] * (len(rhs) - n_in):
+        raise ValueError(f"cannot quantize {equation!r}: its contracted kernel axes must lead.")
+    return n_in
+
+
 class Einsum(nnx.Module):
     """A linear map written as an einsum, e.g. 'BTD,DNH->BTNH', with an optional bias and
     an optional LoRA update (`lora_a` [in..., R] and `lora_b` [R, out...]).
 
     All dense layers of the models go through this class, so a variant (LoRA, int8
-    weight-only) can replace it without touching the models.
+    weight-only) can replace it without touching the models. With `quant` the kernel is
+    stored quantized (`llm_jax.ops.quant`): `kernel` int8 [I / pack, O...] with the input
+    axes flattened to I, and `scale` [G, O...]; it is dequantized in the compute dtype
+    right before the product.
     """
 
     def __init__(
@@ -122,12 +176,21 @@ class Einsum(nnx.Module):
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         lora: LoRA | None = None,
+        quant: Quant | None = None,
         rngs: nnx.Rngs,
     ):
         self.equation = equation
         self.dtype = dtype
+        self.quant = quant
+        self.kernel_shape = shape
         key = rngs.params()
-        self.kernel = param(None, shape, axes, std=std, dtype=param_dtype, key=key)
+        if quant is None:
+            self.kernel = param(None, shape, axes, std=std, dtype=param_dtype, key=key)
+        else:
+            if lora is not None:
+                raise ValueError("LoRA on a quantized kernel is not supported.")
+            n_in = num_inputs(equation)
+            self.kernel, self.scale = _quantized_kernel(shape, n_in, axes, quant, param_dtype)
         self.bias = param(None, bias_shape, bias_axes, dtype=param_dtype) if bias_shape else None
         self.lora = lora
         # A's key folds out of the kernel's, leaving the key stream (and so every other
@@ -139,8 +202,7 @@ class Einsum(nnx.Module):
     def __call__(self, x: Array, *, dropout_rng: jax.Array | None = None) -> Array:
         """x through the layer; `dropout_rng` turns on the LoRA input dropout (training)."""
         x = x.astype(self.dtype)
-        kernel = self.kernel[...].astype(self.dtype)
-        y = _xla_cpu.dense_einsum(self.equation, x, kernel)
+        y = _xla_cpu.dense_einsum(self.equation, x, self.float_kernel())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -149,6 +211,13 @@ class Einsum(nnx.Module):
                 self.equation, x_lora, self.lora_a[...], self.lora_b[...], self.lora.scale
             )
         return y
+
+    def float_kernel(self) -> Array:
+        """The kernel [in..., out...] in the compute dtype (dequantized when quantized)."""
+        if self.quant is None:
+            return self.kernel[...].astype(self.dtype)
+        w = quant_ops.dequantize(self.kernel[...], self.scale[...], self.quant.bits, self.dtype)
+        return w.reshape(self.kernel_shape)
 
 
 def lookup_table(table: Float[Array, "V E"], row_axis: str = "vocab") -> Float[Array, "V E"]:
@@ -163,7 +232,12 @@ def lookup_table(table: Float[Array, "V E"], row_axis: str = "vocab") -> Float[A
 
 
 class Embed(nnx.Module):
-    """A token (or position/type) embedding table [V, E] with a tied-output `attend`."""
+    """A token (or position/type) embedding table [V, E] with a tied-output `attend`.
+
+    With `quant` the table is stored as the kernel of `attend`: `embedding` int8
+    [E / pack, V] and `scale` [G, V] (groups along E, one scale column per token); a lookup
+    dequantizes only the rows it reads.
+    """
 
     def __init__(
         self,
@@ -174,22 +248,41 @@ class Embed(nnx.Module):
         axes: Axes = ("vocab", "embed"),
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
+        quant: Quant | None = None,
         rngs: nnx.Rngs,
     ):
         self.num_embeddings = num_embeddings
         self.row_axis = axes[0]
         self.dtype = dtype
-        self.embedding = param(rngs, (num_embeddings, features), axes, std=std, dtype=param_dtype)
+        self.quant = quant
+        if quant is None:
+            self.embedding = param(
+                rngs, (num_embeddings, features), axes, std=std, dtype=param_dtype
+            )
+        else:
+            rngs.params()  # the float table's key, so later parameters draw what they would
+            self.embedding, self.scale = _quantized_kernel(
+                (features, num_embeddings), 1, axes[::-1], quant, param_dtype
+            )
 
     def __call__(self, ids: Int[Array, "..."]) -> Float[Array, "... E"]:
+        if self.quant is not None:
+            q = jnp.take(self.embedding[...], ids, axis=1)  # [E / pack, ...]
+            s = jnp.take(self.scale[...], ids, axis=1)  # [G, ...]
+            rows = quant_ops.dequantize(q, s, self.quant.bits, self.dtype)  # [E, ...]
+            return jnp.moveaxis(rows, 0, -1)
         table = lookup_table(self.embedding[...], self.row_axis)
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: Float[Array, "... E"]) -> Float[Array, "... V"]:
         """Logits against the table: x E^T (tied input/output embeddings)."""
-        return jnp.einsum(
-            "...E,VE->...V", x.astype(self.dtype), self.embedding[...].astype(self.dtype)
-        )
+        x = x.astype(self.dtype)
+        if self.quant is not None:
+            table_t = quant_ops.dequantize(
+                self.embedding[...], self.scale[...], self.quant.bits, self.dtype
+            )  # [E, V]
+            return jnp.einsum("...E,EV->...V", x, table_t)
+        return jnp.einsum("...E,VE->...V", x, self.embedding[...].astype(self.dtype))
 
 
 class Norm(nnx.Module):
@@ -258,6 +351,7 @@ class BlockSpec:
     lora: LoRA | None = None
     lora_targets: tuple[str, ...] = ()
     attention_impl: str = "auto"
+    quant: Quant | None = None
 
     def lora_of(self, name: str) -> LoRA | None:
         """The LoRA settings of dense layer `name`, or None when it is not a target."""
@@ -289,6 +383,7 @@ def block_spec(cfg: ModelConfig) -> BlockSpec:
         lora=LoRA(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout) if cfg.lora_rank else None,
         lora_targets=cfg.lora_layers,
         attention_impl=cfg.attention_impl,
+        quant=quant_of(cfg),
     )
 
 
@@ -311,7 +406,7 @@ class _Projections(nnx.Module):
         self.scale = None if spec.attention_scale else 1.0
         self.dropout_rate = spec.attention_dropout_rate
         self.attention_impl = spec.attention_impl
-        common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+        common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, quant=spec.quant, rngs=rngs)
 
         def dense(name, equation, shape, axes, std, bias_shape, bias_axes):
             bias = dict(bias_shape=bias_shape, bias_axes=bias_axes) if spec.use_bias else {}
@@ -454,7 +549,7 @@ class MLP(nnx.Module):
     def __init__(self, spec: BlockSpec, init: InitScheme, *, rngs: nnx.Rngs):
         d, f = spec.d_model, spec.d_ff
         self.activation = spec.activation
-        common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, rngs=rngs)
+        common = dict(dtype=spec.dtype, param_dtype=spec.param_dtype, quant=spec.quant, rngs=rngs)
         use_bias = spec.use_bias
         in_bias = dict(bias_shape=(f,), bias_axes=("mlp",)) if use_bias else {}
         out_bias = dict(bias_shape=(d,), bias_axes=("embed",)) if use_bias else {}
@@ -703,5 +798,6 @@ def untied_lm_head(cfg: ModelConfig, spec: BlockSpec, std: float, rngs: nnx.Rngs
         std=std,
         dtype=spec.dtype,
         param_dtype=spec.param_dtype,
+        quant=spec.quant,
         rngs=rngs,
     )

@@ -1,0 +1,161 @@
+"""Weight-only quantization: the ops against a float64 twin, quantized layers and models,
+checkpoints, decoding and the convert CLI."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import llm_jax as lj
+from llm_jax.cli import main
+from llm_jax.compress import dequantize, quantize, weight_bytes
+from llm_jax.convert import restore_model, save_checkpoint
+from llm_jax.convert.hf import params_of
+from llm_jax.models.layers import Einsum, Quant
+from llm_jax.ops import quant as quant_ops
+from tests.reference import quant_ref
+
+TINY = dict(
+    preset="gpt2-tiny",
+    d_model=64,
+    num_layers=2,
+    num_heads=2,
+    d_ff=128,
+    vocab_size=256,
+    max_position_embeddings=64,
+)
+TOKENS = jnp.asarray([[3, 17, 200, 5, 9, 255, 0, 42]], jnp.int32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return lj.models.build(lj.ModelConfig.from_dict(TINY), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (8, 16), (4, 0), (4, 16)])
+def test_quantize_matches_the_float64_twin(bits, group_size):
+    w = np.random.default_rng(bits + group_size).standard_normal((64, 24)).astype(np.float32)
+    w[:, 3] = 0.0  # an all-zero channel keeps scale 1 and dequantizes to exact zeros
+    q, scale = quant_ops.quantize(jnp.asarray(w), bits, group_size)
+    values = np.asarray(quant_ops.unpack_int4(q) if bits == 4 else q, np.float64)
+    ref_q, ref_scale = quant_ref.quantize(w, bits, group_size)
+    np.testing.assert_allclose(np.asarray(scale), ref_scale, rtol=1e-5)
+    # Away from a rounding tie (float32 vs float64 may break those differently) the
+    # integers agree exactly.
+    ratio = w / np.repeat(ref_scale, 64 // ref_scale.shape[0], axis=0)
+    clear = np.abs(np.abs(ratio - np.trunc(ratio)) - 0.5) > 1e-3
+    np.testing.assert_array_equal(values[clear], ref_q[clear])
+    # Round trip: every weight within half a step of its group's scale.
+    back = np.asarray(quant_ops.dequantize(q, scale, bits), np.float64)
+    np.testing.assert_allclose(back, quant_ref.dequantize(values, ref_scale), rtol=1e-5, atol=1e-7)
+    step = np.repeat(ref_scale, 64 // ref_scale.shape[0], axis=0)
+    assert np.all(np.abs(back - w) <= step / 2 * (1 + 1e-5))
+    assert np.all(back[:, 3] == 0.0)
+
+
+def test_int4_packing_round_trips_every_value():
+    values = jnp.asarray(np.arange(-8, 8).repeat(2).reshape(16, 2) % 16 - 8, jnp.int8)
+    packed = quant_ops.pack_int4(values)
+    assert packed.shape == (8, 2) and packed.dtype == jnp.int8
+    np.testing.assert_array_equal(quant_ops.unpack_int4(packed), values)
+
+
+@pytest.mark.parametrize("bits,group_size", [(8, 0), (4, 16)])
+def test_quantized_einsum_is_the_product_with_the_dequantized_kernel(bits, group_size):
+    """A multi-axis contraction ('BTNH,NHD->BTD'): output = x . dequantized kernel (twin),
+    and |y - y_float| <= sum_i |x_i| * scale_i / 2 per output (the rounding bound)."""
+    rngs = nnx.Rngs(0)
+    kw = dict(std=0.5, rngs=rngs)
+    dense = Einsum("BTNH,NHD->BTD", (4, 8, 16), ("heads", "kv", "embed"), **kw)
+    quant = Einsum(
+        "BTNH,NHD->BTD", (4, 8, 16), ("heads", "kv", "embed"), quant=Quant(bits, group_size), **kw
+    )
+    w = dense.kernel[...].reshape(32, 16)
+    q, scale = quant_ops.quantize(w, bits, group_size)
+    quant.kernel[...], quant.scale[...] = q, scale
+    x = jax.random.normal(jax.random.key(1), (2, 3, 4, 8))
+    y = np.asarray(quant(x), np.float64)
+    values = np.asarray(quant_ops.unpack_int4(q) if bits == 4 else q, np.float64)
+    w_ref = quant_ref.dequantize(values, np.asarray(scale, np.float64))  # [I, D]
+    x_flat = np.asarray(x, np.float64).reshape(2, 3, 32)
+    np.testing.assert_allclose(y, x_flat @ w_ref, rtol=1e-5, atol=1e-5)
+    steps = np.repeat(np.asarray(scale, np.float64), 32 // scale.shape[0], axis=0)
+    bound = np.abs(x_flat) @ (steps / 2)
+    y_float = np.asarray(dense(x), np.float64)
+    assert np.all(np.abs(y - y_float) <= bound * (1 + 1e-4) + 1e-5)
+
+
+def test_quantized_model_is_smaller_and_close_to_float(tiny):
+    ref = np.asarray(tiny(TOKENS))
+    int8, int4 = quantize(tiny, bits=8), quantize(tiny, bits=4, group_size=32)
+    params = params_of(int8)
+    assert params["embed"]["embedding"].dtype == jnp.int8
+    assert params["embed"]["embedding"].shape == (64, 256)  # [E, V]
+    assert params["layers"]["blocks"]["mlp"]["wi"]["kernel"].dtype == jnp.int8
+    assert params_of(int4)["layers"]["blocks"]["mlp"]["wi"]["kernel"].shape == (2, 32, 128)
+    assert params_of(int4)["layers"]["blocks"]["mlp"]["wi"]["scale"].shape == (2, 2, 128)
+    assert weight_bytes(int8) < 0.4 * weight_bytes(tiny)
+    assert weight_bytes(int4) < 0.75 * weight_bytes(int8)  # position table, norms stay fp32
+    # Stated bounds for this random model: int8 logits within 2% and int4 (g32) within 20%
+    # of the largest float logit; the float model itself is untouched.
+    scale = np.abs(ref).max()
+    assert np.abs(np.asarray(int8(TOKENS)) - ref).max() <= 0.02 * scale
+    assert np.abs(np.asarray(int4(TOKENS)) - ref).max() <= 0.2 * scale
+    assert tiny.cfg.quant_bits == 0 and tiny.embed.embedding[...].dtype == jnp.float32
+    # Dequantizing gives the float model that computes exactly what the quantized one does.
+    back = dequantize(int4)
+    assert back.cfg.quant_bits == 0
+    np.testing.assert_allclose(back(TOKENS), int4(TOKENS), rtol=1e-5, atol=1e-6)
+
+
+def test_quantized_checkpoint_reloads_bit_identically(tiny, tmp_path):
+    model = quantize(tiny, bits=4, group_size=16)
+    save_checkpoint(model, tmp_path / "q")
+    loaded = restore_model(tmp_path / "q")
+    assert loaded.config["model"]["quant_bits"] == 4
+    assert loaded.config["model"]["quant_group_size"] == 16
+    want, got = params_of(model), params_of(loaded.model)
+    assert jax.tree.structure(want) == jax.tree.structure(got)
+    for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(loaded.model(TOKENS), model(TOKENS))
+
+
+def test_generate_on_a_quantized_model_is_its_greedy_argmax(tiny):
+    model = quantize(tiny, bits=8)
+    out = lj.sample.generate(model, TOKENS, max_new_tokens=4)
+    # Full causal forwards over one fixed-length buffer (one compile): position p's logits
+    # see only tokens <= p, so the zeros after it do not matter.
+    forward = nnx.jit(lambda m, seq: m(seq))
+    seq = jnp.zeros((1, 12), jnp.int32).at[:, :8].set(TOKENS)
+    for p in range(8, 12):
+        seq = seq.at[0, p].set(jnp.argmax(forward(model, seq)[0, p - 1]))
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(seq[:, 8:]))
+
+
+def test_bad_settings_raise_clear_errors(tiny):
+    with pytest.raises(ValueError, match=r"bits=3.*use bits=8"):
+        quantize(tiny, bits=3)
+    with pytest.raises(ValueError, match="group_size=48 does not divide"):
+        quantize(tiny, bits=4, group_size=48)
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize(quantize(tiny, bits=8), bits=4)
+    with pytest.raises(ValueError, match="quant_bits"):
+        lj.ModelConfig.from_dict({**TINY, "quant_bits": 5})
+    with pytest.raises(ValueError, match="LoRA"):
+        lj.ModelConfig.from_dict({**TINY, "quant_bits": 8, "lora_rank": 4})
+
+
+def test_convert_cli_writes_a_quantized_checkpoint(tiny, tmp_path, capsys):
+    save_checkpoint(tiny, tmp_path / "float")
+    args = ["convert", "--from-checkpoint", str(tmp_path / "float"), "--to", str(tmp_path / "q")]
+    assert main([*args, "--quantize", "int4", "--group-size", "32"]) == 0
+    loaded = restore_model(tmp_path / "q")
+    assert (loaded.model.cfg.quant_bits, loaded.model.cfg.quant_group_size) == (4, 32)
+    np.testing.assert_array_equal(loaded.model(TOKENS), quantize(tiny, 4, 32)(TOKENS))
+    assert main([*args[:3], "--to-hf", str(tmp_path / "hf"), "--quantize", "int8"]) != 0
+    assert "--quantize writes our checkpoint" in capsys.readouterr().err
