@@ -5,7 +5,9 @@ words, configs, and a tiny run end to end (train, resume, load, embed) through t
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from llm_jax.cli import main
 from llm_jax.models import elmo
 from llm_jax.models import elmo_train as et
 from llm_jax.ops import lstm as lstm_ops
+from tests import test_train_process as proc_helpers
 from tests.reference.elmo_ref import (
     char_cnn_ref,
     highway_ref,
@@ -233,13 +236,14 @@ def test_elmo_configs_load_and_initialise(name, corpora, monkeypatch):
         assert sum(x.size for x in jax.tree.leaves(shapes)) == 13_593_312
 
 
-def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
+def _tiny_run_config(corpora, tmp_path) -> tuple[Path, list[str]]:
+    """configs/elmo_tiny.yaml and overrides that make it a seconds-long run on 600 lines."""
     text = (corpora / "shakespeare.txt").read_text().splitlines()[:600]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(text))
     config = tmp_path / "elmo.yaml"
     config.write_text((REPO / "configs" / "elmo_tiny.yaml").read_text())
-    common = [
+    return config, [
         f"data.paths=[{corpus}]",
         "model.filters=[[1, 8], [2, 8], [3, 16]]",
         "model.cell_dim=32",
@@ -254,6 +258,10 @@ def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
         "train.progress=false",
         "optimizer.warmup_steps=0",
     ]
+
+
+def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
+    config, common = _tiny_run_config(corpora, tmp_path)
     run = tmp_path / "run"
     assert main(["train", str(config), f"workdir={run}", "train.steps=4", *common]) == 0
     assert "held-out perplexity: forward" in capsys.readouterr().out
@@ -299,3 +307,58 @@ def test_corpus_rows_packed_and_a_sentence_a_row():
     assert batch["words"].tolist() == [[0, 5, 2, 1]] and batch["mask"].all()
     zebra = [elmo.BOW_CHAR, *(b + 1 for b in b"zebra"), elmo.EOW_CHAR]
     assert batch["chars"][0, 2, :7].tolist() == zebra
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues(corpora, tmp_path, capsys):
+    """`llm-jax train ELMO_CONFIG` as a process: SIGTERM mid-run saves the step it reached
+    (exit 143, as the Transformer loop); a rerun resumes from it."""
+    config, common = _tiny_run_config(corpora, tmp_path)
+    run = tmp_path / "run"
+    args = ["train", str(config), f"workdir={run}", *common]
+    long_run = [*args, "train.steps=100000", "train.checkpoint_every=100000"]
+    with proc_helpers._Background(
+        proc_helpers._cli(*long_run), tmp_path / "term.log", proc_helpers._env(devices=1)
+    ) as child:
+        metrics = run / "metrics.jsonl"
+        child.wait_for(
+            lambda: metrics.exists() and metrics.read_text().count("\n") >= 1,
+            "the first metrics record",
+        )
+        child.proc.send_signal(signal.SIGTERM)
+        assert child.proc.wait(timeout=proc_helpers.TIMEOUT) == 128 + signal.SIGTERM, (
+            child.output()[-4000:]
+        )
+        output = child.output()
+    reached = max(_train_steps(run))
+    assert f"received signal {int(signal.SIGTERM)}: saved step {reached}, exiting" in output
+    assert "Traceback" not in output, output[-4000:]
+    assert proc_helpers._steps(run) == [reached], output[-2000:]
+    proc_helpers._assert_verifies(run, reached)
+
+    assert main([*args, f"train.steps={reached + 2}"]) == 0
+    assert f"resuming from step {reached}" in capsys.readouterr().err
+    assert _train_steps(run) == list(range(1, reached + 3))
+    assert proc_helpers._steps(run)[-1] == reached + 2
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(corpora, tmp_path, capsys):
+    config, common = _tiny_run_config(corpora, tmp_path)
+    run = tmp_path / "run"
+    # Warmup makes step 1's learning rate 0 and step 2's 5e29: step 2's update overflows.
+    explode = ["optimizer.learning_rate=1.0e+30", "optimizer.warmup_steps=2"]
+    args = ["train", str(config), f"workdir={run}", *common, *explode]
+    assert main([*args, "train.steps=10", "train.checkpoint_every=1"]) == 1
+    err = capsys.readouterr().err
+    assert "NonFiniteLossError" in err and "Lower optimizer.learning_rate" in err
+    bad = int(re.search(r"non-finite loss .* at step (\d+)", err).group(1))
+    assert 1 < bad < 10
+    assert f"the last good checkpoint (step {bad - 1})" in err
+    assert proc_helpers._steps(run)[-1] == bad - 1  # nothing of the bad step was saved
+    assert max(_train_steps(run)) == bad - 1
+    model, _ = et.load(run)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def _train_steps(run: Path) -> list[int]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "train/loss" in r]
