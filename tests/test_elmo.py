@@ -170,6 +170,42 @@ def test_backward_lm_reads_right_to_left_on_left_and_right_padding():
         assert not np.allclose(other[layer, 4, :d], want[layer, 4, :d])  # fwd after changes
 
 
+def test_dropout_only_in_training_and_rate_zero_is_the_plain_model():
+    words = [["<S>", "the", "cat", "sat", "</S>"], ["<S>", "a", "dog", "</S>"]]
+    chars, mask = elmo.encode_chars(words, TINY.max_chars)
+    targets = jnp.asarray(np.arange(chars.shape[0] * chars.shape[1]).reshape(mask.shape) % 30)
+    plain = elmo.build(TINY, seed=3)
+    drop = elmo.build(TINY.replace(dropout_rate=0.1), seed=3)  # the same parameters
+    losses = jax.jit(lambda m, key: m.lm_losses(chars, targets, mask, key))
+
+    def values(x):
+        return [np.asarray(v) for v in jax.tree.leaves(x)]
+
+    # Today's model, composed by hand from its parts (no dropout anywhere).
+    x = plain.chars(chars) * mask[..., None]
+    fwd, bwd = x, x
+    for i, (f, b) in enumerate(zip(plain.forward_layers, plain.backward_layers, strict=True)):
+        skip = i > 0
+        fwd = f(fwd, mask, reverse=False) + (fwd if skip else 0)
+        bwd = b(bwd, mask, reverse=True) + (bwd if skip else 0)
+    w, bias = plain.softmax_w[...], plain.softmax_b[...]
+    want = elmo.lm_losses(fwd @ w + bias, bwd @ w + bias, targets, mask)
+    key = jax.random.key(7)
+    # Rate 0 with a key (training), and rate 0.1 without one (evaluation), are exactly that
+    # model: the same compiled-program result bit for bit, and the hand-made one's.
+    zero_rate = values(losses(plain, key))
+    np.testing.assert_array_equal(values(losses(drop, None)), zero_rate)
+    for a, b in zip(zero_rate, values(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6)
+    # In training the key decides the masks: the same key, the same loss; another, another.
+    trained = values(losses(drop, key))
+    np.testing.assert_array_equal(trained, values(losses(drop, jax.random.key(7))))
+    assert not np.allclose(trained, values(losses(drop, None)))
+    assert not np.allclose(trained, values(losses(drop, jax.random.key(8))))
+    with pytest.raises(ValueError, match="dropout_rate"):
+        elmo.ElmoConfig(dropout_rate=1.0)
+
+
 def test_lm_targets_are_next_and_previous_word():
     words = jnp.array([[3, 4, 5, 0], [0, 6, 7, 8]])  # right- and left-padded
     mask = jnp.array([[1, 1, 1, 0], [0, 1, 1, 1]], bool)
@@ -249,6 +285,7 @@ def _tiny_run_config(corpora, tmp_path) -> tuple[Path, list[str]]:
         "model.cell_dim=32",
         "model.num_layers=1",
         "model.proj_dim=16",
+        "model.dropout_rate=0.1",  # its key is in the checkpoint: resume stays exact
         "data.batch_size=8",
         "data.seq_len=10",
         "train.log_every=1",

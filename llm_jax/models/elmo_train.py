@@ -258,9 +258,10 @@ def make_corpus(
 # ----------------------------------------------------------------------------------- steps
 
 
-def _objective(model: Elmo, batch: dict[str, jax.Array]):
-    """The mean of the two directions' mean next-word losses, and their (sum, count)."""
-    losses = model.lm_losses(batch["chars"], batch["words"], batch["mask"])
+def _objective(model: Elmo, batch: dict[str, jax.Array], rng: jax.Array):
+    """The mean of the two directions' mean next-word losses, and their (sum, count);
+    `rng` draws the step's dropout."""
+    losses = model.lm_losses(batch["chars"], batch["words"], batch["mask"], rng)
     mean = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in losses.items()}
     return 0.5 * (mean["forward"] + mean["backward"]), losses
 
@@ -270,8 +271,12 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_fn: 
     `eval_step(params, batch) -> {direction: (sum, count)}`."""
 
     def train_step(state: TrainState, batch):
+        # The dropout key lives in the state (and its checkpoints): a resumed run draws
+        # the masks the uninterrupted one would have.
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
         def loss_fn(params):
-            return _objective(nnx.merge(graphdef, params), batch)
+            return _objective(nnx.merge(graphdef, params), batch, step_rng)
 
         (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -285,7 +290,10 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_fn: 
         }
         for k, (s, c) in losses.items():
             metrics[f"{k}_ppl"] = jnp.exp(s / jnp.maximum(c, 1.0))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng)
+        )
+        return state, metrics
 
     def eval_step(params, batch):
         return nnx.merge(graphdef, params).lm_losses(batch["chars"], batch["words"], batch["mask"])
