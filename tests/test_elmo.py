@@ -206,6 +206,17 @@ def test_dropout_only_in_training_and_rate_zero_is_the_plain_model():
         elmo.ElmoConfig(dropout_rate=1.0)
 
 
+def test_elmo_is_exported_from_llm_jax_models():
+    import llm_jax.models as models
+
+    assert (models.Elmo, models.ElmoConfig, models.ScalarMix) == (
+        elmo.Elmo,
+        elmo.ElmoConfig,
+        elmo.ScalarMix,
+    )
+    assert {"Elmo", "ElmoConfig", "ScalarMix"} <= set(models.__all__)
+
+
 def test_lm_targets_are_next_and_previous_word():
     words = jnp.array([[3, 4, 5, 0], [0, 6, 7, 8]])  # right- and left-padded
     mask = jnp.array([[1, 1, 1, 0], [0, 1, 1, 1]], bool)
