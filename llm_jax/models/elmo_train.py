@@ -1,4 +1,4 @@
-"""Pretraining ELMo's biLM: `llm-jax elmo train configs/elmo_tiny.yaml`, or `train(cfg)`.
+"""Pretraining ELMo's biLM: `llm-jax train configs/elmo_tiny.yaml`, or `train(cfg)`.
 
 A compact trainer of its own rather than `llm_jax.train.loop`: that loop's data side packs
 subword ids from a trained tokenizer and its model side is built from a Transformer
@@ -6,7 +6,9 @@ subword ids from a trained tokenizer and its model side is built from a Transfor
 predicts word ids in two directions. What is shared is everything the two can share:
 the optax chain (`OptimizerConfig` + `make_optimizer`), the `TrainState`, the verified
 `CheckpointManager` (exact resume: the batch of step s is drawn from seed + s), the
-`MetricsWriter` (metrics.jsonl, TensorBoard, loss curve) and the `Progress` bar.
+`MetricsWriter` (metrics.jsonl, TensorBoard, loss curve), the `Progress` bar, and the
+loop's signal handling and non-finite stop (`train.hooks`: SIGTERM/SIGINT saves the step
+in flight; a NaN/inf loss raises `NonFiniteLossError`, keeping the last good checkpoint).
 
 Data: each line is a sentence of whitespace-separated words, framed by <S> ... </S>; the
 framed sentences are one stream cut into rows of T words (`data.pack`, the original's
