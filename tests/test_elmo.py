@@ -5,7 +5,9 @@ words, configs, and a tiny run end to end (train, resume, load, embed) through t
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
 from collections import Counter
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from llm_jax.cli import main
 from llm_jax.models import elmo
 from llm_jax.models import elmo_train as et
 from llm_jax.ops import lstm as lstm_ops
+from tests import test_train_process as proc_helpers
 from tests.reference.elmo_ref import (
     char_cnn_ref,
     highway_ref,
@@ -167,6 +170,53 @@ def test_backward_lm_reads_right_to_left_on_left_and_right_padding():
         assert not np.allclose(other[layer, 4, :d], want[layer, 4, :d])  # fwd after changes
 
 
+def test_dropout_only_in_training_and_rate_zero_is_the_plain_model():
+    words = [["<S>", "the", "cat", "sat", "</S>"], ["<S>", "a", "dog", "</S>"]]
+    chars, mask = elmo.encode_chars(words, TINY.max_chars)
+    targets = jnp.asarray(np.arange(chars.shape[0] * chars.shape[1]).reshape(mask.shape) % 30)
+    plain = elmo.build(TINY, seed=3)
+    drop = elmo.build(TINY.replace(dropout_rate=0.1), seed=3)  # the same parameters
+    losses = jax.jit(lambda m, key: m.lm_losses(chars, targets, mask, key))
+
+    def values(x):
+        return [np.asarray(v) for v in jax.tree.leaves(x)]
+
+    # Today's model, composed by hand from its parts (no dropout anywhere).
+    x = plain.chars(chars) * mask[..., None]
+    fwd, bwd = x, x
+    for i, (f, b) in enumerate(zip(plain.forward_layers, plain.backward_layers, strict=True)):
+        skip = i > 0
+        fwd = f(fwd, mask, reverse=False) + (fwd if skip else 0)
+        bwd = b(bwd, mask, reverse=True) + (bwd if skip else 0)
+    w, bias = plain.softmax_w[...], plain.softmax_b[...]
+    want = elmo.lm_losses(fwd @ w + bias, bwd @ w + bias, targets, mask)
+    key = jax.random.key(7)
+    # Rate 0 with a key (training), and rate 0.1 without one (evaluation), are exactly that
+    # model: the same compiled-program result bit for bit, and the hand-made one's.
+    zero_rate = values(losses(plain, key))
+    np.testing.assert_array_equal(values(losses(drop, None)), zero_rate)
+    for a, b in zip(zero_rate, values(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-6)
+    # In training the key decides the masks: the same key, the same loss; another, another.
+    trained = values(losses(drop, key))
+    np.testing.assert_array_equal(trained, values(losses(drop, jax.random.key(7))))
+    assert not np.allclose(trained, values(losses(drop, None)))
+    assert not np.allclose(trained, values(losses(drop, jax.random.key(8))))
+    with pytest.raises(ValueError, match="dropout_rate"):
+        elmo.ElmoConfig(dropout_rate=1.0)
+
+
+def test_elmo_is_exported_from_llm_jax_models():
+    import llm_jax.models as models
+
+    assert (models.Elmo, models.ElmoConfig, models.ScalarMix) == (
+        elmo.Elmo,
+        elmo.ElmoConfig,
+        elmo.ScalarMix,
+    )
+    assert {"Elmo", "ElmoConfig", "ScalarMix"} <= set(models.__all__)
+
+
 def test_lm_targets_are_next_and_previous_word():
     words = jnp.array([[3, 4, 5, 0], [0, 6, 7, 8]])  # right- and left-padded
     mask = jnp.array([[1, 1, 1, 0], [0, 1, 1, 1]], bool)
@@ -233,18 +283,20 @@ def test_elmo_configs_load_and_initialise(name, corpora, monkeypatch):
         assert sum(x.size for x in jax.tree.leaves(shapes)) == 13_593_312
 
 
-def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
+def _tiny_run_config(corpora, tmp_path) -> tuple[Path, list[str]]:
+    """configs/elmo_tiny.yaml and overrides that make it a seconds-long run on 600 lines."""
     text = (corpora / "shakespeare.txt").read_text().splitlines()[:600]
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(text))
     config = tmp_path / "elmo.yaml"
     config.write_text((REPO / "configs" / "elmo_tiny.yaml").read_text())
-    common = [
+    return config, [
         f"data.paths=[{corpus}]",
         "model.filters=[[1, 8], [2, 8], [3, 16]]",
         "model.cell_dim=32",
         "model.num_layers=1",
         "model.proj_dim=16",
+        "model.dropout_rate=0.1",  # its key is in the checkpoint: resume stays exact
         "data.batch_size=8",
         "data.seq_len=10",
         "train.log_every=1",
@@ -254,6 +306,10 @@ def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
         "train.progress=false",
         "optimizer.warmup_steps=0",
     ]
+
+
+def test_tiny_run_trains_resumes_loads_and_embeds(corpora, tmp_path, capsys):
+    config, common = _tiny_run_config(corpora, tmp_path)
     run = tmp_path / "run"
     assert main(["train", str(config), f"workdir={run}", "train.steps=4", *common]) == 0
     assert "held-out perplexity: forward" in capsys.readouterr().out
@@ -299,3 +355,58 @@ def test_corpus_rows_packed_and_a_sentence_a_row():
     assert batch["words"].tolist() == [[0, 5, 2, 1]] and batch["mask"].all()
     zebra = [elmo.BOW_CHAR, *(b + 1 for b in b"zebra"), elmo.EOW_CHAR]
     assert batch["chars"][0, 2, :7].tolist() == zebra
+
+
+def test_sigterm_saves_the_current_step_and_resume_continues(corpora, tmp_path, capsys):
+    """`llm-jax train ELMO_CONFIG` as a process: SIGTERM mid-run saves the step it reached
+    (exit 143, as the Transformer loop); a rerun resumes from it."""
+    config, common = _tiny_run_config(corpora, tmp_path)
+    run = tmp_path / "run"
+    args = ["train", str(config), f"workdir={run}", *common]
+    long_run = [*args, "train.steps=100000", "train.checkpoint_every=100000"]
+    with proc_helpers._Background(
+        proc_helpers._cli(*long_run), tmp_path / "term.log", proc_helpers._env(devices=1)
+    ) as child:
+        metrics = run / "metrics.jsonl"
+        child.wait_for(
+            lambda: metrics.exists() and metrics.read_text().count("\n") >= 1,
+            "the first metrics record",
+        )
+        child.proc.send_signal(signal.SIGTERM)
+        assert child.proc.wait(timeout=proc_helpers.TIMEOUT) == 128 + signal.SIGTERM, (
+            child.output()[-4000:]
+        )
+        output = child.output()
+    reached = max(_train_steps(run))
+    assert f"received signal {int(signal.SIGTERM)}: saved step {reached}, exiting" in output
+    assert "Traceback" not in output, output[-4000:]
+    assert proc_helpers._steps(run) == [reached], output[-2000:]
+    proc_helpers._assert_verifies(run, reached)
+
+    assert main([*args, f"train.steps={reached + 2}"]) == 0
+    assert f"resuming from step {reached}" in capsys.readouterr().err
+    assert _train_steps(run) == list(range(1, reached + 3))
+    assert proc_helpers._steps(run)[-1] == reached + 2
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_good_checkpoint(corpora, tmp_path, capsys):
+    config, common = _tiny_run_config(corpora, tmp_path)
+    run = tmp_path / "run"
+    # Warmup makes step 1's learning rate 0 and step 2's 5e29: step 2's update overflows.
+    explode = ["optimizer.learning_rate=1.0e+30", "optimizer.warmup_steps=2"]
+    args = ["train", str(config), f"workdir={run}", *common, *explode]
+    assert main([*args, "train.steps=10", "train.checkpoint_every=1"]) == 1
+    err = capsys.readouterr().err
+    assert "NonFiniteLossError" in err and "Lower optimizer.learning_rate" in err
+    bad = int(re.search(r"non-finite loss .* at step (\d+)", err).group(1))
+    assert 1 < bad < 10
+    assert f"the last good checkpoint (step {bad - 1})" in err
+    assert proc_helpers._steps(run)[-1] == bad - 1  # nothing of the bad step was saved
+    assert max(_train_steps(run)) == bad - 1
+    model, _ = et.load(run)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def _train_steps(run: Path) -> list[int]:
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["step"] for r in records if "train/loss" in r]

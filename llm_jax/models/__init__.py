@@ -1,4 +1,8 @@
-"""Flax NNX models built only from `llm_jax.ops`: GPT, BERT, T5."""
+"""Flax NNX models built only from `llm_jax.ops`: GPT, BERT, T5; ELMo (`Elmo`,
+`ElmoConfig`, `ScalarMix`, loaded on first use: `import llm_jax.models` stays as fast)."""
+
+import importlib
+from typing import Any
 
 from llm_jax.models.bert import BERT
 from llm_jax.models.cache import KVCache, LayerKV
@@ -22,13 +26,30 @@ def build(cfg: ModelConfig, *, rngs):
     return cls(cfg, rngs=rngs)
 
 
+# Loaded on first access (PEP 562): the pre-Transformer models' modules.
+_LAZY = {
+    "Elmo": "llm_jax.models.elmo",
+    "ElmoConfig": "llm_jax.models.elmo",
+    "ScalarMix": "llm_jax.models.elmo",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llm_jax.models' has no attribute {name!r}")
+
+
 __all__ = [
     "BERT",
     "GPT",
     "T5",
+    "Elmo",
+    "ElmoConfig",
     "KVCache",
     "LayerKV",
     "ModelConfig",
+    "ScalarMix",
     "build",
     "count_params",
     "param_table",

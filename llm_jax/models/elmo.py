@@ -31,7 +31,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax import ops
-from llm_jax.config import Config, at_least, one_of
+from llm_jax.config import Config, at_least, in_interval, one_of
 from llm_jax.models.layers import param
 from llm_jax.ops import lstm as lstm_ops
 
@@ -49,7 +49,8 @@ SMALL_FILTERS = ((1, 32), (2, 32), (3, 64), (4, 128), (5, 256), (6, 512), (7, 10
 class ElmoConfig(Config):
     """ELMo's architecture; the defaults are the published small model's options
     (`elmo_2x1024_128_2048cnn_1xhighway`): 2 layers of 1024 cells projected to 128,
-    clipping at 3, one highway layer, 2048 char filters, 50 characters a word.
+    clipping at 3, one highway layer, 2048 char filters, 50 characters a word; its
+    dropout 0.1 is `configs/elmo_small.yaml`'s, the default 0.0 being today's behaviour.
 
     `vocab_size` is the output softmax's V; 0 means "from the training vocabulary" (the
     trainer fills it in before building the model).
@@ -70,6 +71,10 @@ class ElmoConfig(Config):
     cell_clip: float | None = 3.0
     proj_clip: float | None = 3.0
     residual: bool = True  # layer l > 1 adds its input to its output
+    # Dropout on each LSTM layer's input and on the top layer's output before the softmax
+    # (bilm-tf's recipe; its published models trained with 0.1), in training only: the
+    # model applies it when given an rng. 0.0 keeps runs configured before it unchanged.
+    dropout_rate: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("max_chars", "char_embed_dim", "num_layers", "cell_dim", "proj_dim"):
@@ -79,6 +84,7 @@ class ElmoConfig(Config):
         at_least(self, "cell_clip", 0, strict=True)
         at_least(self, "proj_clip", 0, strict=True)
         one_of(self, "activation", ("relu", "tanh"))
+        in_interval(self, "dropout_rate", 0.0, 1.0, high_open=True)
         one_of(self, "family", ("elmo",))
         if self.max_chars < 3:
             raise ValueError("model.max_chars must be >= 3 (two word markers and a character).")
@@ -252,9 +258,13 @@ class Elmo(nnx.Module):
         self.softmax_w = param(rngs, (d, cfg.vocab_size), ("embed", "vocab"), std=d**-0.5)
         self.softmax_b = param(None, (cfg.vocab_size,), ("vocab",))
 
-    def _stack(self, layers, x, mask, reverse: bool) -> list[Array]:
+    def _stack(self, layers, x, mask, reverse: bool, rng: jax.Array | None) -> list[Array]:
         outs = []
-        for i, layer in enumerate(layers):
+        keys = [None] * len(layers) if rng is None else list(jax.random.split(rng, len(layers)))
+        for i, (layer, key) in enumerate(zip(layers, keys, strict=True)):
+            # bilm-tf wraps each (residual) cell in a dropout on its input, so the layer and
+            # its skip connection both see the dropped input.
+            x = ops.dropout(x, self.config.dropout_rate, key)
             y = layer(x, mask, reverse=reverse)
             # The original's skip connections: every layer but the first adds its input.
             x = y + x if (i > 0 and self.config.residual) else y
@@ -262,15 +272,17 @@ class Elmo(nnx.Module):
         return outs
 
     def directions(
-        self, chars: Int[Array, "B T W"], mask: Bool[Array, "B T"]
+        self, chars: Int[Array, "B T W"], mask: Bool[Array, "B T"], rng: jax.Array | None = None
     ) -> tuple[Array, list[Array], list[Array]]:
-        """(token encoding [B, T, D], forward outputs, backward outputs: L of [B, T, D])."""
+        """(token encoding [B, T, D], forward outputs, backward outputs: L of [B, T, D]);
+        with `rng`, in training, dropout on each LSTM layer's input."""
         mask = mask.astype(bool)
         x = self.chars(chars) * mask[..., None]
+        fwd_rng, bwd_rng = (None, None) if rng is None else jax.random.split(rng)
         return (
             x,
-            self._stack(self.forward_layers, x, mask, False),
-            self._stack(self.backward_layers, x, mask, True),
+            self._stack(self.forward_layers, x, mask, False, fwd_rng),
+            self._stack(self.backward_layers, x, mask, True, bwd_rng),
         )
 
     def embed(
@@ -285,24 +297,38 @@ class Elmo(nnx.Module):
         return jnp.stack(layers) * mask[None, ..., None]
 
     def lm_logits(
-        self, chars: Int[Array, "B T W"], mask: Bool[Array, "B T"]
+        self, chars: Int[Array, "B T W"], mask: Bool[Array, "B T"], rng: jax.Array | None = None
     ) -> tuple[Float[Array, "B T V"], Float[Array, "B T V"]]:
-        """Logits of the next word (forward) and of the previous word (backward)."""
+        """Logits of the next word (forward) and of the previous word (backward); `rng`
+        (training) turns on `dropout_rate`, None (evaluation) leaves it off."""
         check_chars(self.config, chars, mask)
-        _, fwd, bwd = self.directions(chars, mask)
+        rate, (stack_rng, out_rng) = self.config.dropout_rate, _split(rng)
+        _, fwd, bwd = self.directions(chars, mask, stack_rng)
+        out_keys = _split(out_rng)
+        top = [ops.dropout(h[-1], rate, k) for h, k in zip((fwd, bwd), out_keys, strict=True)]
         w, b = self.softmax_w[...], self.softmax_b[...]
         return (
-            jnp.einsum("BTD,DV->BTV", fwd[-1], w) + b,
-            jnp.einsum("BTD,DV->BTV", bwd[-1], w) + b,
+            jnp.einsum("BTD,DV->BTV", top[0], w) + b,
+            jnp.einsum("BTD,DV->BTV", top[1], w) + b,
         )
 
     def lm_losses(
-        self, chars: Int[Array, "B T W"], words: Int[Array, "B T"], mask: Bool[Array, "B T"]
+        self,
+        chars: Int[Array, "B T W"],
+        words: Int[Array, "B T"],
+        mask: Bool[Array, "B T"],
+        rng: jax.Array | None = None,
     ) -> dict[str, tuple[Array, Array]]:
         """{"forward", "backward": (cross-entropy sum, count)} of the two LMs on a batch whose
-        real words are contiguous in each row (left or right padding)."""
-        fwd, bwd = self.lm_logits(chars, mask)
+        real words are contiguous in each row (left or right padding); `rng` as in
+        `lm_logits`."""
+        fwd, bwd = self.lm_logits(chars, mask, rng)
         return lm_losses(fwd, bwd, words, mask)
+
+
+def _split(rng: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+    """Two keys of `rng`, or two Nones (no dropout) without one."""
+    return (None, None) if rng is None else tuple(jax.random.split(rng))
 
 
 def lm_losses(

@@ -1,4 +1,4 @@
-"""Pretraining ELMo's biLM: `llm-jax elmo train configs/elmo_tiny.yaml`, or `train(cfg)`.
+"""Pretraining ELMo's biLM: `llm-jax train configs/elmo_tiny.yaml`, or `train(cfg)`.
 
 A compact trainer of its own rather than `llm_jax.train.loop`: that loop's data side packs
 subword ids from a trained tokenizer and its model side is built from a Transformer
@@ -6,7 +6,9 @@ subword ids from a trained tokenizer and its model side is built from a Transfor
 predicts word ids in two directions. What is shared is everything the two can share:
 the optax chain (`OptimizerConfig` + `make_optimizer`), the `TrainState`, the verified
 `CheckpointManager` (exact resume: the batch of step s is drawn from seed + s), the
-`MetricsWriter` (metrics.jsonl, TensorBoard, loss curve) and the `Progress` bar.
+`MetricsWriter` (metrics.jsonl, TensorBoard, loss curve), the `Progress` bar, and the
+loop's signal handling and non-finite stop (`train.hooks`: SIGTERM/SIGINT saves the step
+in flight; a NaN/inf loss raises `NonFiniteLossError`, keeping the last good checkpoint).
 
 Data: each line is a sentence of whitespace-separated words, framed by <S> ... </S>; the
 framed sentences are one stream cut into rows of T words (`data.pack`, the original's
@@ -42,7 +44,8 @@ from llm_jax.checkpoint import CheckpointManager
 from llm_jax.config import Config, at_least, in_interval
 from llm_jax.models.elmo import BOS, EOS, UNK, Elmo, ElmoConfig, encode_chars
 from llm_jax.parallel.mesh import logical_axes
-from llm_jax.train.metrics import MetricsWriter, Progress
+from llm_jax.train.hooks import StopOnSignal, nonfinite_error, report_saved_on_signal
+from llm_jax.train.metrics import MetricsWriter, Progress, Throughput
 from llm_jax.train.optimizer import OptimizerConfig, make_optimizer, make_schedule
 from llm_jax.train.step import TrainState, new_train_state
 
@@ -141,8 +144,13 @@ def is_elmo_config(path: str | os.PathLike) -> bool:
 
 
 def run_command(path: str | os.PathLike, overrides: Sequence[str]) -> int:
-    """`llm-jax train ELMO_CONFIG [section.key=value ...]`: train, print where it went."""
+    """`llm-jax train ELMO_CONFIG [section.key=value ...]`: train, print where it went.
+    The exit code is 0, or 128 + the signal number when SIGTERM/SIGINT stopped the run
+    (after saving its step)."""
     run = train(load_run_config(path, overrides))
+    if run.interrupted is not None:
+        print(f"checkpoints: {run.workdir / 'checkpoints'} (rerun to resume)")
+        return 128 + run.interrupted
     print(
         f"held-out perplexity: forward {run.eval['forward_ppl']:.1f}, backward "
         f"{run.eval['backward_ppl']:.1f}\ncheckpoints: {run.workdir / 'checkpoints'}\n"
@@ -252,9 +260,10 @@ def make_corpus(
 # ----------------------------------------------------------------------------------- steps
 
 
-def _objective(model: Elmo, batch: dict[str, jax.Array]):
-    """The mean of the two directions' mean next-word losses, and their (sum, count)."""
-    losses = model.lm_losses(batch["chars"], batch["words"], batch["mask"])
+def _objective(model: Elmo, batch: dict[str, jax.Array], rng: jax.Array):
+    """The mean of the two directions' mean next-word losses, and their (sum, count);
+    `rng` draws the step's dropout."""
+    losses = model.lm_losses(batch["chars"], batch["words"], batch["mask"], rng)
     mean = {k: s / jnp.maximum(c, 1.0) for k, (s, c) in losses.items()}
     return 0.5 * (mean["forward"] + mean["backward"]), losses
 
@@ -264,20 +273,29 @@ def make_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, lr_fn: 
     `eval_step(params, batch) -> {direction: (sum, count)}`."""
 
     def train_step(state: TrainState, batch):
+        # The dropout key lives in the state (and its checkpoints): a resumed run draws
+        # the masks the uninterrupted one would have.
+        rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
+
         def loss_fn(params):
-            return _objective(nnx.merge(graphdef, params), batch)
+            return _objective(nnx.merge(graphdef, params), batch, step_rng)
 
         (loss, losses), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = {
             "loss": loss,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
+            "finite": jnp.isfinite(loss) & jnp.isfinite(grad_norm),
             "learning_rate": lr_fn(state.step),
         }
         for k, (s, c) in losses.items():
             metrics[f"{k}_ppl"] = jnp.exp(s / jnp.maximum(c, 1.0))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state, rng=jax.random.key_data(rng)
+        )
+        return state, metrics
 
     def eval_step(params, batch):
         return nnx.merge(graphdef, params).lm_losses(batch["chars"], batch["words"], batch["mask"])
@@ -309,6 +327,7 @@ class ElmoRun:
     losses: dict[int, float]
     eval: dict[str, float]  # the final forward/backward perplexities on held-out rows
     seconds: float
+    interrupted: int | None = None  # the signal (SIGTERM/SIGINT) that stopped the run
 
 
 def prepare(cfg: ElmoRunConfig, workdir: Path) -> tuple[WordVocab, Corpus, Corpus, ElmoConfig]:
@@ -351,40 +370,58 @@ def _fresh_state(cfg: ElmoRunConfig, model_cfg: ElmoConfig):
 
 
 def train(cfg: ElmoRunConfig) -> ElmoRun:
-    """Pretrain (or resume) the biLM described by `cfg`; see the module docstring."""
+    """Pretrain (or resume) the biLM described by `cfg`; see the module docstring.
+
+    Signals are handled as in `llm_jax.train.loop.train`: SIGTERM/SIGINT during set-up
+    raises `hooks.Interrupted` (nothing to save yet); once steps run, the step in flight
+    finishes, is saved, and the run returns with `interrupted` set.
+
+    Raises:
+      NonFiniteLossError: a step's loss or gradient norm is NaN/inf; nothing of that step
+        is logged or saved, and the last good checkpoint is kept.
+    """
     t0 = time.perf_counter()
     tc, workdir = cfg.train, Path(cfg.workdir).absolute()
-    workdir.mkdir(parents=True, exist_ok=True)
-    vocab, train_c, eval_c, model_cfg = prepare(cfg, workdir)
-    vocab.save(workdir / "vocab.json")
-    resolved = {**cfg.to_dict(), "model": model_cfg.to_dict()}
-    (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
-    graphdef, tx, state = _fresh_state(cfg, model_cfg)
-    steps = make_steps(graphdef, tx, make_schedule(cfg.optimizer, tc.steps))
-    ckpt = CheckpointManager(
-        workdir / "checkpoints",
-        save_interval_steps=tc.checkpoint_every,
-        max_to_keep=tc.keep_checkpoints,
-        async_save=False,
-    )
-    start = 0
-    with ckpt:
-        if ckpt.latest_step() is not None:
-            restored = ckpt.restore(jax.eval_shape(lambda: state))
-            state, start = restored.state, restored.step
-            print(f"resuming from step {start} in {ckpt.directory}", file=sys.stderr)
-        tb = _has("tensorboardX")
-        with MetricsWriter(workdir, resume_step=start, tensorboard=tb) as writer:
-            corpora = (train_c, eval_c)
-            state, losses = _loop(cfg, state, start, steps, corpora, ckpt, writer, resolved)
+    with StopOnSignal() as stop:
+        workdir.mkdir(parents=True, exist_ok=True)
+        vocab, train_c, eval_c, model_cfg = prepare(cfg, workdir)
+        vocab.save(workdir / "vocab.json")
+        resolved = {**cfg.to_dict(), "model": model_cfg.to_dict()}
+        (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
+        graphdef, tx, state = _fresh_state(cfg, model_cfg)
+        steps = make_steps(graphdef, tx, make_schedule(cfg.optimizer, tc.steps))
+        ckpt = CheckpointManager(
+            workdir / "checkpoints",
+            save_interval_steps=tc.checkpoint_every,
+            max_to_keep=tc.keep_checkpoints,
+            async_save=False,
+        )
+        start = 0
+        with ckpt:
+            if ckpt.latest_step() is not None:
+                restored = ckpt.restore(jax.eval_shape(lambda: state))
+                state, start = restored.state, restored.step
+                print(f"resuming from step {start} in {ckpt.directory}", file=sys.stderr)
+            tb = _has("tensorboardX")
+            with MetricsWriter(workdir, resume_step=start, tensorboard=tb) as writer:
+                stop.defer()
+                corpora = (train_c, eval_c)
+                state, losses, reached = _loop(
+                    cfg, state, start, steps, corpora, (ckpt, writer, stop), resolved
+                )
+    seconds = time.perf_counter() - t0
+    if stop.signal is not None:  # saved; the final evaluation is left to the resumed run
+        return ElmoRun(workdir, reached, losses, {}, seconds, interrupted=stop.signal)
     final = evaluate(steps[1], state.params, eval_c, cfg.data.batch_size, tc.eval_batches)
     return ElmoRun(workdir, max(start, tc.steps), losses, final, time.perf_counter() - t0)
 
 
-def _loop(cfg, state, start, steps, corpora, ckpt, writer, resolved):
-    """Steps start+1 .. train.steps: the batch of step s drawn from (seed, s), so a resumed
-    run sees the batches the uninterrupted one would have."""
+def _loop(cfg, state, start, steps, corpora, io, resolved):
+    """Steps start+1 .. train.steps, or until a signal: the batch of step s drawn from
+    (seed, s), so a resumed run sees the batches the uninterrupted one would have.
+    Returns (state, logged losses, the last step run)."""
     tc, (train_step, eval_step), (train_c, eval_c) = cfg.train, steps, corpora
+    ckpt, writer, stop = io
     losses: dict[int, float] = {}
     if start >= tc.steps:
         print(
@@ -392,32 +429,39 @@ def _loop(cfg, state, start, steps, corpora, ckpt, writer, resolved):
             "train.steps to continue.",
             file=sys.stderr,
         )
-        return state, losses
+        return state, losses, start
     progress = Progress(tc.steps, initial_step=start, desc="elmo", enabled=tc.progress)
-    tick, words = time.perf_counter(), 0
-    for step in range(start + 1, tc.steps + 1):
-        rng = np.random.default_rng([tc.seed, step])
-        batch = train_c.batch(rng.integers(0, len(train_c.rows), cfg.data.batch_size))
-        state, metrics = train_step(state, batch)
-        words += int(batch["mask"].sum())
-        if step % tc.log_every == 0 or step == tc.steps:
-            m = {k: float(v) for k, v in metrics.items()}  # a sync, hence only here
-            now = time.perf_counter()
-            m["tokens_per_second"], tick, words = words / (now - tick), now, 0
-            losses[step] = m["loss"]
-            writer.write(step, m, prefix="train")
-            progress.update(step, m)
-        if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
-            ev = evaluate(eval_step, state.params, eval_c, cfg.data.batch_size, tc.eval_batches)
-            writer.write(step, ev, prefix="eval")
-            progress.write(
-                f"step {step} held-out perplexity: forward {ev['forward_ppl']:.1f}, "
-                f"backward {ev['backward_ppl']:.1f}"
-            )
-        last = step == tc.steps
-        ckpt.save(step, state, data_state={"step": step}, config=resolved, force=last)
-    progress.close()
-    return state, losses
+    throughput, step = Throughput(skip_steps=0), start
+    with progress:
+        for step in range(start + 1, tc.steps + 1):
+            rng = np.random.default_rng([tc.seed, step])
+            batch = train_c.batch(rng.integers(0, len(train_c.rows), cfg.data.batch_size))
+            state, metrics = train_step(state, batch)
+            throughput.step(int(batch["mask"].sum()))
+            # A host sync every step, as in the Transformer loop: a non-finite step stops
+            # the run before anything of it is logged or saved.
+            if not bool(metrics["finite"]):
+                bad = {k: float(metrics[k]) for k in ("loss", "grad_norm")}
+                raise nonfinite_error(step, bad, ckpt, tc.checkpoint_every)
+            if step % tc.log_every == 0 or step == tc.steps:
+                m = {k: float(v) for k, v in metrics.items()} | throughput.rates()
+                losses[step] = m["loss"]
+                writer.write(step, m, prefix="train")
+                progress.update(step, m)
+            if (tc.eval_every and step % tc.eval_every == 0) or step == tc.steps:
+                ev = evaluate(eval_step, state.params, eval_c, cfg.data.batch_size, tc.eval_batches)
+                writer.write(step, ev, prefix="eval")
+                progress.write(
+                    f"step {step} held-out perplexity: forward {ev['forward_ppl']:.1f}, "
+                    f"backward {ev['backward_ppl']:.1f}"
+                )
+                throughput.reset()
+            force = step == tc.steps or stop.signal is not None
+            ckpt.save(step, state, data_state={"step": step}, config=resolved, force=force)
+            if stop.signal is not None:
+                report_saved_on_signal(progress, stop.signal, step)
+                break
+    return state, losses, step
 
 
 def _has(module: str) -> bool:

@@ -17,20 +17,22 @@ import sys
 def _train(args: argparse.Namespace) -> int:
     if args.config is None:
         args.parser.error("a CONFIG is required, e.g. llm-jax train configs/tiny.yaml")
-    from llm_jax.models.elmo_train import is_elmo_config, run_command
-
-    if is_elmo_config(args.config):  # model.family: elmo, ELMo's own trainer
-        return run_command(args.config, args.overrides)
     # The signal handling goes in before the slow start-up (the training modules' imports,
     # tokenizer training, init, compile) so that Ctrl-C there ends in one line.
     from llm_jax.train.hooks import Interrupted, StopOnSignal
 
     try:
         with StopOnSignal():
-            from llm_jax.train.config import load_config
-            from llm_jax.train.loop import train
+            from llm_jax.models.elmo_train import is_elmo_config, run_command
 
-            cfg = load_config(args.config, args.overrides)
+            elmo = is_elmo_config(args.config)
+            if not elmo:
+                from llm_jax.train.config import load_config
+                from llm_jax.train.loop import train
+
+                cfg = load_config(args.config, args.overrides)
+        if elmo:  # model.family: elmo, ELMo's own trainer (the same signal handling)
+            return run_command(args.config, args.overrides)
         # `train` installs its own handling at once (saving once steps run); the outer one
         # must not outlive the run and call a signal after the last save "start-up".
         result = train(cfg)

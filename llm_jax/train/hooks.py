@@ -98,18 +98,42 @@ class NonFinite:
     def __call__(self, run: Run, step: int, metrics: dict[str, float]) -> None:
         if metrics["finite"] or self.policy != "stop":
             return
-        last = run.ckpt.latest_step()
-        kept = (
-            f"the last good checkpoint (step {last}) in {run.ckpt.directory} is kept"
-            if last is not None
-            else f"no checkpoint was saved yet (train.checkpoint_every="
-            f"{run.cfg.train.checkpoint_every})"
+        raise nonfinite_error(
+            step,
+            metrics,
+            run.ckpt,
+            run.cfg.train.checkpoint_every,
+            remedy="or set train.on_nonfinite=skip",
         )
-        raise NonFiniteLossError(
-            f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
-            f"step {step}; {kept}. Lower optimizer.learning_rate, raise optimizer.warmup_steps, "
-            "or set train.on_nonfinite=skip."
-        )
+
+
+def nonfinite_error(
+    step: int, metrics: dict[str, float], ckpt, checkpoint_every: int, remedy: str = ""
+) -> NonFiniteLossError:
+    """The error of a non-finite step, naming the last good checkpoint kept (or that none
+    was saved yet) and what to change; `remedy` adds a loop's own option."""
+    last = ckpt.latest_step()
+    kept = (
+        f"the last good checkpoint (step {last}) in {ckpt.directory} is kept"
+        if last is not None
+        else f"no checkpoint was saved yet (train.checkpoint_every={checkpoint_every})"
+    )
+    fixes = "lower optimizer.learning_rate, raise optimizer.warmup_steps"
+    fixes = f"{fixes}, {remedy}" if remedy else fixes.replace(", raise", " or raise")
+    return NonFiniteLossError(
+        f"non-finite loss ({metrics['loss']}) or gradient norm ({metrics['grad_norm']}) at "
+        f"step {step}; {kept}. {fixes[0].upper()}{fixes[1:]}."
+    )
+
+
+def report_saved_on_signal(progress, signum: int, step: int) -> None:
+    """Say that a signal stopped the run after saving `step`: above the progress bar
+    without breaking it, else on stderr (even with train.progress=false)."""
+    message = f"received signal {signum}: saved step {step}, exiting"
+    if progress.enabled:
+        progress.write(message)
+    elif jax.process_index() == 0:
+        print(message, file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -163,8 +187,6 @@ class CheckpointEvery:
     throughput: Throughput
 
     def __call__(self, run: Run, step: int, metrics: dict[str, float]) -> None:
-        import jax
-
         if not (run.ckpt.should_save(step) or step == self.last or self.stop.signal is not None):
             return
         run.ckpt.save(
@@ -176,9 +198,5 @@ class CheckpointEvery:
             force=True,
         )
         if self.stop.signal is not None:
-            message = f"received signal {self.stop.signal}: saved step {step}, exiting"
-            if run.progress.enabled:  # above the bar, without breaking it
-                run.progress.write(message)
-            elif jax.process_index() == 0:  # said even with train.progress=false
-                print(message, file=sys.stderr, flush=True)
+            report_saved_on_signal(run.progress, self.stop.signal, step)
         self.throughput.reset()
