@@ -5,10 +5,14 @@
         --temperature 0.8 --top-p 0.95 --seed 1
     llm-jax sample --checkpoint runs/tiny --prompt "class " --strategy beam --num-beams 4
     llm-jax sample --hf path/to/gpt2 --prompt "Hello, I'm a language model,"
+    llm-jax sample --checkpoint runs/tiny --draft runs/tiny_draft --speculate-k 4 \
+        --prompt "def main("
 
 Greedy and sampled text is streamed to stdout as it is generated (the prompt first, for a
 decoder-only model); beam search prints every finished beam, best first, with its score.
-What was loaded goes to stderr, so stdout holds only text.
+With `--draft` (speculative decoding, greedy or sample) the text comes in one piece when
+generation ends, and the draft's acceptance rate goes to stderr. What was loaded goes to
+stderr, so stdout holds only text.
 """
 
 from __future__ import annotations
@@ -240,6 +244,9 @@ def _sample(args: argparse.Namespace) -> int:
     sentinels = encoder_decoder
     out = sys.stdout
 
+    if args.draft is not None:
+        return _speculate(args, decoder, tokenizer, ids, context, strategy, common)
+
     if name == "beam":
         result = sample.generate(decoder, [ids], strategy=strategy, **common)
         scores = jax.device_get(result.scores)[0]
@@ -262,6 +269,46 @@ def _sample(args: argparse.Namespace) -> int:
     out.write(text.flush() + "\n")
     out.write(_filled_line(tokenizer, ids, generated) if sentinels else "")
     out.flush()
+    return 0
+
+
+def _load_draft(args: argparse.Namespace, tokenizer: Any, ids: list[int]) -> Any:
+    """The --draft model; its tokenizer must turn the prompt into the same ids."""
+    from llm_jax.convert.load import load_for_inference
+
+    loaded = load_for_inference(args.draft, None, None)
+    _check_generates(loaded.model, loaded.where)
+    theirs = prompt_ids(loaded.tokenizer, args.prompt, loaded.run_config, False)
+    if loaded.tokenizer.vocab_size != tokenizer.vocab_size or theirs != ids:
+        raise ValueError(
+            f"--draft {args.draft} has a different tokenizer ({loaded.tokenizer.vocab_size} "
+            f"tokens) from the model's ({tokenizer.vocab_size}); train the draft with the "
+            "model's tokenizer (data.tokenizer_path)."
+        )
+    print(f"draft: {loaded.what}", file=sys.stderr)
+    return loaded.model
+
+
+def _speculate(args, decoder, tokenizer, ids, context, strategy, common) -> int:
+    """--draft: speculative greedy / sampling in one `generate` call, printed at the end."""
+    import jax
+
+    import llm_jax.sample as sample
+
+    if isinstance(strategy, sample.Beam):
+        raise ValueError("--draft speculates greedy or sampled decoding, not --strategy beam.")
+    if decoder.info.is_encoder_decoder:
+        raise ValueError("--draft works with decoder-only models; this one is an encoder-decoder.")
+    draft = sample.as_decoder(_load_draft(args, tokenizer, ids))
+    spec = sample.Speculative(draft=draft, k=args.speculate_k, sampling=strategy)
+    rng = jax.random.key(args.seed) if isinstance(strategy, sample.Sample) else None
+    result = sample.generate(decoder, [ids], strategy=spec, rng=rng, **common)
+    sys.stdout.write(render(tokenizer, context + result.to_lists()[0]) + "\n")
+    sys.stdout.flush()
+    print(
+        f"speculative: k={args.speculate_k}, acceptance rate {result.acceptance_rate:.3f}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -313,4 +360,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample: PRNG seed")
     p.add_argument("--num-beams", type=int, default=None, help="beam (default 4)")
     p.add_argument("--length-penalty", type=float, default=None, help="beam (default 1.0)")
+    p.add_argument(
+        "--draft",
+        metavar="DIR",
+        default=None,
+        help="speculative decoding with this draft checkpoint (same tokenizer, fewer layers)",
+    )
+    p.add_argument("--speculate-k", type=int, default=4, help="--draft: tokens proposed per round")
     p.set_defaults(func=_sample)
