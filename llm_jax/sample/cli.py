@@ -273,10 +273,13 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _load_draft(args: argparse.Namespace, tokenizer: Any, ids: list[int]) -> Any:
-    """The --draft model; its tokenizer must turn the prompt into the same ids."""
+    """The --draft model (a training run, or a Hugging Face folder with safetensors); its
+    tokenizer must turn the prompt into the same ids."""
     from llm_jax.convert.load import load_for_inference
 
-    loaded = load_for_inference(args.draft, None, None)
+    folder = Path(args.draft)
+    hf = (folder / "model.safetensors").exists() or any(folder.glob("*.safetensors.index.json"))
+    loaded = load_for_inference(None, str(folder), None) if hf else load_for_inference(str(folder))
     _check_generates(loaded.model, loaded.where)
     theirs = prompt_ids(loaded.tokenizer, args.prompt, loaded.run_config, False)
     if loaded.tokenizer.vocab_size != tokenizer.vocab_size or theirs != ids:
@@ -364,7 +367,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--draft",
         metavar="DIR",
         default=None,
-        help="speculative decoding with this draft checkpoint (same tokenizer, fewer layers)",
+        help="speculative decoding with this draft: a training run or a Hugging Face folder "
+        "(same tokenizer, fewer layers)",
     )
     p.add_argument("--speculate-k", type=int, default=4, help="--draft: tokens proposed per round")
     p.set_defaults(func=_sample)
