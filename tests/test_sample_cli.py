@@ -278,7 +278,8 @@ def test_draft_speculates_the_greedy_text(capsys, workdir, loaded):
 
 
 def test_draft_with_another_tokenizer_is_refused(capsys, workdir):
-    args = ["--checkpoint", str(workdir), "--prompt", PROMPT, "--draft", str(HF_GPT2)]
+    args = ["--checkpoint", str(workdir), "--prompt", PROMPT, "--max-new-tokens", "8"]
+    args += ["--draft", str(HF_GPT2)]
     code, out, err = run_cli(capsys, *args)
     assert code == 2 and out == ""
     assert "has a different tokenizer" in err and err.startswith("llm-jax sample: error:")

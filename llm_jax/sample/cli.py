@@ -232,6 +232,7 @@ def _sample(args: argparse.Namespace) -> int:
     encoder_decoder = decoder.info.is_encoder_decoder
     ids = prompt_ids(tokenizer, args.prompt, run_config, encoder_decoder)
     _check_lengths(decoder, len(ids), args.max_new_tokens)
+    draft = None if args.draft is None else _load_draft(args, name, decoder, tokenizer, ids)
     print(
         f"loaded {what} ({model.cfg.family}, {count_params(model):,} parameters)",
         file=sys.stderr,
@@ -244,8 +245,9 @@ def _sample(args: argparse.Namespace) -> int:
     sentinels = encoder_decoder
     out = sys.stdout
 
-    if args.draft is not None:
-        return _speculate(args, decoder, tokenizer, ids, context, strategy, common)
+    if draft is not None:
+        print(f"draft: {draft[1]}", file=sys.stderr)
+        return _speculate(args, decoder, draft[0], tokenizer, context, strategy, common)
 
     if name == "beam":
         result = sample.generate(decoder, [ids], strategy=strategy, **common)
@@ -272,10 +274,17 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_draft(args: argparse.Namespace, tokenizer: Any, ids: list[int]) -> Any:
-    """The --draft model (a training run, or a Hugging Face folder with safetensors); its
-    tokenizer must turn the prompt into the same ids."""
+def _load_draft(
+    args: argparse.Namespace, name: str, decoder: Any, tokenizer: Any, ids: list[int]
+) -> tuple[Any, str]:
+    """(the --draft model, what was loaded): a training run, or a Hugging Face folder with
+    safetensors; its tokenizer must turn the prompt into the same ids."""
     from llm_jax.convert.load import load_for_inference
+
+    if name == "beam":
+        raise ValueError("--draft speculates greedy or sampled decoding, not --strategy beam.")
+    if decoder.info.is_encoder_decoder:
+        raise ValueError("--draft works with decoder-only models; this one is an encoder-decoder.")
 
     folder = Path(args.draft)
     hf = (folder / "model.safetensors").exists() or any(folder.glob("*.safetensors.index.json"))
@@ -288,24 +297,19 @@ def _load_draft(args: argparse.Namespace, tokenizer: Any, ids: list[int]) -> Any
             f"tokens) from the model's ({tokenizer.vocab_size}); train the draft with the "
             "model's tokenizer (data.tokenizer_path)."
         )
-    print(f"draft: {loaded.what}", file=sys.stderr)
-    return loaded.model
+    return loaded.model, loaded.what
 
 
-def _speculate(args, decoder, tokenizer, ids, context, strategy, common) -> int:
+def _speculate(args, decoder, draft, tokenizer, context, strategy, common) -> int:
     """--draft: speculative greedy / sampling in one `generate` call, printed at the end."""
     import jax
 
     import llm_jax.sample as sample
 
-    if isinstance(strategy, sample.Beam):
-        raise ValueError("--draft speculates greedy or sampled decoding, not --strategy beam.")
-    if decoder.info.is_encoder_decoder:
-        raise ValueError("--draft works with decoder-only models; this one is an encoder-decoder.")
-    draft = sample.as_decoder(_load_draft(args, tokenizer, ids))
+    draft = sample.as_decoder(draft)
     spec = sample.Speculative(draft=draft, k=args.speculate_k, sampling=strategy)
     rng = jax.random.key(args.seed) if isinstance(strategy, sample.Sample) else None
-    result = sample.generate(decoder, [ids], strategy=spec, rng=rng, **common)
+    result = sample.generate(decoder, [context], strategy=spec, rng=rng, **common)
     sys.stdout.write(render(tokenizer, context + result.to_lists()[0]) + "\n")
     sys.stdout.flush()
     print(
