@@ -116,23 +116,26 @@ def propose(
       (drafts [B, k], their distributions q [B, k, V] (None for greedy), draft cache).
     """
     k = spec.speculate_k
-
-    def call(carry, j):
-        cache, token = carry
+    cache, token = state.draft_cache, newest
+    drafts, probs = [], []
+    # Unrolled (k + 1 is small): a scan would carry, and on XLA:CPU copy, the whole cache.
+    for j in range(k + 1):
         logits, cache = draft.tokens_to_logits(
             token[:, None],
             jnp.minimum(state.positions + j, state.last_position)[:, None],
             jnp.ones_like(token)[:, None],
             cache,
         )  # [B, 1, V]
+        if j == k:
+            break  # this call only writes d_k into the cache
         logits = _suppress_eos(logits[:, 0].astype(jnp.float32), controls, state.lengths + j)
-        step_key = None if key is None else jax.random.fold_in(key, j)
-        token, probs = _choose(spec.strategy, logits, step_key)
-        return (cache, token), (token, probs)
-
-    (cache, _), (drafts, probs) = jax.lax.scan(call, (state.draft_cache, newest), jnp.arange(k + 1))
-    drafts = drafts[:k].T  # [B, k]
-    probs = None if probs is None else jnp.moveaxis(probs[:k], 0, 1)  # [B, k, V]
+        token, q = _choose(
+            spec.strategy, logits, None if key is None else jax.random.fold_in(key, j)
+        )
+        drafts.append(token)
+        probs.append(q)
+    drafts = jnp.stack(drafts, axis=1)  # [B, k]
+    probs = None if probs[0] is None else jnp.stack(probs, axis=1)  # [B, k, V]
     return drafts, probs, cache
 
 
