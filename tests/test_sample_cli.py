@@ -266,3 +266,20 @@ def test_sentinel_helpers_literal():
     e_acute = tok.encode("é")  # two byte-fallback ids
     stream = TextStream(tok, tok.encode("caf"))
     assert stream.push(e_acute[0]) == "" and stream.flush() == ""
+
+
+def test_draft_speculates_the_greedy_text(capsys, workdir, loaded):
+    """--draft (here the run itself as its own draft) prints generate's greedy text."""
+    args = ["--checkpoint", str(workdir), "--prompt", PROMPT, "--max-new-tokens", str(N)]
+    code, out, err = run_cli(capsys, *args, "--draft", str(workdir), "--speculate-k", "3")
+    assert code == 0, err
+    assert out == PROMPT + text(loaded, direct(loaded).to_lists()[0]) + "\n"
+    assert "speculative: k=3, acceptance rate" in err
+
+
+def test_draft_with_another_tokenizer_is_refused(capsys, workdir):
+    args = ["--checkpoint", str(workdir), "--prompt", PROMPT, "--max-new-tokens", "8"]
+    args += ["--draft", str(HF_GPT2)]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2 and out == ""
+    assert "has a different tokenizer" in err and err.startswith("llm-jax sample: error:")

@@ -17,13 +17,15 @@ from llm_jax.sample.decoder import Decoder, DecoderInfo, FunctionDecoder
 from llm_jax.sample.generate import (
     GenerateOutput,
     as_decoder,
+    batch_bucket,
     bucket_length,
     generate,
     stream,
 )
 from llm_jax.sample.loop import SamplingState
 from llm_jax.sample.sampling import filter_logits
-from llm_jax.sample.strategies import Beam, Greedy, Sample
+from llm_jax.sample.speculative import SpeculativeState
+from llm_jax.sample.strategies import Beam, Greedy, Sample, Speculative
 
 __all__ = [
     "Beam",
@@ -35,7 +37,10 @@ __all__ = [
     "Greedy",
     "Sample",
     "SamplingState",
+    "Speculative",
+    "SpeculativeState",
     "as_decoder",
+    "batch_bucket",
     "bucket_length",
     "filter_logits",
     "gather_beams",

@@ -108,6 +108,13 @@ class _ModelDecoder:
         """The cache of batch rows `rows` [R] (beam reorder and repeat)."""
         return cache.take_rows(rows).constrained()
 
+    def rewind(self, cache: KVCache, index: Int[Array, ""], keep_end: Int[Array, " B"]) -> KVCache:
+        """The cache writing next at slot `index`, with slots >= keep_end[b] of row b empty
+        (speculative decoding's rollback; the keys and values stay until overwritten)."""
+        slots = jnp.arange(cache.max_length)
+        valid = cache.valid & (slots[None, :] < keep_end[:, None])  # [B, S]
+        return cache.replace(valid=valid, index=jnp.asarray(index, jnp.int32)).constrained()
+
 
 @struct.dataclass
 class GPTDecoder(_ModelDecoder):

@@ -5,10 +5,14 @@
         --temperature 0.8 --top-p 0.95 --seed 1
     llm-jax sample --checkpoint runs/tiny --prompt "class " --strategy beam --num-beams 4
     llm-jax sample --hf path/to/gpt2 --prompt "Hello, I'm a language model,"
+    llm-jax sample --checkpoint runs/tiny --draft runs/tiny_draft --speculate-k 4 \
+        --prompt "def main("
 
 Greedy and sampled text is streamed to stdout as it is generated (the prompt first, for a
 decoder-only model); beam search prints every finished beam, best first, with its score.
-What was loaded goes to stderr, so stdout holds only text.
+With `--draft` (speculative decoding, greedy or sample) the text comes in one piece when
+generation ends, and the draft's acceptance rate goes to stderr. What was loaded goes to
+stderr, so stdout holds only text.
 """
 
 from __future__ import annotations
@@ -228,6 +232,7 @@ def _sample(args: argparse.Namespace) -> int:
     encoder_decoder = decoder.info.is_encoder_decoder
     ids = prompt_ids(tokenizer, args.prompt, run_config, encoder_decoder)
     _check_lengths(decoder, len(ids), args.max_new_tokens)
+    draft = None if args.draft is None else _load_draft(args, name, decoder, tokenizer, ids)
     print(
         f"loaded {what} ({model.cfg.family}, {count_params(model):,} parameters)",
         file=sys.stderr,
@@ -239,6 +244,10 @@ def _sample(args: argparse.Namespace) -> int:
     # "<extra_id_0> span <extra_id_1> ...", which would print as nothing without them.
     sentinels = encoder_decoder
     out = sys.stdout
+
+    if draft is not None:
+        print(f"draft: {draft[1]}", file=sys.stderr)
+        return _speculate(args, decoder, draft[0], tokenizer, context, strategy, common)
 
     if name == "beam":
         result = sample.generate(decoder, [ids], strategy=strategy, **common)
@@ -262,6 +271,51 @@ def _sample(args: argparse.Namespace) -> int:
     out.write(text.flush() + "\n")
     out.write(_filled_line(tokenizer, ids, generated) if sentinels else "")
     out.flush()
+    return 0
+
+
+def _load_draft(
+    args: argparse.Namespace, name: str, decoder: Any, tokenizer: Any, ids: list[int]
+) -> tuple[Any, str]:
+    """(the --draft model, what was loaded): a training run, or a Hugging Face folder with
+    safetensors; its tokenizer must turn the prompt into the same ids."""
+    from llm_jax.convert.load import load_for_inference
+
+    if name == "beam":
+        raise ValueError("--draft speculates greedy or sampled decoding, not --strategy beam.")
+    if decoder.info.is_encoder_decoder:
+        raise ValueError("--draft works with decoder-only models; this one is an encoder-decoder.")
+
+    folder = Path(args.draft)
+    hf = (folder / "model.safetensors").exists() or any(folder.glob("*.safetensors.index.json"))
+    loaded = load_for_inference(None, str(folder), None) if hf else load_for_inference(str(folder))
+    _check_generates(loaded.model, loaded.where)
+    theirs = prompt_ids(loaded.tokenizer, args.prompt, loaded.run_config, False)
+    if loaded.tokenizer.vocab_size != tokenizer.vocab_size or theirs != ids:
+        raise ValueError(
+            f"--draft {args.draft} has a different tokenizer ({loaded.tokenizer.vocab_size} "
+            f"tokens) from the model's ({tokenizer.vocab_size}); train the draft with the "
+            "model's tokenizer (data.tokenizer_path)."
+        )
+    return loaded.model, loaded.what
+
+
+def _speculate(args, decoder, draft, tokenizer, context, strategy, common) -> int:
+    """--draft: speculative greedy / sampling in one `generate` call, printed at the end."""
+    import jax
+
+    import llm_jax.sample as sample
+
+    draft = sample.as_decoder(draft)
+    spec = sample.Speculative(draft=draft, k=args.speculate_k, sampling=strategy)
+    rng = jax.random.key(args.seed) if isinstance(strategy, sample.Sample) else None
+    result = sample.generate(decoder, [context], strategy=spec, rng=rng, **common)
+    sys.stdout.write(render(tokenizer, context + result.to_lists()[0]) + "\n")
+    sys.stdout.flush()
+    print(
+        f"speculative: k={args.speculate_k}, acceptance rate {result.acceptance_rate:.3f}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -313,4 +367,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sample: PRNG seed")
     p.add_argument("--num-beams", type=int, default=None, help="beam (default 4)")
     p.add_argument("--length-penalty", type=float, default=None, help="beam (default 1.0)")
+    p.add_argument(
+        "--draft",
+        metavar="DIR",
+        default=None,
+        help="speculative decoding with this draft: a training run or a Hugging Face folder "
+        "(same tokenizer, fewer layers)",
+    )
+    p.add_argument("--speculate-k", type=int, default=4, help="--draft: tokens proposed per round")
     p.set_defaults(func=_sample)

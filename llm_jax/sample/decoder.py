@@ -24,6 +24,14 @@ An encoder–decoder sets `info.decoder_start_id`; its `init_cache` also takes t
 engine then prefills the decoder with the start token alone. `take_rows` is how beam
 search copies each prompt's cache to its beams and reorders the beams at every step.
 
+Speculative decoding (`llm_jax.sample.speculative`) also needs, of both models,
+
+    rewind(cache, index [], keep_end [B]) -> cache whose next write lands at slot `index`,
+        with every slot from keep_end[b] on empty in row b (never attended to until
+        written again)
+
+which the project's adapters provide (their `KVCache` masks by its `valid` slots).
+
 The decoder is passed to `jax.jit` as an argument, so its parameters are traced, not baked
 into the program as constants, and two calls with equal static parts share one compile.
 """
@@ -106,12 +114,17 @@ class FunctionDecoder:
       info: static facts (vocab size, length limits, decoder start id).
       take_rows_fn: (cache, rows [R]) -> cache; None gathers axis 0 of every leaf with a
         rank (the batch axis must then lead every array of the cache).
+      rewind_fn: (cache, index [], keep_end [B]) -> cache, for speculative decoding (see
+        the module docstring); None: the decoder cannot speculate.
     """
 
     tokens_to_logits_fn: Callable[..., tuple[Array, Cache]] = struct.field(pytree_node=False)
     init_cache_fn: Callable[..., Cache] = struct.field(pytree_node=False)
     info: DecoderInfo = struct.field(pytree_node=False, default=DecoderInfo())
     take_rows_fn: Callable[[Cache, Array], Cache] | None = struct.field(
+        pytree_node=False, default=None
+    )
+    rewind_fn: Callable[[Cache, Array, Array], Cache] | None = struct.field(
         pytree_node=False, default=None
     )
 
@@ -125,6 +138,11 @@ class FunctionDecoder:
         if self.take_rows_fn is not None:
             return self.take_rows_fn(cache, rows)
         return jax.tree.map(lambda x: x if jnp.ndim(x) == 0 else jnp.take(x, rows, axis=0), cache)
+
+    @property
+    def rewind(self) -> Callable[[Cache, Array, Array], Cache] | None:
+        """`rewind_fn` (None when not given, which `generate` refuses for speculation)."""
+        return self.rewind_fn
 
 
 def init_cache(

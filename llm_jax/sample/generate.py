@@ -11,6 +11,15 @@ number/length of EOS ids and stop sequences shape the compiled program, so new p
 lengths within a bucket reuse it. Encoder inputs (encoder–decoder models) are right-padded
 to the same buckets.
 
+Batch buckets: the batch is padded to the next power of two with copies of the first prompt
+(`batch_bucket`), which start finished (greedy / sampling) or behave exactly like the first
+prompt (beam search), and are dropped from the output; so a new batch size within a bucket
+reuses the compiled program too.
+
+Speculative decoding (`Speculative(draft, k)`): the draft decoder is a traced argument
+next to the model's, checked against it (vocabulary, architecture kind, length limits and
+`rewind`) before compiling; see `llm_jax.sample.speculative`.
+
 Sharded decoding: pass `mesh` and `rules` (and parameters placed on that mesh, e.g. with
 `llm_jax.parallel.logical_to_sharding`) and the program is traced inside
 `activation_sharding(mesh, rules)`, so the model's activation constraints and the adapters'
@@ -24,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -46,7 +56,14 @@ from llm_jax.sample.loop import (
     prefill,
     run_sampling,
 )
-from llm_jax.sample.strategies import Beam, Greedy, Sample
+from llm_jax.sample.speculative import (
+    cache_length as speculative_cache_length,
+)
+from llm_jax.sample.speculative import (
+    run_speculative,
+    speculative_output_fields,
+)
+from llm_jax.sample.strategies import Beam, Greedy, Sample, Speculative
 
 MIN_BUCKET = 16
 
@@ -104,6 +121,9 @@ class GenerateOutput:
         after the end. Beam: the per-token terms of the beam score (EOS at -inf before
         min_new_tokens), so scores == log_probs.sum(-1) / lengths ** length_penalty.
       scores: beam only: float32 HF beam scores, sum(log p) / lengths ** length_penalty.
+      draft_accepted: Speculative only: int32 [B] draft tokens the model accepted per row.
+      draft_proposed: Speculative only: int32 [B] draft tokens proposed per row (k per
+        round while the row was live).
     """
 
     tokens: Int[Array, "..."]
@@ -111,6 +131,16 @@ class GenerateOutput:
     finished: Bool[Array, "..."]
     log_probs: Float[Array, "..."] | None = None
     scores: Float[Array, "..."] | None = None
+    draft_accepted: Int[Array, " B"] | None = None
+    draft_proposed: Int[Array, " B"] | None = None
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Speculative only: accepted / proposed draft tokens over the whole batch."""
+        if self.draft_proposed is None:
+            return None
+        proposed = int(np.sum(np.asarray(self.draft_proposed)))
+        return int(np.sum(np.asarray(self.draft_accepted))) / max(proposed, 1)
 
     def to_lists(self) -> list:
         """The generated ids as Python lists, each cut at its length (nested per beam)."""
@@ -134,6 +164,11 @@ def bucket_length(length: int, limit: int | None = None) -> int:
     if limit is not None and length <= limit < bucket:
         return limit
     return bucket
+
+
+def batch_bucket(batch_size: int) -> int:
+    """The padded batch size: the smallest power of two >= batch_size."""
+    return 1 << (max(batch_size, 1) - 1).bit_length()
 
 
 def as_decoder(
@@ -258,7 +293,8 @@ class Request:
     Attributes:
       max_new_tokens: N, the most tokens generated per prompt.
       strategy: `Greedy()` (the default; None means it), `Sample(temperature, top_k,
-        top_p)` or `Beam(...)`. `Sample(temperature=0)` is stored as `Greedy()`.
+        top_p)`, `Beam(...)` or `Speculative(draft, k, sampling)`. `Sample(temperature=0)`
+        is stored as `Greedy()`.
       eos_id: one id or several ids that end a row; None for no EOS.
       min_new_tokens: EOS is forbidden until this many tokens were generated.
       stop_sequences: token sequences; a row ends once its generated tokens end with one
@@ -270,7 +306,7 @@ class Request:
     """
 
     max_new_tokens: int
-    strategy: Greedy | Sample | Beam | None = None
+    strategy: Greedy | Sample | Beam | Speculative | None = None
     eos_id: int | Sequence[int] | None = None
     min_new_tokens: int = 0
     stop_sequences: Sequence[Sequence[int]] = ()
@@ -280,9 +316,10 @@ class Request:
 
     def __post_init__(self) -> None:
         strategy = Greedy() if self.strategy is None else self.strategy
-        if not isinstance(strategy, (Greedy, Sample, Beam)):
+        if not isinstance(strategy, (Greedy, Sample, Beam, Speculative)):
             raise ValueError(
-                f"strategy must be Greedy(), Sample(...) or Beam(...); got {strategy!r}."
+                "strategy must be Greedy(), Sample(...), Beam(...) or Speculative(...); "
+                f"got {strategy!r}."
             )
         if isinstance(strategy, Sample) and strategy.is_greedy:
             strategy = Greedy()  # temperature 0: the same program as Greedy()
@@ -363,10 +400,12 @@ def check_fits(
 
 
 def _sampling_key(
-    strategy: Greedy | Sample | Beam, rng: jax.Array | int | None
+    strategy: Greedy | Sample | Beam | Speculative, rng: jax.Array | int | None
 ) -> jax.Array | None:
     """The PRNG key of a `Sample` call; None otherwise, so greedy and beam search (which are
     deterministic) compile one program with or without a key."""
+    if isinstance(strategy, Speculative):
+        strategy = strategy.sampling
     if not isinstance(strategy, Sample):
         return None
     if rng is None:
@@ -444,17 +483,90 @@ def _check_and_pad(
     vocab_size = decoder.info.vocab_size
     controls = _controls(req, vocab_size)
     prompts = _as_prompts(prompt_ids, vocab_size)
+    batch = len(prompts)
+    prompts += [prompts[0]] * (batch_bucket(batch) - batch)
     if decoder.info.is_encoder_decoder:
         prompt = _pad_encoder_prompts(prompts, decoder, req)
     else:
         prompt = _pad_decoder_prompts(prompts, decoder, req)
+    prompt = prompt.replace(dummy=np.arange(len(prompts)) >= batch)
+    strategy, k = req.strategy, 0
+    length = prompt.tokens.shape[1] + req.max_new_tokens
+    if isinstance(strategy, Speculative):
+        strategy, k = strategy.sampling, strategy.k
+        length = speculative_cache_length(
+            prompt.tokens.shape[1], req.max_new_tokens, len(prompts), k
+        )
+        _check_speculative_length(decoder, length, len(prompts), req)
     spec = LoopSpec(
-        strategy=req.strategy,
+        strategy=strategy,
         max_new_tokens=req.max_new_tokens,
-        cache_length=prompt.tokens.shape[1] + req.max_new_tokens,
+        cache_length=length,
         return_log_probs=bool(req.return_log_probs),
+        speculate_k=k,
     )
     return decoder, prompt, controls, rng, spec
+
+
+def _check_speculative_length(decoder: Decoder, length: int, batch: int, req: Request) -> None:
+    """Speculation's holes need more cache slots than positions; a model whose cache is
+    bounded (learned positions) must hold them."""
+    limit = _max_length(decoder, req)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"speculative decoding of a batch of {batch} (bucketed) with "
+            f"max_new_tokens={req.max_new_tokens} needs {length} cache slots (rows accept "
+            f"different numbers of tokens and leave holes), but the model has {limit} "
+            "positions; lower max_new_tokens, k or the batch size."
+        )
+
+
+def _draft_decoder(
+    decoder: Decoder,
+    prompt: Prompt,
+    req: Request,
+    *,
+    mesh: Mesh | None = None,
+    rules: str | dict[str, Any] | None = None,
+) -> Decoder | None:
+    """The draft of a `Speculative` call as a `Decoder`, checked against the model."""
+    strategy = req.strategy
+    if not isinstance(strategy, Speculative):
+        return None
+    draft = strategy.draft
+    if isinstance(draft, (str, os.PathLike)):
+        from llm_jax.convert.load import load_for_inference
+
+        draft = load_for_inference(str(draft), None, None).model
+    draft = as_decoder(draft, mesh=mesh, rules=rules)
+    ours, theirs = decoder.info, draft.info
+    if None not in (ours.vocab_size, theirs.vocab_size) and ours.vocab_size != theirs.vocab_size:
+        raise ValueError(
+            f"the draft's vocabulary has {theirs.vocab_size} tokens but the model's has "
+            f"{ours.vocab_size}; speculative decoding needs a draft trained with the "
+            "model's tokenizer."
+        )
+    if ours.is_encoder_decoder != theirs.is_encoder_decoder:
+        raise ValueError(
+            "the draft and the model must both be decoder-only or both encoder-decoders."
+        )
+    for name, d in (("the model", decoder), ("the draft", draft)):
+        if getattr(d, "rewind", None) is None:
+            raise ValueError(
+                f"{name} has no rewind(cache, index, keep_end), which speculative decoding "
+                "needs (see llm_jax.sample.decoder); FunctionDecoder takes rewind_fn=."
+            )
+    longest = int(np.max(np.asarray(prompt.lengths)))
+    check_fits(longest, req.max_new_tokens, theirs.max_length, limit="the draft's max_length is {}")
+    _check_speculative_length(
+        draft,
+        speculative_cache_length(
+            prompt.tokens.shape[1], req.max_new_tokens, prompt.tokens.shape[0], req.strategy.k
+        ),
+        prompt.tokens.shape[0],
+        dataclasses.replace(req, max_length=None),
+    )
+    return draft
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "sharding"))
@@ -465,8 +577,12 @@ def _generate_jit(
     rng: jax.Array | None,
     spec: LoopSpec,
     sharding: MeshRules | None = None,
+    draft: Decoder | None = None,
 ) -> dict[str, Array | None]:
     with _sharding_context(sharding):
+        if spec.speculate_k:
+            state = run_speculative(decoder, draft, prompt, controls, rng, spec)
+            return speculative_output_fields(state)
         if isinstance(spec.strategy, Beam):
             return beam_output_fields(spec, run_beam_search(decoder, prompt, controls, spec))
         return output_fields(run_sampling(decoder, prompt, controls, rng, spec))
@@ -510,9 +626,11 @@ def generate(
     decoder, prompt, controls, rng, spec = _check_and_pad(
         model, prompt_ids, req, rng, mesh=mesh, rules=rules
     )
+    draft = _draft_decoder(decoder, prompt, req, mesh=mesh, rules=rules)
     sharding = MeshRules.make(mesh, rules)
-    fields = _generate_jit(decoder, prompt, controls, rng, spec, sharding)
-    return GenerateOutput(**fields)
+    fields = _generate_jit(decoder, prompt, controls, rng, spec, sharding, draft)
+    batch = int(np.sum(~np.asarray(prompt.dummy)))
+    return GenerateOutput(**jax.tree.map(lambda x: x[:batch], fields))
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "sharding"))
@@ -565,22 +683,24 @@ def stream(
       An iterator of [B] int32 arrays: token t of every row, pad_id for rows that ended.
     """
     req = _request("stream", request, refused=("return_log_probs",))
-    if isinstance(req.strategy, Beam):
+    if isinstance(req.strategy, (Beam, Speculative)):
         raise ValueError(
-            "stream() supports Greedy() and Sample(...); use generate() for Beam(...)."
+            "stream() supports Greedy() and Sample(...); use generate() for Beam(...) and "
+            "Speculative(...)."
         )
     decoder, prompt, controls, rng, spec = _check_and_pad(
         model, prompt_ids, req, rng, mesh=mesh, rules=rules
     )
     sharding = MeshRules.make(mesh, rules)
+    batch = int(np.sum(~np.asarray(prompt.dummy)))
 
     def tokens() -> Iterator[np.ndarray]:
         state = _stream_prefill(decoder, prompt, controls, rng, spec, sharding)
         running = is_running(spec, state)
-        yield np.asarray(state.tokens[:, 0])
+        yield np.asarray(state.tokens[:batch, 0])
         while bool(running):
             step = int(state.step)
             state, running = _stream_step(decoder, controls, state, spec, sharding)
-            yield np.asarray(state.tokens[:, step])
+            yield np.asarray(state.tokens[:batch, step])
 
     return tokens()

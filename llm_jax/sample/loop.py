@@ -35,12 +35,15 @@ class LoopSpec:
       max_new_tokens: N, the width of the output buffers.
       cache_length: slots in the cache: prompt bucket + N.
       return_log_probs: also carry the per-token log-prob buffer.
+      speculate_k: > 0: speculative decoding with a draft proposing this many tokens per
+        round (`strategy` is then Greedy or Sample; see `llm_jax.sample.speculative`).
     """
 
     strategy: Greedy | Sample | Beam
     max_new_tokens: int
     cache_length: int
     return_log_probs: bool = False
+    speculate_k: int = 0
 
 
 @struct.dataclass
@@ -53,6 +56,7 @@ class Prompt:
     lengths: Int[Array, " B"]  # real decoder-prompt tokens per row
     encoder_tokens: Int[Array, "B S"] | None = None  # encoder input, right-padded
     encoder_segment_ids: Int[Array, "B S"] | None = None  # 1 real, 0 padding
+    dummy: Bool[Array, " B"] | None = None  # rows that only fill the batch bucket
 
 
 @struct.dataclass
@@ -164,7 +168,8 @@ def prefill(
         log_probs=jnp.zeros((batch, n), jnp.float32) if spec.return_log_probs else None,
         positions=prompt.lengths.astype(jnp.int32) - 1,
         lengths=jnp.zeros((batch,), jnp.int32),
-        done=jnp.zeros((batch,), bool),
+        # Rows that only fill the batch bucket start finished, so they never keep the loop going.
+        done=jnp.zeros((batch,), bool) if prompt.dummy is None else prompt.dummy,
         recent=jnp.full((batch, controls.stop_sequences.shape[1]), -1, jnp.int32),
         cache=cache,
         rng=rng,

@@ -11,12 +11,17 @@ share one compiled program.
 - `Beam(num_beams, length_penalty, early_stopping, num_return_sequences)`: beam search
   scored as Hugging Face does: sum of the generated tokens' log-probs divided by
   (number of generated tokens) ** length_penalty.
+- `Speculative(draft, k, sampling)`: a small draft model proposes k tokens, the model
+  verifies them in one call (see `llm_jax.sample.speculative`); the output is that of
+  `sampling` (Greedy or Sample) on the model alone: token for token for greedy, in
+  distribution for sampling. The draft's parameters are not part of the compiled program's
+  key: `generate` passes the draft decoder as a traced argument.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,4 +107,36 @@ class Beam:
             )
 
 
-Strategy = Greedy | Sample | Beam
+@dataclasses.dataclass(frozen=True)
+class Speculative:
+    """Speculative decoding with a draft model (Leviathan et al. 2023; Chen et al. 2023).
+
+    Attributes:
+      draft: the draft: a `Decoder`, a GPT / T5 model, or a checkpoint directory (loaded
+        with `llm_jax.convert.load.load_for_inference`). Same vocabulary as the model.
+        Compared by identity (it holds parameters), and never part of a compiled program's
+        static key.
+      k: draft tokens proposed per round (each round emits 1 to k + 1 tokens per row).
+      sampling: how tokens are chosen: `Greedy()` or `Sample(...)`; `Sample(temperature=0)`
+        is stored as `Greedy()`.
+    """
+
+    draft: Any = dataclasses.field(compare=False)
+    k: int = 4
+    sampling: Greedy | Sample = Greedy()
+
+    def __post_init__(self) -> None:
+        if self.draft is None:
+            raise ValueError("Speculative(draft=None): pass the draft model, decoder or directory.")
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"Speculative(k={self.k!r}): k must be an int >= 1.")
+        if not isinstance(self.sampling, (Greedy, Sample)):
+            raise ValueError(
+                f"Speculative(sampling={self.sampling!r}): use Greedy() or Sample(...); beam "
+                "search does not speculate."
+            )
+        if isinstance(self.sampling, Sample) and self.sampling.is_greedy:
+            object.__setattr__(self, "sampling", Greedy())
+
+
+Strategy = Greedy | Sample | Beam | Speculative
