@@ -221,8 +221,10 @@ def test_fewshot_prompts_are_seeded_and_never_hold_the_item():
     assert text == "Q: q1\nA: y\n\nQ: q2\nA: x\n\n"
     with pytest.raises(ValueError, match="needs 6 other examples; the pool has 5"):
         data_lib.fewshot_indices(6, 0, 6, seed=0)
-    # A separate few-shot file may be drawn from entirely.
-    assert sorted(data_lib.fewshot_indices(3, None, 3, seed=0)) == [0, 1, 2]
+    # A separate few-shot file may be drawn from entirely, and each item gets its own draw.
+    assert sorted(data_lib.fewshot_indices(3, 0, 3, seed=0, same_file=False)) == [0, 1, 2]
+    other = [data_lib.fewshot_indices(50, i, 3, seed=7, same_file=False) for i in range(6)]
+    assert len({tuple(d) for d in other}) == 6
 
 
 def test_template_moves_the_space_into_the_continuation():

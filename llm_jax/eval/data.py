@@ -181,15 +181,18 @@ def check_template(template: str) -> None:
     split_template(template, "", "")
 
 
-def fewshot_indices(n_pool: int, index: int | None, shots: int, seed: int) -> list[int]:
-    """`shots` distinct pool indices for item `index`, never `index` itself (when the pool is
-    the evaluated file); a pure function of (seed, index)."""
-    available = n_pool - (index is not None)
+def fewshot_indices(
+    n_pool: int, index: int, shots: int, seed: int, *, same_file: bool = True
+) -> list[int]:
+    """`shots` distinct pool indices for item `index`: a pure function of (seed, index), so
+    every item gets its own draw; never `index` itself when the pool is the evaluated file
+    (`same_file`)."""
+    available = n_pool - same_file
     if shots > available:
         raise ValueError(f"--shots {shots} needs {shots} other examples; the pool has {available}.")
-    rng = np.random.default_rng([seed, 0 if index is None else index + 1])
+    rng = np.random.default_rng([seed, index])
     drawn = rng.permutation(n_pool).tolist()
-    return [i for i in drawn if i != index][:shots]
+    return [i for i in drawn if not (same_file and i == index)][:shots]
 
 
 def fewshot_prompt(template: str, examples: Sequence[Choice]) -> str:

@@ -199,8 +199,10 @@ def choice_requests(
     for i, item in enumerate(items):
         shots = ""
         if prompting.shots:
-            own = i if prompting.fewshot is None else None
-            chosen = data_lib.fewshot_indices(len(pool), own, prompting.shots, prompting.seed)
+            same = prompting.fewshot is None
+            chosen = data_lib.fewshot_indices(
+                len(pool), i, prompting.shots, prompting.seed, same_file=same
+            )
             shots = data_lib.fewshot_prompt(prompting.template, [pool[j] for j in chosen])
         for k, choice in enumerate(item.choices):
             context, continuation = data_lib.split_template(
