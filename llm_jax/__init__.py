@@ -15,6 +15,7 @@ _SUBPACKAGES = (
     "eval",
     "finetune",
     "models",
+    "notebook",
     "ops",
     "parallel",
     "sample",

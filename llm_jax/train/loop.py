@@ -13,6 +13,7 @@ import dataclasses
 import json
 import sys
 from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -125,8 +126,12 @@ def _to_float(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
-def train(cfg: RunConfig) -> RunResult:
+def train(cfg: RunConfig, callbacks: Sequence[Callable[[Run, int, dict], None]] = ()) -> RunResult:
     """Run (or resume) the training job described by `cfg`. See the module docstring.
+
+    `callbacks` run after each step, after the run's own hooks, as
+    `callback(run, step, metrics)` with the step's metrics as floats (e.g.
+    `llm_jax.notebook.LiveLossPlot` redraws a loss curve in a notebook).
 
     Raises:
       hooks.Interrupted: SIGTERM/SIGINT arrived during set-up (nothing was saved).
@@ -138,7 +143,7 @@ def train(cfg: RunConfig) -> RunResult:
             run.state, metrics = run.steps.train(run.state, run.batch)
             run.step, m = step, _to_float(metrics)
             run.losses[step] = m["loss"]
-            for hook in run.hooks:
+            for hook in (*run.hooks, *callbacks):
                 hook(run, step, m)
             if stop.signal is not None:
                 break
