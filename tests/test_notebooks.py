@@ -56,7 +56,7 @@ def test_every_notebook_has_the_same_install_cell_at_the_repository_url():
     cells = {py.name: _first_code(jupytext.read(py)) for py in NOTEBOOKS}
     for name, cell in cells.items():
         assert f'"{url}"' in cell, f"{name}: the install cell must install from {url}"
-        assert "find_spec(\"llm_jax\")" in cell, f"{name}: install only when llm_jax is missing"
+        assert 'find_spec("llm_jax")' in cell, f"{name}: install only when llm_jax is missing"
     assert len(set(cells.values())) == 1, "the install cells differ between notebooks"
 
 

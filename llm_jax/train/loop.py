@@ -12,8 +12,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from pathlib import Path
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import jax
