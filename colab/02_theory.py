@@ -110,8 +110,8 @@ model = lj.models.GPT(cfg, rngs=nnx.Rngs(0))
 graphdef, params = nnx.split(model)
 print(f"GPT: {lj.models.count_params(model):,} parameters")
 
-T_TRAIN, B_TRAIN = nb.pick(smoke=64, full=128), nb.pick(smoke=16, full=32)
-STEPS = nb.pick(smoke=80, full=800)
+T_TRAIN, B_TRAIN = nb.pick(smoke=64, full=128), nb.pick(smoke=8, full=32)
+STEPS = nb.pick(smoke=60, full=800)
 optimizer = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 3e-3, 20, STEPS), b2=0.99)
 opt_state = optimizer.init(params)
 
@@ -179,10 +179,13 @@ plt.show()
 # $$\log p(x_1,\dots,x_T) = \sum_{t=1}^{T} \log p(x_t \mid x_{<t}),\qquad
 # p(\cdot \mid x_{<t}) = \mathrm{softmax}(z_t),$$
 #
-# where $z_t$ are the logits the model computes from the prefix (`llm_jax/models/gpt.py::GPT`,
-# causal, so position $t$ sees only $x_{\le t}$). The sum of log-probabilities is minus the
-# summed cross-entropy: `llm_jax/ops/losses.py::cross_entropy` returns $-\log p(x_{2..T}\mid
-# x_1)$ as its sum, and `llm_jax/ops/softmax.py::log_softmax` gives the per-token terms.
+# where $z_t$ are the logits the model computes from the prefix $x_{<t}$ alone (the causal
+# mask of `llm_jax/models/gpt.py::GPT` guarantees it). Without a begin-of-sequence token the
+# first character is given, so below we score $\log p(x_{2..T}\mid x_1)$. The sum of
+# log-probabilities is minus the summed cross-entropy, the sum that
+# `llm_jax/ops/losses.py::cross_entropy` returns, and `llm_jax/ops/softmax.py::log_softmax`
+# gives the per-token terms. A real line should score far higher than the same letters
+# shuffled.
 # The check recomputes the chain rule in float64 NumPy from the model's logits.
 
 
@@ -226,6 +229,7 @@ print(
         ]
     )
 )
+assert log_p > log_p_s, "the model should prefer the real line to its letters shuffled"
 
 # %% tags=["plot"]
 fig, ax = plt.subplots(figsize=(9, 3))
@@ -630,13 +634,13 @@ pts = np.asarray(
     ops.apply_rope(
         jnp.asarray(np.tile([[[[1.0, 0.0]]]], (1, 12, 1, 1)).astype(np.float32)),
         jnp.arange(12)[None],
-        theta=10.0,
+        inv_freq=jnp.array([0.5]),  # one pair (H = 2) turning by θ = 0.5 rad per position
     )
 )
 axes[1].plot(pts[0, :, 0, 0], pts[0, :, 0, 1], "o-")
 for p_i in range(12):
     axes[1].annotate(str(p_i), pts[0, p_i, 0])
-axes[1].set(aspect="equal", title="one coordinate pair rotated by p·θ (p = 0..11)")
+axes[1].set(aspect="equal", title="(x1, x2) = (1, 0) rotated by p·θ, θ = 0.5")
 plt.tight_layout()
 plt.show()
 
