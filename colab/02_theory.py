@@ -895,7 +895,8 @@ for frac, p, n in [
 span = slice(0, 160)
 show = lambda ids_: tok.decode(ids_).replace("<mask>", "_")  # noqa: E731
 print("original:", data[span].shape[0], "chars\n" + tok.decode(data[span]))
-print("\nmasked (_ = <mask>):\n" + show(masked[span]))
+print("\nmasked (_ = <mask>; a random replacement shows as another character):")
+print(show(masked[span]))
 
 # %%
 corpus_file = "runs/02_theory/shakespeare.txt"
