@@ -236,7 +236,7 @@ fig, ax = plt.subplots(figsize=(9, 3))
 ax.bar(range(len(per_tok)), -per_tok / math.log(2), label="Hamlet", alpha=0.8)
 ax.bar(range(len(per_tok_s)), -per_tok_s / math.log(2), label="same letters shuffled", alpha=0.5)
 ax.set_xticks(range(len(per_tok)), list(sentence[1:]))
-ax.set(ylabel="surprisal (bits)", title="-log2 p(x_t | x_<t), character by character")
+ax.set(ylabel="surprisal (bits)", title="-log2 p(x_t | x_<t); x labels: the Hamlet line")
 ax.legend()
 plt.show()
 
@@ -528,6 +528,7 @@ for ax, (name, m) in zip(
 ):
     ax.imshow(m, cmap="Greys", vmin=0, vmax=1)
     ax.set(title=name, xlabel="key j", ylabel="query i", xticks=range(T), yticks=range(T))
+fig.suptitle("black: query i may attend to key j")
 plt.tight_layout()
 plt.show()
 
