@@ -66,6 +66,9 @@ from flax import nnx
 import llm_jax as lj
 from llm_jax import ops
 
+# TPUs (and TF32 GPUs) multiply float32 matrices in reduced-precision passes by default;
+# the checks below compare with float64 at rtol 1e-5, so ask for full float32 products.
+jax.config.update("jax_default_matmul_precision", "highest")
 t_start = time.perf_counter()
 rng = np.random.default_rng(0)
 
