@@ -10,6 +10,7 @@ be a markdown line `# ## Heading` of the jupytext twin `colab/NN_name.py`.
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import re
 from pathlib import Path
@@ -75,9 +76,11 @@ def _resolve_code(path: str, name: str) -> str | None:
     return None
 
 
-def _top_level(tree: ast.Module) -> dict[str, ast.AST]:
+@functools.cache
+def _top_level(file: Path) -> dict[str, ast.AST]:
+    """The names a Python file defines at top level (functions, classes, assignments)."""
     out: dict[str, ast.AST] = {}
-    for node in tree.body:
+    for node in ast.parse(file.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             out[node.name] = node
         elif isinstance(node, ast.Assign):
@@ -91,7 +94,7 @@ def _resolve_test(path: str, name: str, root: Path = ROOT) -> str | None:
     file = root / path
     if not file.is_file():
         return f"{path} does not exist"
-    defs = _top_level(ast.parse(file.read_text(encoding="utf-8")))
+    defs = _top_level(file)
     head, _, method = name.partition(".")
     if head not in defs:
         return f"{path} defines no {head}"
