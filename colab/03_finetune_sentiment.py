@@ -31,8 +31,9 @@
 # Expected run time (estimates from step counts and FLOPs, not measurements on those
 # runtimes): **smoke mode** (`LLM_JAX_SMOKE=1`) under a minute on a 2-core CPU;
 # **full size** (3,000 pretraining steps, 4 × 600 fine-tuning steps on 8,456 reviews)
-# about 5 minutes on a Colab TPU v5e or a T4/L4 GPU, 20–30 minutes on a 2-core CPU; with
-# MiniLM-L6 (22M parameters) about 10 minutes on a TPU v5e / GPU.
+# about 5 minutes on a Colab TPU v5e or a T4/L4 GPU (a tiny model: step overhead and
+# compilation dominate), 10–20 minutes on a 2-core CPU; with MiniLM-L6 (22M parameters)
+# about 10 minutes on a TPU v5e / GPU, one to two hours on a 2-core CPU.
 
 # %%
 # Install llm_jax (and jax for a TPU/GPU runtime) unless it is already importable.
@@ -177,12 +178,17 @@ for label, text in splits["train"][:4]:
 # notebook runs anywhere; set `LLM_JAX_HF_ENCODER` to a Hugging Face BERT folder to start
 # from a real pretrained encoder instead.
 
-# %%
+# %% tags=["plot"]
 HF_ENCODER = os.environ.get("LLM_JAX_HF_ENCODER")
 SEQ_LEN = 64
 if HF_ENCODER:
     BASE = {"from_hf": HF_ENCODER}
     print(f"encoder: the Hugging Face folder {HF_ENCODER}")
+    tokenizer = load_for_inference(hf=HF_ENCODER).tokenizer
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.hist([len(tokenizer.encode(x)) for _, x in splits["train"]], bins=30)
+    ax.set(xlabel="tokens per review", ylabel="reviews", title="review lengths (HF tokenizer)")
+    plt.show()
 else:
     pretrain_text = RUNS / "pretrain.txt"
     lines = [x for _, x in splits["train"]]
@@ -205,21 +211,12 @@ else:
         "optimizer": {"learning_rate": 1e-3, "warmup_steps": max(1, pretrain_steps // 10),
                       "b2": 0.999, "weight_decay": 0.01},
     })  # fmt: skip
+    # The live plot redraws the MLM loss as the run goes.
     live = nb.LiveLossPlot(every=max(5, pretrain_steps // 20), title="MLM pretraining")
     t0 = time.perf_counter()
     pretrained = train(pretrain, callbacks=[live])
     print(f"pretrained {pretrained.final_step} steps in {time.perf_counter() - t0:.0f} s")
     BASE = {"from_checkpoint": str(pretrained.workdir)}
-
-# %% tags=["plot"]
-if HF_ENCODER:
-    base = load_for_inference(hf=HF_ENCODER)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.hist([len(base.tokenizer.encode(x)) for _, x in splits["train"]], bins=30)
-    ax.set(xlabel="tokens per review", ylabel="reviews", title="review lengths")
-    plt.show()
-else:
-    display(live.figure())
 
 # %% [markdown]
 # Every method below starts from the same encoder and adds a fresh classifier on the
@@ -282,7 +279,7 @@ def finetune(name, finetune_section, learning_rate):
     }  # fmt: skip
     row = {"method": name, **footprint.row}
     row |= {"dev acc": scores["dev"]["accuracy"], "test acc": scores["test"]["accuracy"]}
-    row["s"] = time.perf_counter() - t0
+    row["seconds"] = time.perf_counter() - t0
     print(nb.table([row]))
     return row, scores["test"]
 

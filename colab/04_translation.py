@@ -24,8 +24,9 @@
 # Expected run time (estimates from step counts and FLOPs, not measurements on those
 # runtimes): **smoke mode** (`LLM_JAX_SMOKE=1`) under a minute on a 2-core CPU, where it
 # only shows the plumbing (scores near zero); **full size** (2,000 span-corruption steps,
-# 6,000 fine-tuning steps of 64 pairs, 200 held-out verses decoded twice) about 15 minutes
-# on a Colab TPU v5e or a T4/L4 GPU, several hours on a 2-core CPU.
+# 6,000 fine-tuning steps of 64 pairs, 200 held-out verses decoded twice) about 5–10
+# minutes on a Colab TPU v5e or a T4/L4 GPU (the model is tiny: step overhead and
+# compilation dominate), one to two hours on a 2-core CPU.
 
 # %%
 # Install llm_jax (and jax for a TPU/GPU runtime) unless it is already importable.
@@ -277,10 +278,12 @@ for (verse, en, es), g, b in list(
 # from sacrebleu, with their signatures, so the figures are comparable with published
 # ones.
 #
-# What to expect at full size (an estimate, not a measurement): this 1.6M-parameter T5
-# reaches roughly BLEU 3–8 and chrF 25–35 on the end of Revelation, beam a point or two
-# above greedy; a model of t5-small's size (60M) trained as long would be several times
-# better. In smoke mode both are near zero (a few steps on a few hundred verses).
+# What to expect at full size (an estimate, not a measurement): this T5 of well under a
+# million parameters (the fine-tuning banner prints the count) reaches roughly BLEU 2–6
+# and chrF 20–30 on the end of Revelation, beam a point or so above greedy, which repeats
+# itself more; a model of t5-small's size (60M) trained as long would do several times
+# better. In smoke mode both are near zero (a few steps on a few hundred verses), and
+# greedy often stops at once.
 
 # %%
 rows = []
