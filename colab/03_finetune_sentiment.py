@@ -75,6 +75,7 @@ from IPython.display import Image, Markdown, display
 import llm_jax as lj
 from llm_jax.convert.load import load_for_inference
 from llm_jax.train.config import config_from_dict
+from llm_jax.train.data import stdlib_corpus
 from llm_jax.train.loop import train
 
 nb.show_devices()
@@ -196,12 +197,18 @@ else:
     if bible and not nb.SMOKE:
         lines += bible.read_text(encoding="utf-8").splitlines()
     pretrain_text.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    pretrain_paths = [str(pretrain_text)]
+    if sum(map(len, lines)) < 100_000:
+        # Too little text for a tokenizer (a fallback data set): add English from the
+        # comments and docstrings of the Python standard library, found on every machine.
+        pretrain_paths += list(stdlib_corpus()[:20])
+        print("pretraining text: the reviews + 20 Python standard-library sources")
     pretrain_steps = nb.pick(smoke=25, full=3000)
     pretrain = config_from_dict({
         "workdir": str(RUNS / "bert_tiny"),
         "model": {"preset": "bert-tiny", "max_position_embeddings": 128},
         "data": {
-            "paths": [str(pretrain_text)], "tokenizer_type": "unigram",
+            "paths": pretrain_paths, "tokenizer_type": "unigram",
             "vocab_size": nb.pick(smoke=600, full=2000), "doc_split": "line",
             "objective": "mlm", "pair_task": "none", "seq_len": SEQ_LEN,
             "batch_size": nb.pick(smoke=16, full=64),
@@ -229,6 +236,15 @@ else:
 # %%
 STEPS = nb.pick(smoke=20, full=600)
 BATCH = nb.pick(smoke=16, full=32)
+# Learning rates (one try each, not tuned): a real pretrained encoder wants small steps for
+# its own weights (larger ones wipe out what it knows); new parameters (a prompt, LoRA
+# factors, our barely trained encoder) take larger ones.
+LR = {
+    "full": 5e-5 if HF_ENCODER else nb.pick(smoke=1e-3, full=3e-4),
+    "top": 1e-4 if HF_ENCODER else nb.pick(smoke=1e-3, full=3e-4),
+    "prompt": 3e-2,
+    "lora": 2e-3 if HF_ENCODER else nb.pick(smoke=3e-3, full=2e-3),
+}
 
 
 def nbytes(tree):
@@ -296,7 +312,7 @@ rows, test_scores = [], {}
 # (in float32, 12 bytes per parameter), and a copy of the whole model is saved per task.
 
 # %%
-row, test_scores["full"] = finetune("full", {"method": "full"}, nb.pick(smoke=1e-3, full=3e-4))
+row, test_scores["full"] = finetune("full", {"method": "full"}, LR["full"])
 rows.append(row)
 
 # %% [markdown]
@@ -311,7 +327,7 @@ rows.append(row)
 # %%
 top_k = 2 if HF_ENCODER else 1
 row, test_scores[f"top:{top_k}"] = finetune(
-    f"top:{top_k}", {"method": "full", "trainable": f"top:{top_k}"}, nb.pick(smoke=1e-3, full=3e-4)
+    f"top:{top_k}", {"method": "full", "trainable": f"top:{top_k}"}, LR["top"]
 )
 rows.append(row)
 
@@ -332,7 +348,7 @@ rows.append(row)
 row, test_scores["prompt"] = finetune(
     "prompt P=20",
     {"method": "prompt_tuning", "prompt_length": 20, "prompt_init": "labels"},
-    nb.pick(smoke=3e-2, full=3e-2),
+    LR["prompt"],
 )
 rows.append(row)
 
@@ -354,7 +370,7 @@ rows.append(row)
 row, test_scores["lora"] = finetune(
     "LoRA r=8",
     {"method": "lora", "lora_rank": 8, "lora_alpha": 16.0, "lora_targets": ["q", "v"]},
-    nb.pick(smoke=3e-3, full=2e-3),
+    LR["lora"],
 )
 rows.append(row)
 
