@@ -185,7 +185,7 @@ SEQ_LEN = 64
 if HF_ENCODER:
     BASE = {"from_hf": HF_ENCODER}
     print(f"encoder: the Hugging Face folder {HF_ENCODER}")
-    tokenizer = load_for_inference(hf=HF_ENCODER).tokenizer
+    tokenizer = lj.convert.load_hf_tokenizer(HF_ENCODER)
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.hist([len(tokenizer.encode(x)) for _, x in splits["train"]], bins=30)
     ax.set(xlabel="tokens per review", ylabel="reviews", title="review lengths (HF tokenizer)")
