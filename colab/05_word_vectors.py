@@ -156,7 +156,7 @@ base = w2v.Word2VecConfig(
     dim=nb.pick(smoke=50, full=100),
     window=5,
     min_count=nb.pick(smoke=3, full=5),
-    epochs=nb.pick(smoke=20, full=5),  # a small corpus needs many passes
+    epochs=nb.pick(smoke=10, full=5),  # a small corpus needs more passes
     negative=5,
 )
 analogy_file = nb.find_data("word-analogies.txt")
@@ -187,7 +187,7 @@ display(Markdown(nb.table(rows)))
 
 # %% [markdown]
 # The seconds include each variant's compilation. The scores need a large corpus: on the
-# 60k words of the smoke corpus (20 passes over it) most WordSim pairs and analogy
+# 60k words of the smoke corpus (10 passes over it) most WordSim pairs and analogy
 # questions are out of the vocabulary (the OOV columns) and the rest are barely above
 # chance; the full-size run on 6.3M words (5 passes) is where they become meaningful
 # (`python benchmarks/word2vec.py` compares ours with gensim 4 on the same corpus, same
@@ -311,7 +311,11 @@ elmo_cfg = elmo_train.ElmoRunConfig(
     ),
 )
 run = elmo_train.train(elmo_cfg)
-print(f"{run.final_step} steps in {run.seconds:.0f} s; held-out perplexity {run.eval}")
+ppl = run.eval
+print(
+    f"{run.final_step} steps in {run.seconds:.0f} s; held-out perplexity "
+    f"forward {ppl['forward_ppl']:.0f}, backward {ppl['backward_ppl']:.0f}"
+)
 elmo, vocab = elmo_train.load(run.workdir)
 
 # %%
