@@ -27,10 +27,10 @@
 #    same student trained from scratch.
 #
 # Expected run time (estimates from the step counts, not measurements of those runtimes):
-# smoke mode (`LLM_JAX_SMOKE=1`, CPU) about a minute; full size about 10 minutes on a
-# Colab TPU v5e or a T4/L4 GPU (a 6-layer, 256-wide model, 1500 teacher steps and 2 x 600
-# student steps of 32 x 256 characters; the decode timings are the slowest part on TPU,
-# where each batch-1 token is a separate small step).
+# smoke mode (`LLM_JAX_SMOKE=1`, CPU) about a minute; full size 5-10 minutes on a Colab
+# TPU v5e or a T4/L4 GPU (a 6-layer, 256-wide model of ~5M parameters, 1500 teacher steps
+# and 2 x 600 student steps of 32 x 256 characters; compilation and the batch-1 decode
+# timings, one small step per token, are a large part of it).
 
 # %%
 # Install llm_jax (and jax for a TPU/GPU runtime) unless it is already importable.
@@ -233,8 +233,10 @@ out = lj.sample.generate(models["int8"], [prompt], max_new_tokens=NEW)
 print("int8 greedy:", repr(tokenizer.decode(np.asarray(out.tokens)[0].tolist())))
 
 # %% [markdown]
-# What the table says, honestly. The weights shrink about 4x (int8) and 7-8x (int4: half a
-# byte a weight plus the scales); perplexity barely moves for int8 and a little for int4.
+# What the table says, honestly. The weights shrink about 3.5x (int8) and 6x (int4: half a
+# byte a weight plus a scale per group); norms, biases and the position table stay in
+# float32, so the larger the model the closer the ratios get to 4x and 8x. Perplexity
+# barely moves for int8 and a little for int4.
 # Speed is a different story on CPU: XLA:CPU has no fused mixed-precision product, so each
 # step dequantizes every kernel to a float32 copy before the matrix product, and int8/int4
 # decode is *slower* than fp32 here. Weight-only quantization pays off where decoding is
@@ -410,6 +412,9 @@ display(Markdown(nb.table(distill_rows)))
 
 # %% [markdown]
 # The distilled student sees, at every position, the teacher's whole distribution over the
-# next character instead of the one character that happened to follow, a richer signal per
-# step; with the same budget it should land between the scratch student and the teacher
-# (at full size; in smoke mode the runs are too short for the gap to mean much).
+# next character instead of the one character that happened to follow: a richer signal
+# per step, which pays off when the teacher is good and the student's budget is what
+# limits it (`python benchmarks/distill.py` measures it on the tiny config, with
+# `train.teacher`). In smoke mode both are far too short to read anything into the gap:
+# the teacher itself is barely trained, and half of the distilled student's loss goes to
+# imitating it, so it can come out behind the scratch student.
