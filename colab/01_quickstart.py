@@ -25,7 +25,7 @@
 #
 # | runtime | smoke (`LLM_JAX_SMOKE=1`) | full size |
 # |---|---|---|
-# | CPU (2 cores) | about 1 minute | about 1 hour |
+# | CPU (2 cores) | about 1 minute | 1–2 hours |
 # | Colab TPU v5e (1 chip) | under 1 minute | about 3 minutes |
 # | Colab GPU (T4) | under 1 minute | about 4 minutes |
 #
@@ -66,6 +66,7 @@ import numpy as np
 
 import llm_jax as lj
 from llm_jax import notebook as nb
+from llm_jax.eval.tasks import choice_requests
 from llm_jax.train.config import config_from_dict
 from llm_jax.train.data import stdlib_corpus
 from llm_jax.train.loop import train
@@ -265,6 +266,8 @@ for i, (head, tail) in enumerate(halves):
     choices = (tail, other) if answer == 0 else (other, tail)
     items.append(lj.eval.Choice(head, choices, answer))
 print("an item:", items[0])
+two_shot = choice_requests(tok, items, lj.eval.Prompting(add_bos=True, shots=2))[0]
+print("its 2-shot prompt, choice 0:", repr(tok.decode(two_shot.context + two_shot.continuation)))
 tasks = {"continue the line": ("multiple_choice", items)}
 
 sentiment = nb.find_data("sentiment-pang-lee-200.txt")

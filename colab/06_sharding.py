@@ -51,6 +51,7 @@ import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+# %%
 import numpy as np
 
 import llm_jax as lj
@@ -102,7 +103,7 @@ meshes = {name: make_mesh(mc, cpus) for name, mc in LAYOUTS.items()}
 for name, mesh in meshes.items():
     print(
         f"{name:8s} mesh {describe(mesh)}; device ids:\n",
-        np.vectorize(lambda d: d.id)(mesh.devices),
+        mesh.device_ids.squeeze(),
     )
 
 mesh = meshes["fsdp_tp"]
@@ -231,7 +232,7 @@ print(plan_lib.report(plans["fsdp_tp"], "local (8 x cpu)", None).split("paramete
 # (\sqrt{\hat v} + \epsilon)$, so a coordinate whose gradient is almost zero moves by a
 # sizeable fraction of $\eta$ in a direction set by rounding noise; elementwise the weights
 # then differ by ~1 % of $\eta$ in a few places, while the update as a whole agrees to
-# $< 10^{-3}$. (With SGD every weight matches to $10^{-5}$, which
+# $< 10^{-4}$. (With SGD every weight matches to $10^{-5}$, which
 # `tests/test_train.py::test_sharded_equals_single_device` checks.)
 
 # %%
@@ -270,13 +271,14 @@ update = global_norm(jax.tree.map(np.subtract, ref, start))
 table = []
 for step in range(n_steps):
     for key in ("loss", "grad_norm"):
-        values = {name: history[name][step][key] for name in compiled}
+        values = {name: f"{history[name][step][key]:.7f}" for name in compiled}
         table.append({"step": step + 1, "metric": key, **values})
 drift = {}
 for name in LAYOUTS:
     got = jax.device_get(states[name].params)
     drift[name] = global_norm(jax.tree.map(np.subtract, got, ref)) / update
-table.append({"step": n_steps, "metric": "‖Δw − Δw₁‖ / ‖Δw₁‖", **drift, "1 device": 0.0})
+drift_row = {k: f"{v:.1e}" for k, v in drift.items()}
+table.append({"step": n_steps, "metric": "‖Δw − Δw₁‖ / ‖Δw₁‖", **drift_row, "1 device": "0"})
 print(nb.table(table))
 
 for name in LAYOUTS:
@@ -284,8 +286,8 @@ for name in LAYOUTS:
         np.testing.assert_allclose(
             [g["loss"], g["grad_norm"]], [r["loss"], r["grad_norm"]], rtol=1e-5
         )
-    assert drift[name] < 1e-3, (name, drift[name])
-print("every layout matches one device: loss and grad norm to rtol 1e-5, updates to 0.1 %")
+    assert drift[name] < 1e-4, (name, drift[name])
+print("every layout matches one device: loss and grad norm to rtol 1e-5, updates to 0.01 %")
 
 # %% [markdown]
 # ## TPU pod slices and jax.distributed
@@ -321,7 +323,7 @@ print("every layout matches one device: loss and grad norm to rtol 1e-5, updates
 # %%
 from llm_jax.parallel import check_batch_size
 
-for b, hosts in [(64, 4), (24, 4)]:
+for b, hosts in [(64, 4), (20, 4)]:
     try:
         check_batch_size(b, meshes["fsdp"], process_count=hosts)
         print(f"data.batch_size={b} over {describe(meshes['fsdp'])} and {hosts} hosts: ok")
