@@ -174,8 +174,7 @@ rows = []
 for path, shape, _, _, _ in plans["dp"].param_table:
     row = {"parameter": path, "shape": str(shape)}
     for name, plan in plans.items():
-        spec, nbytes = {r[0]: (r[3], r[4]) for r in plan.param_table}[path]
-        row[f"{name} spec"] = spec
+        row[f"{name} spec"] = {r[0]: r[3] for r in plan.param_table}[path]
     rows.append(row)
 print(nb.table(rows))
 
