@@ -305,8 +305,11 @@ print(nb.table(rows))
 hf_dir = lj.convert.save_hf(model, RUN / "hf", tokenizer=tok, add_bos=True)
 print(sorted(p.name for p in Path(hf_dir).iterdir()))
 ids = np.asarray([[tok.bos_id, *tok.encode(sentence)]], np.int32)
-ours = np.asarray(model(ids))
-again = np.asarray(lj.convert.load_hf(hf_dir)(ids))
+# Full float32 matmuls: TPUs (bf16 passes) and recent GPUs (TF32) round them by default,
+# which would hide a conversion error behind ~1e-2 of noise against PyTorch on the CPU.
+with jax.default_matmul_precision("highest"):
+    ours = np.asarray(model(ids))
+    again = np.asarray(lj.convert.load_hf(hf_dir)(ids))
 np.testing.assert_allclose(again, ours, rtol=1e-5, atol=1e-5)
 print(f"reloaded with llm_jax: max |Δlogit| = {np.abs(again - ours).max():.2e}")
 
