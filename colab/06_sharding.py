@@ -298,26 +298,35 @@ print("every layout matches one device: loss and grad norm to rtol 1e-5, updates
 # feeds only its hosts' rows of the global batch (`llm_jax.data.host_slice`), so
 # `data.batch_size` must divide over the data shards *and* the hosts.
 #
-# The same config runs there unchanged; only the mesh sizes and the distributed section
-# differ:
+# The same config runs there unchanged: `configs/gpt2_small.yaml` already asks for
+# `mesh.fsdp=-1` (all devices, of all hosts) with `rules: fsdp`. What changes is that every
+# host starts the same command, with the checkout and the corpus at the same path on each,
+# and `workdir` on a filesystem they all share (each host writes its own shards of every
+# checkpoint):
 #
 # ```bash
-# # on every host at once (TPU VMs: JAX discovers the coordinator itself: "auto")
-# gcloud compute tpus tpu-vm ssh my-v5e-16 --zone us-west4-a --worker=all --command='
-#   pip install "jax[tpu]>=0.10.2,<0.11" "llm_jax @ git+https://github.com/llm-jax/llm_jax" &&
+# # a TPU VM slice: every worker at once; "auto" lets JAX find the coordinator itself
+# gcloud compute tpus tpu-vm ssh my-v5e-16 --zone=us-west4-a --worker=all --command='
+#   cd llm_jax && pip install -q -e . "jax[tpu]>=0.10.2,<0.11" &&
 #   llm-jax train configs/gpt2_small.yaml distributed.coordinator_address=auto \
-#       mesh.data=-1 mesh.fsdp=4 mesh.rules=fsdp data.batch_size=64 workdir=gs://bucket/run'
-# # elsewhere (GPU clusters, CPUs): the coordinator and the ranks, by config or environment
+#       workdir=/mnt/shared/runs/gpt2_small'
+# # elsewhere (GPU hosts, CPUs): name the coordinator and each process's rank
 # JAX_COORDINATOR_ADDRESS=10.0.0.1:1234 JAX_NUM_PROCESSES=4 JAX_PROCESS_ID=$RANK \
-#   llm-jax train configs/gpt2_small.yaml mesh.fsdp=-1 mesh.data=1 mesh.rules=fsdp
+#   llm-jax train configs/gpt2_small.yaml workdir=/mnt/shared/runs/gpt2_small
+# # mixing the layouts of this notebook: data parallel over 4 groups of 4 FSDP shards
+# llm-jax train configs/gpt2_small.yaml distributed.coordinator_address=auto \
+#   mesh.data=4 mesh.fsdp=4 mesh.rules=fsdp
 # ```
 #
 # The config keys are `distributed.coordinator_address` (`auto` on TPU VMs and SLURM),
-# `distributed.num_processes`, `distributed.process_id` (or the `JAX_*` variables above),
-# and `mesh.data` / `mesh.fsdp` / `mesh.tensor` / `mesh.rules`. Keep `tensor` within a host
-# (it communicates every layer) and let `data` span hosts (one all-reduce a step). Before
-# launching, `llm-jax plan CONFIG --topology v5e-8` compiles the step with XLA's TPU compiler
-# from any machine with `libtpu` installed and says whether it fits the 16 GB of each chip.
+# `distributed.num_processes` and `distributed.process_id` (or the `JAX_*` variables above),
+# and `mesh.data` / `mesh.fsdp` / `mesh.tensor` / `mesh.rules`. All chips of one slice
+# share the ICI interconnect, so every layout above works within a slice; `tensor` talks
+# every layer and `fsdp` gathers every layer's weights, while `data` reduces the gradients
+# once a step, so `data` is the axis to stretch over slower links. Before launching,
+# `llm-jax plan CONFIG --topology v5e-8` compiles the step with XLA's TPU compiler from any
+# machine with `libtpu` installed and says whether it fits the 16 GB of each chip; the cell
+# below checks a batch size against the hosts, and plans a v5e-8 when `libtpu` is present.
 
 # %%
 from llm_jax.parallel import check_batch_size
