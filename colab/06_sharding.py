@@ -205,6 +205,10 @@ print(
     )
 )
 print("(MiB per device; total = arguments + outputs - aliased + temporaries + code)")
+for name, plan in plans.items():  # the plan's numbers are the compiled step's own analysis
+    memory = compiled[name].memory  # `memory_analysis()` of the compiled train step
+    assert plan.temporaries == memory.temp_size_in_bytes
+    assert plan.arguments == memory.argument_size_in_bytes
 
 fig, ax = plt.subplots(figsize=(7, 3.5))
 bottom = np.zeros(len(plans))
