@@ -150,6 +150,19 @@ def test_fallback_runs_the_reference_and_says_why_once(capsys, monkeypatch):
     assert "attention_impl=auto picked xla on cpu" in capsys.readouterr().err
 
 
+def test_recording_used_reports_the_implementation_after_fallbacks():
+    # What `llm-jax plan` prints: a pallas request on a T that is no multiple of 128 ran xla.
+    t = 8
+    q, k, v = (x[:, :t] for x in _qkv())
+    with attn.recording_used() as used:
+        attn.attention(q, k, v, attn.AttentionMask.of(t, causal=True), impl="pallas")
+        attn.attention(q, k, v, ops.causal_mask(t), impl="cudnn")
+    assert used == {"xla"}
+    with attn.recording_used() as used:
+        attn.attention(*_qkv(), attn.AttentionMask.of(T, causal=True), impl="pallas")
+    assert used == {"pallas"}
+
+
 def _logits(cfg, tokens, segment_ids):
     model = build(cfg, rngs=nnx.Rngs(0))
     return model(tokens, segment_ids=segment_ids)

@@ -51,6 +51,9 @@ _said: set[str] = set()
 # The platform programs are compiled for, when it is not JAX's default backend (a memory
 # plan compiles for a TPU topology from a CPU host); None: the default backend.
 _TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("target", default=None)
+# The implementations attention calls traced in a `recording_used()` context really ran (a
+# call may fall back to xla), e.g. what a memory plan reports; None: not recording.
+_USED: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("used", default=None)
 
 
 @contextlib.contextmanager
@@ -63,6 +66,24 @@ def target_platform(platform: str) -> Iterator[None]:
         yield
     finally:
         _TARGET.reset(token)
+
+
+@contextlib.contextmanager
+def recording_used() -> Iterator[set[str]]:
+    """Yield a set that collects the implementation each attention call traced within this
+    context ended up with, after every fallback."""
+    used: set[str] = set()
+    token = _USED.set(used)
+    try:
+        yield used
+    finally:
+        _USED.reset(token)
+
+
+def _used(impl: str) -> str:
+    if (used := _USED.get()) is not None:
+        used.add(impl)
+    return impl
 
 
 def current_platform() -> str:
@@ -186,12 +207,16 @@ def attention(
         chosen = "xla"
     if chosen == "cudnn":
         try:
-            return cudnn_attention(q, k, v, mask, scale=scale)
+            out = cudnn_attention(q, k, v, mask, scale=scale)
+            _used("cudnn")
+            return out
         except NotImplementedError as e:  # a limit of this cuDNN build not checked above
             _say_once(f"cudnn cannot run this call ({e}); using xla.")
     elif chosen == "pallas":
+        _used("pallas")
         return splash_attention(q, k, v, mask, scale=scale, interpret=backend != "tpu")
     dense = mask.dense if isinstance(mask, AttentionMask) else mask
+    _used("xla")
     return ops.dot_product_attention(
         q,
         k,
@@ -329,6 +354,7 @@ __all__ = [
     "AttentionMask",
     "attention",
     "cudnn_attention",
+    "recording_used",
     "resolve",
     "splash_attention",
     "why_not",

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from llm_jax.data.objectives import objective_spec
-from llm_jax.models.attention_impl import resolve, target_platform
+from llm_jax.models.attention_impl import recording_used, resolve, target_platform
 from llm_jax.parallel.mesh import MeshConfig, batch_sharding, make_mesh
 from llm_jax.parallel.rules import activation_sharding
 from llm_jax.train.compile import compile_steps, state_layout
@@ -190,7 +190,11 @@ def compile_plan(cfg: RunConfig, devices: list[Any], hbm: float | None) -> tuple
     )
     batch = abstract_batch(cfg)
     platform = devices[0].platform  # attention picks its kernel for the target's platform
-    with target_platform(platform), activation_sharding(mesh, layout.rules):
+    with (
+        target_platform(platform),
+        recording_used() as used,
+        activation_sharding(mesh, layout.rules),
+    ):
         steps = compile_steps(
             layout,
             cfg.data.objective,
@@ -227,7 +231,8 @@ def compile_plan(cfg: RunConfig, devices: list[Any], hbm: float | None) -> tuple
         hbm=hbm,
         param_table=table,
         mesh=dict(mesh.shape),
-        attention=resolve(model_config.attention_impl, platform),
+        # what the traced calls ran, after any per-call fallback (pallas needs T % 128 == 0)
+        attention=", ".join(sorted(used)) or resolve(model_config.attention_impl, platform),
     )
     return plan, steps
 
