@@ -371,8 +371,8 @@ def decode_step_hlo(decoder, batch: int) -> str:
 
 
 def hlo_summary(text: str) -> str:
-    """Fusion kinds in a compiled step and the f32 buffers of a GPT-2 weight's shape (a
-    dequantized weight materialised before its product)."""
+    """Fusion kinds in a compiled step, the f32 buffers of a GPT-2 weight's shape (a
+    dequantized weight materialised before its product) and the quantized kernel's calls."""
     import re
     from collections import Counter
 
@@ -383,7 +383,11 @@ def hlo_summary(text: str) -> str:
     # computation are not).
     outputs = re.findall(r"= f32\[([\d,]+)\][^ ]* fusion\(.*kind=k\w+", text)
     materialised = Counter(shape for shape in outputs if shape in weight_shapes)
-    return f"fusions {dict(kinds)}; f32 weight-shaped buffers produced: {dict(materialised)}"
+    kernel_calls = text.count('custom_call_target="llm_jax_qmatmul"')
+    return (
+        f"fusions {dict(kinds)}; f32 weight-shaped buffers produced: {dict(materialised)}; "
+        f"int8/int4 kernel calls (llm_jax.kernels.qmatmul): {kernel_calls}"
+    )
 
 
 def print_quant_rows(rows: list[dict], wbytes: dict[int, int], best_bw: float) -> None:
