@@ -228,3 +228,27 @@ def test_kernel_dispatch_decode_rows_only_and_same_logits(tiny, monkeypatch):
     monkeypatch.setattr(qmatmul, "MAX_ROWS", 0)
     np.testing.assert_allclose(with_kernel, model(TOKENS), rtol=1e-5, atol=1e-5)
     assert qmatmul.einsum("BTD,ND->BTN", TOKENS, None, None, 8) is None  # kernel axes trail
+
+
+def test_int4_kernels_with_an_int8_embedding(tiny, tmp_path):
+    model = quantize(tiny, bits=4, group_size=32, embed_bits=8)
+    params = params_of(model)
+    assert params["embed"]["embedding"].shape == (64, 256)  # int8 [E, V], not packed
+    assert params["embed"]["scale"].shape == (1, 256)  # one scale per token
+    assert params["layers"]["blocks"]["mlp"]["wi"]["kernel"].shape == (2, 32, 128)  # int4
+    # The embedding's rows equal those of the all-int8 model.
+    int8 = quantize(tiny, bits=8)
+    np.testing.assert_array_equal(
+        params["embed"]["embedding"], params_of(int8)["embed"]["embedding"]
+    )
+    ref = np.asarray(tiny(TOKENS))
+    assert np.abs(np.asarray(model(TOKENS)) - ref).max() <= 0.2 * np.abs(ref).max()
+    save_checkpoint(model, tmp_path / "q")
+    loaded = restore_model(tmp_path / "q")
+    assert loaded.model.cfg.quant_embed_bits == 8
+    np.testing.assert_array_equal(loaded.model(TOKENS), model(TOKENS))
+    back = dequantize(model)
+    assert back.cfg.quant_embed_bits == 0
+    np.testing.assert_allclose(back(TOKENS), model(TOKENS), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="embed_bits=4"):
+        quantize(tiny, bits=4, embed_bits=4)

@@ -111,16 +111,23 @@ class Quant:
 
     bits: int
     group_size: int = 0
+    embed_bits: int = 0  # the token embedding's bits (per channel); 0: `bits`, `group_size`
 
     @property
     def pack(self) -> int:
         """Values per stored int8 byte."""
         return 2 if self.bits == 4 else 1
 
+    def for_embedding(self) -> Quant:
+        """The settings of the token embedding table."""
+        return Quant(self.embed_bits) if self.embed_bits else self
+
 
 def quant_of(cfg: ModelConfig) -> Quant | None:
     """The config's quantization settings, or None for float weights."""
-    return Quant(cfg.quant_bits, cfg.quant_group_size) if cfg.quant_bits else None
+    if not cfg.quant_bits:
+        return None
+    return Quant(cfg.quant_bits, cfg.quant_group_size, cfg.quant_embed_bits)
 
 
 def _quantized_kernel(
@@ -260,6 +267,7 @@ class Embed(nnx.Module):
         self.num_embeddings = num_embeddings
         self.row_axis = axes[0]
         self.dtype = dtype
+        quant = quant.for_embedding() if quant is not None else None
         self.quant = quant
         if quant is None:
             self.embedding = param(
