@@ -2,12 +2,12 @@
 //
 // The layout is llm_jax.ops.quant's: q int8 [I, O] (bits 8) or packed int4 [I / 2, O]
 // (input 2p in the low nibble of row p, 2p + 1 in the high one), s float32 [G, O] with one
-// scale per group of I / G consecutive inputs. The kernel reads every weight byte once:
-// the output columns are cut into blocks of 64 (one cache line of int8); for each block,
-// a tile of rows is dequantized into a float buffer that stays in L1 and every one of the
-// M rows of x multiplies it into accumulators of that block. So for decode-sized M the
-// traffic is the int8 (or int4) weights themselves, never a float copy of them. Column
-// blocks are shared out dynamically (an atomic counter) between the caller and XLA's
+// scale per group of I / G consecutive inputs. The kernel reads every weight byte once and
+// never writes a float copy of the weights: the output columns are cut into chunks (at
+// most 2048 wide); for a chunk, the weight rows stream through in steps of 8 contiguous
+// row segments, each converted to float in registers and multiplied into the sums of all
+// M rows of x (kept in L1/L2), group by group, the group's sums scaled into the total.
+// Chunks are shared out dynamically (an atomic counter) between the caller and XLA's
 // intra-op thread pool, so a worker that the OS delays does not hold the others up.
 //
 // GCC/Clang vector extensions keep it portable (AVX2, AVX-512, NEON: whatever
@@ -151,6 +151,16 @@ void work(const Problem& p, std::atomic<int64_t>* next, int64_t chunk) {
   }
 }
 
+// What a call shares with its helpers; they own it too, so a helper that starts after the
+// call returned touches only this (and leaves at once: `closed`).
+struct Shared {
+  Shared(const Problem& p, int64_t chunk) : p(p), chunk(chunk) {}
+  const Problem p;
+  const int64_t chunk;
+  std::atomic<int64_t> next{0}, active{0};
+  std::atomic<bool> closed{false};
+};
+
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                        ffi::Buffer<ffi::S8> q, ffi::Buffer<ffi::F32> s,
                        ffi::ResultBuffer<ffi::F32> y, int64_t bits) {
@@ -170,19 +180,21 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   int64_t chunk = (p.o + 2 * threads - 1) / (2 * threads);
   chunk = std::min<int64_t>(std::max<int64_t>((chunk + 63) / 64 * 64, 64), 2048);
   const int64_t chunks = (p.o + chunk - 1) / chunk;
-  std::atomic<int64_t> next{0};
-  // Helpers from XLA's pool join in; the caller works too and then waits for every
-  // helper it scheduled to finish (they return at once when no chunk is left).
+  // Helpers from XLA's pool join in, the caller works too, then waits only for helpers
+  // that have started: one still queued (its pool thread may be running another kernel
+  // that waits in turn) finds the call closed and leaves, so no call waits on the queue.
+  auto shared = std::make_shared<Shared>(p, chunk);
   const int64_t helpers = std::min<int64_t>(threads - 1, chunks - 1);
-  std::atomic<int64_t> running{helpers};
   for (int64_t h = 0; h < helpers; ++h) {
-    pool.Schedule([&p, &next, &running, chunk] {
-      work(p, &next, chunk);
-      running.fetch_sub(1, std::memory_order_release);
+    pool.Schedule([shared] {
+      shared->active.fetch_add(1);
+      if (!shared->closed.load()) work(shared->p, &shared->next, shared->chunk);
+      shared->active.fetch_sub(1);
     });
   }
-  work(p, &next, chunk);
-  while (running.load(std::memory_order_acquire) > 0) std::this_thread::yield();
+  work(p, &shared->next, chunk);
+  shared->closed.store(true);
+  while (shared->active.load() > 0) std::this_thread::yield();
   return ffi::Error::Success();
 }
 

@@ -3,7 +3,7 @@
 XLA:CPU has no int8-weight matmul: given `x @ dequantize(q, s)` it writes a full float
 copy of every weight before its library GEMM, on every decode step, so int8/int4 decoding
 is no faster than float (issue 13 has the HLO). `qmatmul.cc` multiplies straight from the
-int8 / packed int4 bytes (dequantizing 64 x 64 tiles in L1), so a decode step reads 1 (or
+int8 / packed int4 bytes (converted to float in registers), so a decode step reads 1 (or
 0.5) byte a weight. It is compiled at first use with the system C++ compiler
 (`-O3 -march=native`) into `$LLM_JAX_CACHE/kernels` (default `~/.cache/llm_jax/kernels`),
 keyed by a hash of the source, the flags and the CPU, and registered as an FFI target.
