@@ -351,6 +351,9 @@ def run_quant_case(case: Case, decoders: dict, hf_models: dict, repeats: int, se
     assert np.array_equal(np.asarray(tokens["fp32"]), tokens["hf"]), "fp32 sides disagree"
     generated = case.batch * case.new_tokens
     same = {n: float(np.mean(np.asarray(tokens[n]) == tokens["hf"])) for n in ("quant", "hf-int8")}
+    # A line as each case ends: under load the whole run takes long.
+    rates = ", ".join(f"{name} {generated / min(t):.1f}" for name, t in times.items())
+    print(f"{case.name} done: tokens/s {rates}", flush=True)
     return {
         "case": case,
         "tps": {name: generated / min(t) for name, t in times.items()},
