@@ -351,6 +351,9 @@ def run_quant_case(case: Case, decoders: dict, hf_models: dict, repeats: int, se
     assert np.array_equal(np.asarray(tokens["fp32"]), tokens["hf"]), "fp32 sides disagree"
     generated = case.batch * case.new_tokens
     same = {n: float(np.mean(np.asarray(tokens[n]) == tokens["hf"])) for n in ("quant", "hf-int8")}
+    # A line as each case ends: under load the whole run takes long.
+    rates = ", ".join(f"{name} {generated / min(t):.1f}" for name, t in times.items())
+    print(f"{case.name} done: tokens/s {rates}", flush=True)
     return {
         "case": case,
         "tps": {name: generated / min(t) for name, t in times.items()},
@@ -371,8 +374,8 @@ def decode_step_hlo(decoder, batch: int) -> str:
 
 
 def hlo_summary(text: str) -> str:
-    """Fusion kinds in a compiled step and the f32 buffers of a GPT-2 weight's shape (a
-    dequantized weight materialised before its product)."""
+    """Fusion kinds in a compiled step, the f32 buffers of a GPT-2 weight's shape (a
+    dequantized weight materialised before its product) and the quantized kernel's calls."""
     import re
     from collections import Counter
 
@@ -383,7 +386,11 @@ def hlo_summary(text: str) -> str:
     # computation are not).
     outputs = re.findall(r"= f32\[([\d,]+)\][^ ]* fusion\(.*kind=k\w+", text)
     materialised = Counter(shape for shape in outputs if shape in weight_shapes)
-    return f"fusions {dict(kinds)}; f32 weight-shaped buffers produced: {dict(materialised)}"
+    kernel_calls = text.count('custom_call_target="llm_jax_qmatmul"')
+    return (
+        f"fusions {dict(kinds)}; f32 weight-shaped buffers produced: {dict(materialised)}; "
+        f"int8/int4 kernel calls (llm_jax.kernels.qmatmul): {kernel_calls}"
+    )
 
 
 def print_quant_rows(rows: list[dict], wbytes: dict[int, int], best_bw: float) -> None:

@@ -1,12 +1,14 @@
 """Quality of weight-only quantization: held-out perplexity and greedy continuations of one
 trained model in fp32, int8 (per channel) and int4 (grouped), measured in the same run.
 
-    python benchmarks/quantize_quality.py CHECKPOINT [--text FILE ...] [--group-size 128]
+    python benchmarks/quantize_quality.py CHECKPOINT [--text FILE ...] [--group-size 128 ...]
 
 CHECKPOINT is any of our checkpoints (a training run's workdir, e.g. `llm-jax train
 configs/tiny.yaml`, or a converted HF model). Perplexity is exp(mean next-token CE) over
 non-overlapping windows of the model's context (at most 256 tokens, at most --max-tokens
-per text); the targets are int8 within 1% and int4 within 5% of fp32.
+per text); the targets are int8 within 1% and int4 within 5% of fp32. int4 runs once per
+--group-size, each also with the token embedding kept int8 (`embed_bits=8`, "+e8"): on
+models whose tied embedding is a large share of the weights, int4 there costs the most.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
     parser.add_argument("--text", nargs="*", default=None, help="held-out text files")
-    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--group-size", type=int, nargs="+", default=[128])
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--new-tokens", type=int, default=24)
     args = parser.parse_args(argv)
@@ -57,17 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     tok = lj.convert.load_hf_tokenizer(restored.tokenizer_dir)
     fp32 = restored.model
     cfg = fp32.cfg
-    # The largest group <= --group-size dividing every kernel's input (D, F and N * H).
-    group = math.gcd(args.group_size, cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim)
-    models = {
-        "fp32": fp32,
-        "int8": lj.compress.quantize(fp32, bits=8),
-        f"int4-g{group}": lj.compress.quantize(fp32, bits=4, group_size=group),
-    }
+    models = {"fp32": fp32, "int8": lj.compress.quantize(fp32, bits=8)}
+    for size in args.group_size:
+        # The largest group <= size dividing every kernel's input (D, F and N * H).
+        group = math.gcd(size, cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim)
+        for embed_bits, tag in ((0, ""), (8, "+e8")):
+            models[f"int4-g{group}{tag}"] = lj.compress.quantize(
+                fp32, bits=4, group_size=group, embed_bits=embed_bits
+            )
     window = min(256, cfg.max_position_embeddings or 256)
     texts = args.text or [str(SHARED / "bible-kjv.txt"), str(SHARED / "tinyshakespeare.txt")]
     print(f"model: {args.checkpoint} ({lj.models.count_params(fp32):,} parameters)")
-    header = f"{'text':<24} {'model':<10} {'MB':>7} {'perplexity':>11} {'change':>8}"
+    header = f"{'text':<24} {'model':<13} {'MB':>7} {'perplexity':>11} {'change':>8}"
     print(header + "\n" + "-" * len(header))
     for path in texts:
         # The text's last characters: held out from any run that trained on its start.
@@ -80,14 +83,14 @@ def main(argv: list[str] | None = None) -> int:
             base = ppl if base is None else base
             mb = lj.compress.weight_bytes(model) / 1e6
             change = f"{100 * (ppl / base - 1):+.2f}%"
-            print(f"{Path(path).name:<24} {name:<10} {mb:7.2f} {ppl:11.3f} {change:>8}")
+            print(f"{Path(path).name:<24} {name:<13} {mb:7.2f} {ppl:11.3f} {change:>8}")
     print("\ngreedy continuations:")
     for prompt in PROMPTS:
         ids = tok.encode(prompt)
         for name, model in models.items():
             out = lj.sample.generate(model, [ids], max_new_tokens=args.new_tokens)
             text = tok.decode(np.asarray(out.tokens)[0].tolist())
-            print(f"  {name:<9} {prompt!r} -> {text!r}")
+            print(f"  {name:<13} {prompt!r} -> {text!r}")
     return 0
 
 

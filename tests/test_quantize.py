@@ -14,6 +14,7 @@ from llm_jax.cli import main
 from llm_jax.compress import dequantize, quantize, weight_bytes
 from llm_jax.convert import restore_model, save_checkpoint
 from llm_jax.convert.hf import params_of
+from llm_jax.kernels import qmatmul
 from llm_jax.models.layers import Einsum, Quant
 from llm_jax.ops import quant as quant_ops
 from tests.reference import quant_ref
@@ -159,3 +160,95 @@ def test_convert_cli_writes_a_quantized_checkpoint(tiny, tmp_path, capsys):
     np.testing.assert_array_equal(loaded.model(TOKENS), quantize(tiny, 4, 32)(TOKENS))
     assert main([*args[:3], "--to-hf", str(tmp_path / "hf"), "--quantize", "int8"]) != 0
     assert "--quantize writes our checkpoint" in capsys.readouterr().err
+
+
+def _kernel_or_skip():
+    if not qmatmul.available():
+        pytest.skip("no C++ compiler for the quantized matmul kernel")
+
+
+def _kernel_calls(fn, *args) -> int:
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    return text.count(f'custom_call_target="{qmatmul.TARGET}"')
+
+
+# M rows; I inputs (group remainders below the kernel's 8-row step); O outputs (not a
+# multiple of 8, so vector and scalar columns both run); bits; group size.
+@pytest.mark.parametrize(
+    "m,i,o,bits,group_size",
+    [(1, 64, 200, 8, 0), (3, 40, 131, 8, 20), (8, 48, 72, 4, 0), (5, 60, 3, 4, 12)],
+)
+def test_quantized_matmul_kernel_matches_the_float64_twin(m, i, o, bits, group_size):
+    _kernel_or_skip()
+    rng = np.random.default_rng(m + i + o)
+    w = rng.standard_normal((i, o)).astype(np.float32)
+    x = rng.standard_normal((m, i)).astype(np.float32)
+    q, scale = quant_ops.quantize(jnp.asarray(w), bits, group_size)
+    fn = lambda x, q, s: qmatmul.matmul(x, q, s, bits)  # noqa: E731
+    assert _kernel_calls(fn, x, q, scale) == 1  # the kernel, not XLA's dequantize + dot
+    y = np.asarray(jax.jit(fn)(x, q, scale), np.float64)
+    values = np.asarray(quant_ops.unpack_int4(q) if bits == 4 else q, np.float64)
+    want = quant_ref.matmul(x, values, np.asarray(scale, np.float64))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_quantized_matmul_kernel_under_vmap_grad_and_scan():
+    _kernel_or_skip()
+    rng = np.random.default_rng(0)
+    q, s = quant_ops.quantize(jnp.asarray(rng.standard_normal((32, 16)), jnp.float32), 4, 16)
+    xs = jnp.asarray(rng.standard_normal((3, 2, 32)), jnp.float32)
+    kernel = lambda x, s: qmatmul.matmul(x, q, s, 4)  # noqa: E731
+    ref = lambda x, s: qmatmul.reference(x, q, s, 4)  # noqa: E731
+    want = jax.vmap(ref, (0, None))(xs, s)
+    # Two float32 sums in different orders: relative 1e-5 plus 1e-6 of the largest value.
+    tol = dict(rtol=1e-5, atol=1e-6 * float(jnp.abs(want).max()))
+    np.testing.assert_allclose(jax.jit(jax.vmap(kernel, (0, None)))(xs, s), want, **tol)
+    scanned = jax.lax.scan(lambda c, x: (c + kernel(x, s).sum(), None), 0.0, xs)[0]
+    np.testing.assert_allclose(scanned, want.sum(), rtol=1e-5, atol=tol["atol"])
+    # A linear loss: its gradient does not depend on the (order-sensitive) forward values.
+    cot = jnp.asarray(rng.standard_normal((2, 16)), jnp.float32)
+    loss = lambda f: lambda x, s: jnp.sum(f(x, s) * cot)  # noqa: E731
+    got, expected = jax.grad(loss(kernel), (0, 1))(xs[0], s), jax.grad(loss(ref), (0, 1))(xs[0], s)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_kernel_dispatch_decode_rows_only_and_same_logits(tiny, monkeypatch):
+    """Decode-sized inputs take the kernel (every dense layer and the tied head), larger
+    ones XLA's dot; the model's logits are the same either way."""
+    _kernel_or_skip()
+    model = quantize(tiny, bits=8)
+    step = lambda m, t: m(t)  # noqa: E731
+    # q, k, v, out, wi, wo in each of the 2 layers (unrolled on CPU) + the tied head.
+    n_dense = 6 * tiny.cfg.num_layers + 1
+    assert _kernel_calls(nnx.jit(step), model, TOKENS) == n_dense
+    long = jnp.zeros((1, qmatmul.MAX_ROWS + 1), jnp.int32)
+    assert _kernel_calls(nnx.jit(step), model, long) == 0
+    with_kernel = np.asarray(model(TOKENS))
+    monkeypatch.setattr(qmatmul, "MAX_ROWS", 0)
+    np.testing.assert_allclose(with_kernel, model(TOKENS), rtol=1e-5, atol=1e-5)
+    assert qmatmul.einsum("BTD,ND->BTN", TOKENS, None, None, 8) is None  # kernel axes trail
+
+
+def test_int4_kernels_with_an_int8_embedding(tiny, tmp_path):
+    model = quantize(tiny, bits=4, group_size=32, embed_bits=8)
+    params = params_of(model)
+    assert params["embed"]["embedding"].shape == (64, 256)  # int8 [E, V], not packed
+    assert params["embed"]["scale"].shape == (1, 256)  # one scale per token
+    assert params["layers"]["blocks"]["mlp"]["wi"]["kernel"].shape == (2, 32, 128)  # int4
+    # The embedding's rows equal those of the all-int8 model.
+    int8 = quantize(tiny, bits=8)
+    np.testing.assert_array_equal(
+        params["embed"]["embedding"], params_of(int8)["embed"]["embedding"]
+    )
+    ref = np.asarray(tiny(TOKENS))
+    assert np.abs(np.asarray(model(TOKENS)) - ref).max() <= 0.2 * np.abs(ref).max()
+    save_checkpoint(model, tmp_path / "q")
+    loaded = restore_model(tmp_path / "q")
+    assert loaded.model.cfg.quant_embed_bits == 8
+    np.testing.assert_array_equal(loaded.model(TOKENS), model(TOKENS))
+    back = dequantize(model)
+    assert back.cfg.quant_embed_bits == 0
+    np.testing.assert_allclose(back(TOKENS), model(TOKENS), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="embed_bits=4"):
+        quantize(tiny, bits=4, embed_bits=4)

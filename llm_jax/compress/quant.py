@@ -68,7 +68,9 @@ def _quantize_leaf(w: jax.Array, num_lead: int, bits: int, group_size: int, scal
     return jax.jit(fn)(w)
 
 
-def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None) -> nnx.Module:
+def quantize(
+    model: nnx.Module, bits: int = 8, group_size: int | None = None, embed_bits: int = 0
+) -> nnx.Module:
     """`model` with its dense kernels and token embedding quantized (weight-only).
 
     Args:
@@ -77,19 +79,26 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None) ->
       group_size: inputs per scale; must divide every quantized kernel's input size (the
         flattened contracted axes) and be even for int4. None: 0 (per channel) for int8,
         128 for int4; 0: per channel.
+      embed_bits: 8 stores the token embedding (GPT's tied head too) int8 per channel
+        whatever `bits` is; 0 quantizes it like the kernels.
 
     Returns:
       A new model of `model.cfg` with `quant_bits=bits, quant_group_size=group_size`:
       `kernel` int8 [I / pack, O...] and `scale` [G, O...] in param_dtype per `Einsum`
       (layer stacks keep their leading L axis); GPT's `embed.embedding` int8 [E / pack, V]
-      with `embed.scale` [G, V]. Everything else (norms, biases, position tables) is copied.
+      with `embed.scale` [G, V] (int8 [E, V] and [1, V] with embed_bits=8). Everything
+      else (norms, biases, position tables) is copied.
 
     Raises:
       ValueError: bits not 8 or 4, a group size that does not divide a kernel's inputs,
         an already quantized or LoRA model (all before any computation).
     """
     group_size = _check(model, bits, group_size)
-    qcfg = model.cfg.replace(quant_bits=bits, quant_group_size=group_size)
+    if embed_bits not in (0, 8):
+        raise ValueError(f"embed_bits={embed_bits!r}: use 8 (int8 embedding) or 0 (like bits).")
+    qcfg = model.cfg.replace(
+        quant_bits=bits, quant_group_size=group_size, quant_embed_bits=embed_bits
+    )
     abstract = nnx.eval_shape(lambda: build(qcfg, rngs=nnx.Rngs(0)))  # shape checks raise here
     source = _modules(model)
     params = params_of(model)
@@ -100,7 +109,8 @@ def quantize(model: nnx.Module, bits: int = 8, group_size: int | None = None) ->
         module = source[path]
         if isinstance(module, Embed):
             w = module.embedding[...].T  # [E, V]: the kernel of `attend`
-            q, s = _quantize_leaf(w, 0, bits, group_size, scale_dtype)
+            quant = target.quant  # the embedding's own settings
+            q, s = _quantize_leaf(w, 0, quant.bits, quant.group_size, scale_dtype)
             _set(params, path, {"embedding": q, "scale": s})
             continue
         w = module.kernel[...]  # [L..., in..., out...]
@@ -117,14 +127,15 @@ def dequantize(model: nnx.Module) -> nnx.Module:
     cfg = model.cfg
     if not cfg.quant_bits:
         return model
-    fcfg = cfg.replace(quant_bits=0, quant_group_size=0)
+    fcfg = cfg.replace(quant_bits=0, quant_group_size=0, quant_embed_bits=0)
     params = params_of(model)
     dtype = jnp.dtype(cfg.param_dtype)
     for path, module in _modules(model).items():
         if module.quant is None:
             continue
         if isinstance(module, Embed):
-            table_t = quant_ops.dequantize(module.embedding[...], module.scale[...], cfg.quant_bits)
+            q, s = module.embedding[...], module.scale[...]
+            table_t = quant_ops.dequantize(q, s, module.quant.bits)
             _set(params, path, {"embedding": table_t.T.astype(dtype)})
             del _get(params, path)["scale"]
             continue

@@ -112,6 +112,9 @@ class ModelConfig(Config):
     # whole input is one group, i.e. per-channel).
     quant_bits: int = 0
     quant_group_size: int = 0
+    # 8: the token embedding (GPT's tied output head too) int8 per channel whatever
+    # quant_bits is (int4 on it costs the most quality); 0: quantized like the kernels.
+    quant_embed_bits: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.lora_targets, str | list):  # a single name, or a YAML list
@@ -337,6 +340,11 @@ class ModelConfig(Config):
             raise ValueError(
                 f"{self.key('quant_bits')}={self.quant_bits} with lora_rank={self.lora_rank}: "
                 "LoRA on a quantized base is not supported; quantize after merging the adapters."
+            )
+        one_of(self, "quant_embed_bits", (0, 8))
+        if self.quant_embed_bits and not self.quant_bits:
+            raise ValueError(
+                f"{self.key('quant_embed_bits')}={self.quant_embed_bits} needs quant_bits 8 or 4."
             )
         if self.quant_bits == 4 and self.quant_group_size % 2:
             raise ValueError(

@@ -23,6 +23,7 @@ from flax import nnx
 from jaxtyping import Array, Bool, Float, Int
 
 from llm_jax import ops
+from llm_jax.kernels import qmatmul
 from llm_jax.models import _xla_cpu
 from llm_jax.models import attention_impl as attn
 from llm_jax.models.cache import LayerKV
@@ -110,16 +111,23 @@ class Quant:
 
     bits: int
     group_size: int = 0
+    embed_bits: int = 0  # the token embedding's bits (per channel); 0: `bits`, `group_size`
 
     @property
     def pack(self) -> int:
         """Values per stored int8 byte."""
         return 2 if self.bits == 4 else 1
 
+    def for_embedding(self) -> Quant:
+        """The settings of the token embedding table."""
+        return Quant(self.embed_bits) if self.embed_bits else self
+
 
 def quant_of(cfg: ModelConfig) -> Quant | None:
     """The config's quantization settings, or None for float weights."""
-    return Quant(cfg.quant_bits, cfg.quant_group_size) if cfg.quant_bits else None
+    if not cfg.quant_bits:
+        return None
+    return Quant(cfg.quant_bits, cfg.quant_group_size, cfg.quant_embed_bits)
 
 
 def _quantized_kernel(
@@ -202,7 +210,12 @@ class Einsum(nnx.Module):
     def __call__(self, x: Array, *, dropout_rng: jax.Array | None = None) -> Array:
         """x through the layer; `dropout_rng` turns on the LoRA input dropout (training)."""
         x = x.astype(self.dtype)
-        y = _xla_cpu.dense_einsum(self.equation, x, self.float_kernel())
+        y = None
+        if self.quant is not None:  # the int8/int4 kernel on CPU for decode-sized inputs
+            q, s = self.kernel[...], self.scale[...]
+            y = qmatmul.einsum(self.equation, x, q, s, self.quant.bits)
+        if y is None:
+            y = _xla_cpu.dense_einsum(self.equation, x, self.float_kernel())
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora is not None:
@@ -254,6 +267,7 @@ class Embed(nnx.Module):
         self.num_embeddings = num_embeddings
         self.row_axis = axes[0]
         self.dtype = dtype
+        quant = quant.for_embedding() if quant is not None else None
         self.quant = quant
         if quant is None:
             self.embedding = param(
@@ -278,6 +292,11 @@ class Embed(nnx.Module):
         """Logits against the table: x E^T (tied input/output embeddings)."""
         x = x.astype(self.dtype)
         if self.quant is not None:
+            batch = "BTSU"[: x.ndim - 1]
+            q, s = self.embedding[...], self.scale[...]
+            y = qmatmul.einsum(f"{batch}E,EV->{batch}V", x, q, s, self.quant.bits)
+            if y is not None:
+                return y
             table_t = quant_ops.dequantize(
                 self.embedding[...], self.scale[...], self.quant.bits, self.dtype
             )  # [E, V]

@@ -37,3 +37,8 @@ def dequantize(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """w [I, O] = q * the scale of each entry's group."""
     size = q.shape[0] // scale.shape[0]
     return q * np.repeat(scale, size, axis=0)
+
+
+def matmul(x: np.ndarray, q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """y [M, O] = x [M, I] . dequantize(q, scale) [I, O], in float64."""
+    return np.asarray(x, np.float64) @ dequantize(np.asarray(q, np.float64), scale)

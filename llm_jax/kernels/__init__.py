@@ -1,0 +1,1 @@
+"""Hand-written kernels (through the XLA FFI) for what XLA compiles poorly."""
