@@ -513,11 +513,7 @@ class SelfAttention(_Projections):
             k, v = k.astype(k_old.dtype).astype(q.dtype), v.astype(v_old.dtype).astype(q.dtype)
             out = attention_beside_cache(q, k, v, k_old, v_old, mask, index, scale=self.scale)
             out = constrain(out, ("batch", "length", "heads", "kv"))
-            # A data dependency on the output orders the write after the cache's readers,
-            # so XLA updates the cache in place instead of copying it first.
-            after = (0.0 * jnp.sum(out[0, 0, 0, :1])).astype(k.dtype)
-            cache = cache.write(k + after, v + after, index)
-            return self.o(out, dropout_rng=lora_rngs[3]), cache
+            return self.o(out, dropout_rng=lora_rngs[3]), cache.write(k, v, index)
         if cache is not None:
             cache = cache.write(k, v, index)
             k, v = cache.keys_values()  # [B, S, K, H]
