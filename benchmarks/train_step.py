@@ -74,6 +74,12 @@ def parse_args() -> argparse.Namespace:
         f"else glibc with GLIBC_TUNABLES={HUGEPAGE_TUNABLE}",
     )
     p.add_argument("--skip-torch", action="store_true")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after timing, trace 2 llm_jax steps with jax.profiler into DIR and print the "
+        "ops that take the most time (adds --xla_cpu_enable_xprof_traceme=true)",
+    )
     return p.parse_args()
 
 
@@ -100,6 +106,8 @@ def configure_process(args: argparse.Namespace) -> None:
         os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     args.allocator = allocator
     flags = XLA_PRESETS[args.xla_preset]
+    if args.profile:  # per-op trace events on XLA:CPU
+        flags = f"{flags} --xla_cpu_enable_xprof_traceme=true".strip()
     if flags:
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip()
 
@@ -178,6 +186,44 @@ def matmul_flops(n: int = 2048, reps: int = 10) -> float:
     dot(a, b).block_until_ready()
     best = min(timed(lambda: dot(a, b).block_until_ready()) for _ in range(reps))
     return 2 * n**3 / best
+
+
+def profile_top(step, out_dir: str, steps: int = 2, top: int = 15) -> None:
+    """Trace `steps` calls of `step` and print op time per kind and the `top` ops."""
+    import collections
+    import glob
+    import gzip
+    import json
+    import re
+
+    import jax
+
+    with jax.profiler.trace(out_dir, create_perfetto_trace=True):
+        for _ in range(steps):
+            step()
+    path = max(glob.glob(f"{out_dir}/**/*.trace.json.gz", recursive=True), key=os.path.getmtime)
+    ops, kinds, calls = collections.Counter(), collections.Counter(), collections.Counter()
+    for e in json.load(gzip.open(path))["traceEvents"]:
+        name = e.get("name", "")
+        # XLA ops only (lower-case HLO names): not host-side events or Python frames, nor
+        # the control-flow ops that contain other ops.
+        if e.get("ph") != "X" or not re.fullmatch(r"[a-z][\w.-]*", name):
+            continue
+        if re.match(r"(while|call|conditional)\b", name):
+            continue
+        ops[name] += e.get("dur", 0) / steps
+        calls[name] += 1 / steps
+        kind = re.sub(r"\.\d+$", "", name)
+        kinds["oneDNN/YNN dots" if kind.startswith(("onednn", "ynn")) else kind] += (
+            e.get("dur", 0) / steps
+        )
+    total = sum(ops.values())
+    print(f"\nprofile ({path}): op time {total / 1e3:,.0f} ms per step (summed over threads)")
+    for kind, us in kinds.most_common(8):
+        print(f"  {100 * us / total:5.1f}%  {us / 1e3:9,.1f} ms  {kind}")
+    print("  top ops:")
+    for name, us in ops.most_common(top):
+        print(f"  {100 * us / total:5.1f}%  {us / 1e3:9,.1f} ms  {calls[name]:4.0f}x  {name}")
 
 
 def main() -> None:
@@ -273,6 +319,8 @@ def main() -> None:
     if len(names) == 2:
         line += f", {statistics.median(times[names[1]]) / ideal:.2f}x HF's median step"
     print(line)
+    if args.profile:
+        profile_top(ours, args.profile)
 
 
 if __name__ == "__main__":

@@ -80,6 +80,25 @@ class LayerKV:
         return jax.tree.map(lambda x: jnp.take(x, rows, axis=x.ndim - 4), self)
 
 
+def attend_beside_cache(cache: LayerKV, q: Array, mask: object, bias: object) -> bool:
+    """Whether a cached attention step should read the cache from before its write.
+
+    An XLA:CPU workaround for batch-1 decoding (one new token, the CPU's head-major
+    layout): XLA:CPU reads the written cache through a bitcast that drops the batch axis
+    and duplicates the in-place update into each reader, each on its own copy of the
+    layer's cache (three copies per tensor per step). Attending over the cache as it was
+    plus the new key/value (`ops.attention.attention_beside_cache`) leaves the write a
+    single user, done in place.
+    """
+    return (
+        cache.heads_major
+        and q.shape[0] == 1
+        and q.shape[1] == 1
+        and bias is None
+        and isinstance(mask, jax.Array)
+    )
+
+
 @struct.dataclass
 class KVCache:
     """A static-size decoding cache for a stack of L attention layers.

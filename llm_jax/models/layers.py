@@ -26,11 +26,12 @@ from llm_jax import ops
 from llm_jax.kernels import qmatmul
 from llm_jax.models import _xla_cpu
 from llm_jax.models import attention_impl as attn
-from llm_jax.models.cache import LayerKV
+from llm_jax.models.cache import LayerKV, attend_beside_cache
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.init import InitScheme
 from llm_jax.models.inputs import split_key
 from llm_jax.ops import quant as quant_ops
+from llm_jax.ops.attention import attention_beside_cache
 from llm_jax.parallel.rules import constrain
 
 Axes = tuple[str | None, ...]
@@ -526,6 +527,12 @@ class SelfAttention(_Projections):
         k, v = self._project_kv(x, lora_rngs)  # [B, T, K, H]
         if self.rope_theta is not None:
             q, k = self._rope(q, positions), self._rope(k, positions)
+        if cache is not None and attend_beside_cache(cache, q, mask, bias):
+            k_old, v_old = cache.keys_values()  # [B, S, K, H], before the write
+            k, v = k.astype(k_old.dtype).astype(q.dtype), v.astype(v_old.dtype).astype(q.dtype)
+            out = attention_beside_cache(q, k, v, k_old, v_old, mask, index, scale=self.scale)
+            out = constrain(out, ("batch", "length", "heads", "kv"))
+            return self.o(out, dropout_rng=lora_rngs[3]), cache.write(k, v, index)
         if cache is not None:
             cache = cache.write(k, v, index)
             k, v = cache.keys_values()  # [B, S, K, H]

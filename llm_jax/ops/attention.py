@@ -28,6 +28,32 @@ def big_neg(dtype) -> float:
     return float(jnp.finfo(dtype).min)
 
 
+@jax.custom_vjp
+def _masked_softmax(logits: Float[Array, "B N T S"], mask: Bool[Array, "B N T S"]):
+    """softmax over S of the logits where `mask`, rows without a True entry all zero.
+
+    Written with its own VJP: the backward reads only the probabilities p
+    (d logits = p * (g - sum_S g p)), so training saves one [B, N, T, S] tensor per layer
+    instead of two (autodiff of `softmax` also keeps its unnormalised exponentials), and the
+    backward is one elementwise pass.
+    """
+    return _masked_softmax_fwd(logits, mask)[0]
+
+
+def _masked_softmax_fwd(logits, mask):
+    probs = softmax(jnp.where(mask, logits, big_neg(jnp.float32)), axis=-1)
+    # A fully masked row has uniform probabilities over garbage keys; zero it.
+    probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+    return probs, probs
+
+
+def _masked_softmax_bwd(probs, g):
+    return probs * (g - jnp.sum(g * probs, axis=-1, keepdims=True)), None
+
+
+_masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 # Longer than 60 lines on purpose: the argument checks that name the fix, then the equation
 # with a shape per intermediate, read top to bottom as one formula.
 def dot_product_attention(
@@ -88,16 +114,54 @@ def dot_product_attention(
     logits = logits.reshape(b, n, t, s)  # [B, N, T, S]
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, logits.shape)
-        logits = jnp.where(mask, logits, big_neg(jnp.float32))
-    probs = softmax(logits, axis=-1)  # [B, N, T, S] float32
-    if mask is not None:
-        # A fully masked row has uniform probabilities over garbage keys; zero it.
-        probs = jnp.where(jnp.any(mask, axis=-1, keepdims=True), probs, 0.0)
+    if mask is None:
+        probs = softmax(logits, axis=-1)  # [B, N, T, S] float32
+    else:
+        probs = _masked_softmax(logits, jnp.broadcast_to(mask, logits.shape))
     probs = dropout(probs, dropout_rate, dropout_rng)
     probs = probs.astype(v.dtype).reshape(b, kh, g, t, s)
     out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)  # [B, T, K, G, H]
+    return out.reshape(b, t, n, h).astype(q.dtype)
+
+
+def attention_beside_cache(
+    q: Float[Array, "B T N H"],
+    k_new: Float[Array, "B T K H"],
+    v_new: Float[Array, "B T K H"],
+    k_old: Float[Array, "B S K H"],
+    v_old: Float[Array, "B S K H"],
+    mask: Bool[Array, "#B #N T S"],
+    index: Int[Array, ""],
+    *,
+    scale: float | None = None,
+) -> Float[Array, "B T N H"]:
+    """`dot_product_attention` over a cache with T new keys/values written at slots
+    index..index+T-1, computed from the cache as it was before that write plus the new
+    keys/values themselves (same logits, same softmax, same sum).
+
+    `mask` is the mask of the written cache [.., T, S]; the written slots' columns are read
+    from the new keys instead of the cache. Decoding uses this to let the cache update be
+    the write's only reader (see `llm_jax.models._xla_cpu`).
+    """
+    b, t, n, h = q.shape
+    s, kh = k_old.shape[1], k_old.shape[2]
+    g = n // kh
+    scale = h**-0.5 if scale is None else scale
+    qg = q.reshape(b, t, kh, g, h)
+    mask = jnp.broadcast_to(mask, (b, n, t, s)).reshape(b, kh, g, t, s)
+    written = (jnp.arange(s) >= index) & (jnp.arange(s) < index + t)  # [S]
+    mask_new = jax.lax.dynamic_slice_in_dim(mask, index, t, axis=4)  # [B, K, G, T, T]
+    mask = jnp.concatenate([mask & ~written, mask_new], axis=-1)  # [B, K, G, T, S + T]
+    logits = jnp.concatenate(
+        [
+            jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_old, preferred_element_type=jnp.float32),
+            jnp.einsum("BTKGH,BSKH->BKGTS", qg, k_new, preferred_element_type=jnp.float32),
+        ],
+        axis=-1,
+    )
+    probs = _masked_softmax(logits.astype(jnp.float32) * scale, mask).astype(v_old.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :s], v_old)
+    out = out + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., s:], v_new)
     return out.reshape(b, t, n, h).astype(q.dtype)
 
 
