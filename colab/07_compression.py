@@ -237,13 +237,17 @@ print("int8 greedy:", repr(tokenizer.decode(np.asarray(out.tokens)[0].tolist()))
 # byte a weight plus a scale per group); norms, biases and the position table stay in
 # float32, so the larger the model the closer the ratios get to 4x and 8x. Perplexity
 # barely moves for int8 and a little for int4.
-# Speed is a different story on CPU: XLA:CPU has no fused mixed-precision product, so each
-# step dequantizes every kernel to a float32 copy before the matrix product, and int8/int4
-# decode is *slower* than fp32 here. Weight-only quantization pays off where decoding is
-# bound by memory bandwidth: on a GPU or TPU, batch-1 decoding of a model of hundreds of
+# Speed: XLA:CPU has no mixed-precision matrix product, so left to itself it would
+# dequantize every kernel to a float32 copy on every decode step. On CPU the quantized
+# layers of a decode step (up to 32 rows) therefore run llm_jax's own kernel
+# (`llm_jax/kernels/qmatmul.cc`, compiled at first use and called through the XLA FFI),
+# which reads the int8 / packed int4 bytes directly; the ratio in the table is what this
+# run measured. On a model this small the weights sit in the CPU's caches and per-call
+# overheads dominate, so expect no gain here: weight-only quantization pays off where
+# decoding is bound by memory bandwidth (batch-1 decoding of a model of hundreds of
 # millions of parameters reads every weight once per token, and reading a quarter of the
-# bytes is what sets the speed; and wherever the model must fit in less memory (a 16 GB
-# v5e holds a 4x larger int8 model). This model is far too small for either effect.
+# bytes is what sets the speed; `benchmarks/decode.py` measures that on gpt2-small) and
+# wherever the model must fit in less memory (a 16 GB v5e holds a 4x larger int8 model).
 
 # %% [markdown]
 # ## Pruning
