@@ -402,7 +402,7 @@ def print_quant_rows(rows: list[dict], wbytes: dict[int, int], best_bw: float) -
     )
     header = (
         f"{'case':<14}{'lj fp32':>9}{'lj quant':>10}{'HF fp32':>9}{'torch i8':>10}"
-        f"{'/HF':>7}{'/torch i8':>10}{'target':>12}{'MB/token':>10}{'floor':>7}"
+        f"{'/HF':>7}{'/torch i8':>10}{'target':>13}{'':<5}{'MB/token':>8}{'floor':>7}"
         f"{'same tokens as HF fp32 (lj quant / torch i8)':>46}"
     )
     print(header + "\n" + "-" * len(header))
@@ -416,8 +416,8 @@ def print_quant_rows(rows: list[dict], wbytes: dict[int, int], best_bw: float) -
         same = f"{r['same']['quant']:.0%} / {r['same']['hf-int8']:.0%}"
         print(
             f"{case.name:<14}{tps['fp32']:>9.1f}{tps['quant']:>10.1f}{tps['hf']:>9.1f}"
-            f"{tps['hf-int8']:>10.1f}{vs_hf:>6.2f}x{vs_t8:>9.2f}x{target:>9} "
-            f"{'ok' if ok else 'MISS':<4}"
+            f"{tps['hf-int8']:>10.1f}{vs_hf:>6.2f}x{vs_t8:>9.2f}x{target:>12} "
+            f"{'ok' if ok else 'MISS':<5}"
             f"{wbytes[case.bits] / 1e6:>8.1f}{frac:>7.0%}{same:>46}"
         )
     print("tok/s; floor = the quantized weights' bytes / matvec bandwidth over the time per step")
