@@ -54,18 +54,11 @@ import re
 import time
 from pathlib import Path
 
-from llm_jax import notebook as nb
-
-# Smoke mode is compile-bound (two train steps and two decoders of a tiny model are
-# compiled): XLA's backend optimisation level 0 compiles them about a third faster. Full
-# size keeps the default. (Set before JAX starts; a variable already set is left alone.)
-if nb.SMOKE:
-    os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
-
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
 import llm_jax as lj
+from llm_jax import notebook as nb
 from llm_jax.convert.load import load_for_inference
 from llm_jax.train.config import config_from_dict
 from llm_jax.train.loop import train
