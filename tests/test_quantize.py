@@ -173,10 +173,20 @@ def _kernel_calls(fn, *args) -> int:
 
 
 # M rows; I inputs (group remainders below the kernel's 8-row step); O outputs (not a
-# multiple of 8, so vector and scalar columns both run); bits; group size.
+# multiple of 8, so vector and scalar columns both run); bits; group size. The last three
+# are big enough for the kernel's threads: row slices added up per channel and per group,
+# and (M = 32) two column chunks of two slices each.
 @pytest.mark.parametrize(
     "m,i,o,bits,group_size",
-    [(1, 64, 200, 8, 0), (3, 40, 131, 8, 20), (8, 48, 72, 4, 0), (5, 60, 3, 4, 12)],
+    [
+        (1, 64, 200, 8, 0),
+        (3, 40, 131, 8, 20),
+        (8, 48, 72, 4, 0),
+        (5, 60, 3, 4, 12),
+        (1, 524, 200, 8, 0),
+        (3, 520, 70, 4, 40),
+        (32, 16, 1100, 8, 0),
+    ],
 )
 def test_quantized_matmul_kernel_matches_the_float64_twin(m, i, o, bits, group_size):
     _kernel_or_skip()

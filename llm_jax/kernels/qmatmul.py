@@ -39,7 +39,7 @@ from llm_jax.ops import quant as quant_ops
 
 SOURCE = Path(__file__).with_name("qmatmul.cc")
 TARGET = "llm_jax_qmatmul"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c++20", "-pthread", "-shared", "-fPIC")
 # Up to this many rows the kernel (one pass over the bytes) beats dequantize + GEMM; past
 # it the float copy is amortised over enough rows that XLA's GEMM wins.
 MAX_ROWS = 32
