@@ -145,12 +145,12 @@ def weight_bytes(model) -> int:
     return total - (0 if pos is None else int(np.prod(pos.shape)) * pos.dtype.itemsize)
 
 
-def matvec_bandwidth(repeats: int = 20) -> dict[str, float]:
-    """GB/s of a [4096, 16384] fp32 matrix times a vector (256 MiB, far beyond cache)."""
+def matvec_bandwidth(repeats: int = 20, sides=("xla", "torch")) -> dict[str, float]:
+    """GB/s of a [4096, 16384] fp32 matrix times a vector (256 MiB, far beyond cache), on
+    each of `sides` (torch is imported only when asked for)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
-    import torch
 
     k, n = 4096, 16384
     w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
@@ -158,12 +158,14 @@ def matvec_bandwidth(repeats: int = 20) -> dict[str, float]:
     w_jax, x_jax = jnp.asarray(w), jnp.ones((1, k), jnp.float32)
     f = jax.jit(lambda w, x: x @ w)
     f(w_jax, x_jax).block_until_ready()
-    w_t, x_t = torch.from_numpy(w), torch.ones(1, k)
+    calls = {"xla": lambda: f(w_jax, x_jax).block_until_ready()}
+    if "torch" in sides:
+        import torch
+
+        w_t, x_t = torch.from_numpy(w), torch.ones(1, k)
+        calls["torch"] = lambda: x_t @ w_t
     out = {}
-    for name, call in (
-        ("xla", lambda: f(w_jax, x_jax).block_until_ready()),
-        ("torch", lambda: x_t @ w_t),
-    ):
+    for name, call in ((name, calls[name]) for name in sides):
         best = float("inf")
         for _ in range(repeats):
             t0 = time.perf_counter()

@@ -64,6 +64,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=5, help="timed generate calls per side")
+    p.add_argument(
+        "--scan-layers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="lax.scan over our layers, as configs/gpt2_small.yaml and train_step.py (default: on)",
+    )
     args = p.parse_args()
     args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
     unknown = sorted(set(args.phases) - set(PHASES))
@@ -209,7 +215,28 @@ def run_decode(args, cfg) -> dict:
         rates = print_table(times, b * args.new_tokens, "tokens/s")
         ours_rate, theirs_rate = rates.values()
         ratios[f"greedy{b}"] = ours_rate / theirs_rate
+        if b == 1:
+            print_floor(model, rates)
     return ratios
+
+
+def print_floor(model, rates: dict[str, float]) -> None:
+    """Batch 1 against its bandwidth floor (every weight read once from memory per token):
+    no decoder on this machine beats the floor, so it caps any ratio over a peer."""
+    from decode import matvec_bandwidth, weight_bytes
+
+    nbytes = weight_bytes(model)
+    gbs = matvec_bandwidth(sides=("xla",))["xla"]
+    floor_ms = nbytes / 1e9 / gbs * 1e3
+    print(
+        f"batch-1 floor: {nbytes / 1e6:.0f} MB of weights at {gbs:.1f} GB/s (XLA's fp32 "
+        f"matvec) = {floor_ms:.1f} ms/token"
+    )
+    for name, rate in rates.items():
+        ms = 1e3 / rate
+        print(f"  {name:<20} {ms:6.1f} ms/token = {floor_ms / ms:4.0%} of the floor")
+    theirs_ms = 1e3 / list(rates.values())[1]
+    print(f"  largest possible ratio over KerasHub at the floor: {theirs_ms / floor_ms:.2f}x")
 
 
 def child(args) -> None:
@@ -220,7 +247,9 @@ def child(args) -> None:
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import keras
 
-    cfg = ModelConfig.preset(args.preset, dropout_rate=0.0, attention_dropout_rate=0.0)
+    cfg = ModelConfig.preset(
+        args.preset, dropout_rate=0.0, attention_dropout_rate=0.0, scan_layers=args.scan_layers
+    )
     print(
         f"phase {args.phase}: {args.preset} fp32; jax {jax.__version__}, keras "
         f"{keras.__version__} (backend {keras.backend.backend()}), "
@@ -261,6 +290,7 @@ def main() -> None:
         for key in ("preset", "batch", "seq", "steps", "prompt", "new_tokens", "repeats"):
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
         cmd += ["--decode-batches", ",".join(map(str, args.decode_batches))]
+        cmd += ["--scan-layers" if args.scan_layers else "--no-scan-layers"]
         print(f"=== phase {phase}: XLA_FLAGS += {PHASE_FLAGS[phase]!r}", flush=True)
         proc = subprocess.run(cmd, env=phase_env(phase), stdout=subprocess.PIPE, text=True)
         for line in proc.stdout.splitlines():
