@@ -187,3 +187,45 @@ def test_a_hugging_face_folder_is_a_teacher():
     student = cfg.replace(num_layers=1, vocab_size=cfg.vocab_size + 1)
     with pytest.raises(ValueError, match=r"data\.tokenizer_path"):
         check_teacher(student, cfg, "clm", False)
+
+
+def test_a_resumed_distillation_checks_its_teacher_and_resumes_exactly(
+    tmp_path, corpora, monkeypatch
+):
+    import shutil
+
+    from llm_jax.convert import save_checkpoint
+    from llm_jax.train import loop
+
+    model = {**GPT, "vocab_size": 384}  # the char tokenizer's 321 ids fit
+    cfg = ModelConfig.from_dict({**model, "num_layers": 2})
+    teacher, kept = tmp_path / "teacher", tmp_path / "kept"
+    save_checkpoint(build(cfg, rngs=nnx.Rngs(0)), teacher)
+    text = tmp_path / "text.txt"
+    text.write_text((corpora / "shakespeare.txt").read_text(encoding="utf-8")[:20000])
+    d = {"workdir": str(tmp_path / "whole"), "model": {**model, "num_layers": 1},
+         "data": {"paths": [str(text)], "tokenizer_type": "char", "seq_len": 16,
+                  "batch_size": 8, "objective": "clm", "cache_dir": str(tmp_path / "c")},
+         "train": {"steps": 4, "checkpoint_every": 2, "eval_every": 0, "progress": False,
+                   "async_checkpoint": False, "teacher": str(teacher)}}  # fmt: skip
+    whole = train(config_from_dict(d))
+    half = tmp_path / "half"  # the whole run as it was at its step-2 checkpoint
+    shutil.copytree(whole.workdir, half, ignore=shutil.ignore_patterns("4"))
+    resume = config_from_dict({**d, "workdir": str(half)})
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before the teacher was checked")
+
+    shutil.move(teacher, kept)  # another model in the teacher's place
+    save_checkpoint(build(cfg, rngs=nnx.Rngs(1)), teacher)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "compile_steps", no_compile)
+        changed = r"the teacher at .* changed since .* point train.teacher back to it, or start"
+        with pytest.raises(ValueError, match=changed):
+            train(resume)
+        shutil.rmtree(teacher)
+        with pytest.raises(ValueError, match="teacher is gone: a resumed distillation needs"):
+            train(resume)
+    shutil.move(kept, teacher)  # the original back: the resumed run equals the whole one
+    resumed = train(resume)
+    assert resumed.losses[3] == whole.losses[3] and resumed.losses[4] == whole.losses[4]

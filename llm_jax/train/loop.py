@@ -178,10 +178,12 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
         partition=plan and plan.partition,
         prune=cfg.prune,
     )
-    teacher = _teacher(cfg, model_config, mesh, layout.rules)
+    teacher = _teacher(cfg, model_config, mesh, layout.rules, workdir)
     resolved = {**cfg.to_dict(), "model": model_config.to_dict()}
     if plan is not None:
         resolved["init"] = plan.reference()
+    if teacher is not None:
+        resolved["teacher"] = teacher.reference
     ckpt = CheckpointManager(
         workdir / "checkpoints",
         save_interval_steps=tc.checkpoint_every,
@@ -257,13 +259,20 @@ def _model_config(cfg: RunConfig, tokenizer_vocab: int):
     return model_config
 
 
-def _teacher(cfg: RunConfig, model_config: ModelConfig, mesh, rules) -> Teacher | None:
-    """The distillation teacher `train.teacher` names, read, checked and placed."""
+def _teacher(
+    cfg: RunConfig, model_config: ModelConfig, mesh, rules, workdir: Path
+) -> Teacher | None:
+    """The distillation teacher `train.teacher` names, read, checked and placed; a resumed
+    run checks it is the teacher its config.json recorded (`resolved["teacher"]`)."""
     if not cfg.train.teacher:
         return None
     from llm_jax.compress.distill import prepare_teacher
 
-    teacher = prepare_teacher(cfg.train, model_config, cfg.data.objective, mesh, rules)
+    saved = workdir / "config.json"
+    recorded = json.loads(saved.read_text()).get("teacher") if saved.is_file() else None
+    teacher = prepare_teacher(
+        cfg.train, model_config, cfg.data.objective, mesh, rules, recorded=recorded
+    )
     print(f"distilling from {cfg.train.teacher}", file=sys.stderr)
     return teacher
 
