@@ -229,3 +229,28 @@ def test_a_resumed_distillation_checks_its_teacher_and_resumes_exactly(
     shutil.move(kept, teacher)  # the original back: the resumed run equals the whole one
     resumed = train(resume)
     assert resumed.losses[3] == whole.losses[3] and resumed.losses[4] == whole.losses[4]
+
+
+def test_pmap_distillation_equals_the_single_device_step():
+    from llm_jax.train.compile import pmap_train_step, replicate
+
+    student = ModelConfig.from_dict({**GPT, "num_layers": 1})
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    layout = state_layout(student, SGD, mesh, total_steps=2)
+    teacher = _teacher(ModelConfig.from_dict({**GPT, "num_layers": 2}), mesh, 0.5)
+    batch = _batch(b=16)
+    single, single_params = _run(layout, batch, teacher, n=1)  # a pmap step is slow on CPU
+    n = jax.local_device_count()
+    assert n == 8  # tests/conftest.py's fake CPU devices
+    step = pmap_train_step(
+        layout.graphdef, layout.tx, "clm", teacher=teacher, grad_accum_steps=2,
+        learning_rate_fn=layout.schedule,
+    )  # fmt: skip
+    state = replicate(layout.init())
+    shards = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    for want in single:
+        state, m = step(state, shards)
+        for k in ("loss", "kd_loss", "lm_loss"):
+            np.testing.assert_allclose(float(m[k][0]), want[k], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b), rtol=1e-5, atol=1e-6)
