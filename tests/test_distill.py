@@ -254,3 +254,40 @@ def test_pmap_distillation_equals_the_single_device_step():
             np.testing.assert_allclose(float(m[k][0]), want[k], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_params), strict=True):
         np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_mfu_counts_the_teachers_forward_by_hand():
+    from llm_jax.data.objectives import objective_spec
+    from llm_jax.train.flops import flops_and_tokens, teacher_flops_per_token
+    from llm_jax.train.metrics import Throughput, format_postfix
+
+    d, f, v, t = 32, 64, 97, 16  # GPT's widths, 16 tokens
+    block = 4 * d * d + 2 * d * f  # q, k, v, o and the MLP's two matrices
+    teacher_cfg = ModelConfig.from_dict({**GPT, "num_layers": 2})
+    student_cfg = ModelConfig.from_dict({**GPT, "num_layers": 1})
+    spec, batch = objective_spec("clm"), _batch(b=4, t=t)
+    # Forward only for the teacher: 2·N + 4·L·T·D (QKᵀ and AV); 6·N + 12·L·T·D to train.
+    teacher = 2 * (2 * block + d * v) + 4 * 2 * t * d
+    student = 6 * (block + d * v) + 12 * 1 * t * d
+    assert teacher_flops_per_token(teacher_cfg, spec, batch) == teacher
+    assert flops_and_tokens(student_cfg, spec, batch) == (student, 4 * t)
+    # A BERT teacher: its MLM transform [D, E] and decoder [E, V]; no pooler, no NSP.
+    bert = ModelConfig.preset("bert-tiny", vocab_size=v)
+    bd, bf = bert.d_model, bert.d_ff
+    bert_n = 2 * (4 * bd * bd + 2 * bd * bf) + bd * bd + bd * v
+    got = teacher_flops_per_token(bert, objective_spec("mlm"), {"tokens": batch["tokens"]})
+    assert got == 2 * bert_n + 4 * 2 * t * bd
+    now = [0.0]
+    meter = Throughput(
+        skip_steps=0,
+        flops_per_token=student,
+        teacher_flops_per_token=teacher,
+        peak_flops_per_device=1e6,
+        clock=lambda: now[0],
+    )
+    meter.step(4 * t)
+    now[0] = 2.0  # 32 tokens/s
+    rates = meter.rates()
+    assert rates["mfu"] == pytest.approx(32 * (student + teacher) / 1e6, rel=1e-12)
+    assert rates["teacher_mfu"] == pytest.approx(32 * teacher / 1e6, rel=1e-12)
+    assert f"(teacher {100 * rates['teacher_mfu']:.1f}%)" in format_postfix(rates)

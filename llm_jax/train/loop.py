@@ -38,7 +38,7 @@ from llm_jax.train.compile import (
     state_layout,
 )
 from llm_jax.train.config import RunConfig
-from llm_jax.train.flops import flops_and_tokens, peak_flops_per_device
+from llm_jax.train.flops import flops_and_tokens, peak_flops_per_device, teacher_flops_per_token
 from llm_jax.train.hooks import (
     CheckpointEvery,
     EvalEvery,
@@ -231,7 +231,7 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
         _print_banner(cfg, mesh, run.steps.memory, [] if plan is None else plan.banner(layout))
-    run.hooks = _hooks(cfg, model_config, run.batch, stop)
+    run.hooks = _hooks(cfg, model_config, run.batch, stop, teacher and teacher.config)
     return run
 
 
@@ -329,9 +329,12 @@ def _restore_or_init(
     return layout.init_from(trainable), 0, frozen
 
 
-def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]:
+def _hooks(
+    cfg: RunConfig, model_config, batch, stop: StopOnSignal, teacher: ModelConfig | None
+) -> list[Any]:
     """The periodic actions, in order: the non-finite check first (so nothing of a bad
-    step is logged or saved), then logging, evaluation and checkpointing."""
+    step is logged or saved), then logging, evaluation and checkpointing. A distillation
+    teacher's forward counts towards MFU (`Throughput`'s "mfu" and "teacher_mfu")."""
     tc = cfg.train
     spec = objective_spec(cfg.data.objective)
     flops, tokens_per_step = flops_and_tokens(model_config, spec, batch)
@@ -340,6 +343,7 @@ def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]
         flops_per_token=flops,
         num_devices=jax.device_count(),
         peak_flops_per_device=peak_flops_per_device(),
+        teacher_flops_per_token=teacher_flops_per_token(teacher, spec, batch) if teacher else 0.0,
     )
     hooks: list[Any] = [
         NonFinite(tc.on_nonfinite),
