@@ -187,3 +187,107 @@ def test_a_hugging_face_folder_is_a_teacher():
     student = cfg.replace(num_layers=1, vocab_size=cfg.vocab_size + 1)
     with pytest.raises(ValueError, match=r"data\.tokenizer_path"):
         check_teacher(student, cfg, "clm", False)
+
+
+def test_a_resumed_distillation_checks_its_teacher_and_resumes_exactly(
+    tmp_path, corpora, monkeypatch
+):
+    import shutil
+
+    from llm_jax.convert import save_checkpoint
+    from llm_jax.train import loop
+
+    model = {**GPT, "vocab_size": 384}  # the char tokenizer's 321 ids fit
+    cfg = ModelConfig.from_dict({**model, "num_layers": 2})
+    teacher, kept = tmp_path / "teacher", tmp_path / "kept"
+    save_checkpoint(build(cfg, rngs=nnx.Rngs(0)), teacher)
+    text = tmp_path / "text.txt"
+    text.write_text((corpora / "shakespeare.txt").read_text(encoding="utf-8")[:20000])
+    d = {"workdir": str(tmp_path / "whole"), "model": {**model, "num_layers": 1},
+         "data": {"paths": [str(text)], "tokenizer_type": "char", "seq_len": 16,
+                  "batch_size": 8, "objective": "clm", "cache_dir": str(tmp_path / "c")},
+         "train": {"steps": 4, "checkpoint_every": 2, "eval_every": 0, "progress": False,
+                   "async_checkpoint": False, "teacher": str(teacher)}}  # fmt: skip
+    whole = train(config_from_dict(d))
+    half = tmp_path / "half"  # the whole run as it was at its step-2 checkpoint
+    shutil.copytree(whole.workdir, half, ignore=shutil.ignore_patterns("4"))
+    resume = config_from_dict({**d, "workdir": str(half)})
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled before the teacher was checked")
+
+    shutil.move(teacher, kept)  # another model in the teacher's place
+    save_checkpoint(build(cfg, rngs=nnx.Rngs(1)), teacher)
+    with monkeypatch.context() as m:
+        m.setattr(loop, "compile_steps", no_compile)
+        changed = r"the teacher at .* changed since .* point train.teacher back to it, or start"
+        with pytest.raises(ValueError, match=changed):
+            train(resume)
+        shutil.rmtree(teacher)
+        with pytest.raises(ValueError, match="teacher is gone: a resumed distillation needs"):
+            train(resume)
+    shutil.move(kept, teacher)  # the original back: the resumed run equals the whole one
+    resumed = train(resume)
+    assert resumed.losses[3] == whole.losses[3] and resumed.losses[4] == whole.losses[4]
+
+
+def test_pmap_distillation_equals_the_single_device_step():
+    from llm_jax.train.compile import pmap_train_step, replicate
+
+    student = ModelConfig.from_dict({**GPT, "num_layers": 1})
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    layout = state_layout(student, SGD, mesh, total_steps=2)
+    teacher = _teacher(ModelConfig.from_dict({**GPT, "num_layers": 2}), mesh, 0.5)
+    batch = _batch(b=16)
+    single, single_params = _run(layout, batch, teacher, n=1)  # a pmap step is slow on CPU
+    n = jax.local_device_count()
+    assert n == 8  # tests/conftest.py's fake CPU devices
+    step = pmap_train_step(
+        layout.graphdef, layout.tx, "clm", teacher=teacher, grad_accum_steps=2,
+        learning_rate_fn=layout.schedule,
+    )  # fmt: skip
+    state = replicate(layout.init())
+    shards = jax.tree.map(lambda x: x.reshape(n, x.shape[0] // n, *x.shape[1:]), batch)
+    for want in single:
+        state, m = step(state, shards)
+        for k in ("loss", "kd_loss", "lm_loss"):
+            np.testing.assert_allclose(float(m[k][0]), want[k], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(single_params), strict=True):
+        np.testing.assert_allclose(np.asarray(a[0]), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_mfu_counts_the_teachers_forward_by_hand():
+    from llm_jax.data.objectives import objective_spec
+    from llm_jax.train.flops import flops_and_tokens, teacher_flops_per_token
+    from llm_jax.train.metrics import Throughput, format_postfix
+
+    d, f, v, t = 32, 64, 97, 16  # GPT's widths, 16 tokens
+    block = 4 * d * d + 2 * d * f  # q, k, v, o and the MLP's two matrices
+    teacher_cfg = ModelConfig.from_dict({**GPT, "num_layers": 2})
+    student_cfg = ModelConfig.from_dict({**GPT, "num_layers": 1})
+    spec, batch = objective_spec("clm"), _batch(b=4, t=t)
+    # Forward only for the teacher: 2·N + 4·L·T·D (QKᵀ and AV); 6·N + 12·L·T·D to train.
+    teacher = 2 * (2 * block + d * v) + 4 * 2 * t * d
+    student = 6 * (block + d * v) + 12 * 1 * t * d
+    assert teacher_flops_per_token(teacher_cfg, spec, batch) == teacher
+    assert flops_and_tokens(student_cfg, spec, batch) == (student, 4 * t)
+    # A BERT teacher: its MLM transform [D, E] and decoder [E, V]; no pooler, no NSP.
+    bert = ModelConfig.preset("bert-tiny", vocab_size=v)
+    bd, bf = bert.d_model, bert.d_ff
+    bert_n = 2 * (4 * bd * bd + 2 * bd * bf) + bd * bd + bd * v
+    got = teacher_flops_per_token(bert, objective_spec("mlm"), {"tokens": batch["tokens"]})
+    assert got == 2 * bert_n + 4 * 2 * t * bd
+    now = [0.0]
+    meter = Throughput(
+        skip_steps=0,
+        flops_per_token=student,
+        teacher_flops_per_token=teacher,
+        peak_flops_per_device=1e6,
+        clock=lambda: now[0],
+    )
+    meter.step(4 * t)
+    now[0] = 2.0  # 32 tokens/s
+    rates = meter.rates()
+    assert rates["mfu"] == pytest.approx(32 * (student + teacher) / 1e6, rel=1e-12)
+    assert rates["teacher_mfu"] == pytest.approx(32 * teacher / 1e6, rel=1e-12)
+    assert f"(teacher {100 * rates['teacher_mfu']:.1f}%)" in format_postfix(rates)

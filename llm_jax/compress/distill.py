@@ -36,6 +36,7 @@ from llm_jax.models.config import ModelConfig
 if TYPE_CHECKING:
     from jax.sharding import Mesh
 
+    from llm_jax.finetune.base import Base
     from llm_jax.train.config import TrainConfig
 
 # Student objectives a teacher can distil into, and the teacher family each needs.
@@ -223,6 +224,12 @@ def check_teacher(student: ModelConfig, teacher: ModelConfig, objective: str, co
 
 def read_teacher(path: str) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, params as NumPy) of a teacher: one of our checkpoints or an HF folder."""
+    base = _load_teacher(path)
+    return base.config, base.params
+
+
+def _load_teacher(path: str, step: int | None = None) -> Base:
+    """The teacher as a fine-tuning `Base`: config, params and fingerprint."""
     from llm_jax.finetune.base import load_base
     from llm_jax.finetune.config import InitConfig
 
@@ -230,12 +237,41 @@ def read_teacher(path: str) -> tuple[ModelConfig, dict[str, Any]]:
     if not folder.exists():
         raise ValueError(f"train.teacher={path}: no such folder; give a run or HF folder.")
     is_hf = (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
-    init = InitConfig(from_hf=path) if is_hf else InitConfig(from_checkpoint=path)
+    init = InitConfig(from_hf=path) if is_hf else InitConfig(from_checkpoint=path, step=step)
     try:
-        base = load_base(init)
+        return load_base(init)
     except ValueError as e:
         raise ValueError(str(e).replace("init.from_", "train.teacher (from_")) from None
-    return base.config, base.params
+
+
+def resumed_teacher(path: str, recorded: dict[str, Any]) -> Base:
+    """The teacher of a resumed run, checked against the one its start recorded.
+
+    Args:
+      path: `train.teacher` now.
+      recorded: the teacher's `Base.reference()` from the run's config.json. A checkpoint
+        teacher read from the same folder is read at the recorded step, so a teacher run
+        that trained on meanwhile still teaches with the step it started with.
+
+    Raises:
+      ValueError: the teacher is gone or is another model (fingerprint), naming the fix.
+    """
+    from llm_jax.finetune.base import check_fingerprint
+
+    source = recorded.get("from_checkpoint") or recorded.get("from_hf")
+    at = "" if recorded.get("step") is None else f", step {recorded['step']}"
+    fix = (
+        f"a resumed distillation needs the teacher it started with ({source}{at}): point "
+        "train.teacher back to it, or start a new workdir."
+    )
+    same_folder = str(Path(path).absolute()) == source
+    step = recorded.get("step") if same_folder and recorded.get("from_checkpoint") else None
+    try:
+        base = _load_teacher(path, step)
+    except ValueError as e:
+        raise ValueError(f"{e} This run's teacher is gone: {fix}") from None
+    check_fingerprint(recorded, base, what="the teacher", fix=fix)
+    return base
 
 
 @dataclasses.dataclass(frozen=True)
@@ -248,6 +284,8 @@ class Teacher:
       sharding, abstract: their NamedShardings and ShapeDtypeStructs.
       config: the teacher's model config.
       host_params: the parameters as NumPy (student initialisation reads them).
+      reference: what the run records of it (`Base.reference()`: folder, step,
+        fingerprint), so that a resumed run checks it distils from the same teacher.
     """
 
     distillation: Distillation
@@ -256,14 +294,24 @@ class Teacher:
     abstract: Any
     config: ModelConfig
     host_params: dict[str, Any]
+    reference: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def prepare_teacher(tc: TrainConfig, student: ModelConfig, objective: str, mesh: Mesh, rules):
-    """Read, check and place the teacher `tc.teacher` names (before any compilation)."""
+def prepare_teacher(
+    tc: TrainConfig,
+    student: ModelConfig,
+    objective: str,
+    mesh: Mesh,
+    rules,
+    recorded: dict[str, Any] | None = None,
+):
+    """Read, check and place the teacher `tc.teacher` names (before any compilation);
+    `recorded` is the teacher a resumed run started with (see `resumed_teacher`)."""
     from llm_jax.data.objectives import objective_spec
     from llm_jax.parallel.mesh import logical_axes, logical_to_sharding
 
-    cfg, params = read_teacher(tc.teacher)
+    base = resumed_teacher(tc.teacher, recorded) if recorded else _load_teacher(tc.teacher)
+    cfg, params = base.config, base.params
     main = objective_spec(objective).main_loss
     weights = loss_weights(tc, main)
     check_teacher(student, cfg, objective, weights.get("cos", 0.0) > 0)
@@ -277,7 +325,7 @@ def prepare_teacher(tc: TrainConfig, student: ModelConfig, objective: str, mesh:
     abstract = jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), placed, sharding
     )
-    return Teacher(distillation, placed, sharding, abstract, cfg, params)
+    return Teacher(distillation, placed, sharding, abstract, cfg, params, base.reference())
 
 
 def layers_from_teacher(

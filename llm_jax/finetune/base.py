@@ -244,14 +244,27 @@ def start_params(
     return Start(unflatten_tree(flat), tuple(new), tuple(dropped), tuple(reinit))
 
 
-def check_fingerprint(reference: Mapping[str, Any], base: Base) -> None:
-    """ValueError unless `base` is the base a run recorded (its fingerprint)."""
+def check_fingerprint(
+    reference: Mapping[str, Any],
+    base: Base,
+    *,
+    what: str = "the base model",
+    fix: str = "the checkpoint holds only what trained, so it needs the same base: restore "
+    "that folder.",
+) -> None:
+    """ValueError unless `base` is the model a run recorded (its fingerprint).
+
+    Args:
+      reference: what the run recorded (`Base.reference()`).
+      base: the model read now.
+      what, fix: the error's name for the model and its advice (a distillation run checks
+        its teacher with this too).
+    """
     want = reference.get("fingerprint")
     if want and base.fingerprint and want != base.fingerprint:
         raise ValueError(
-            f"the base model at {base.source} changed since this run started (fingerprint "
-            f"{base.fingerprint[:12]} != recorded {want[:12]}); the checkpoint holds only "
-            "what trained, so it needs the same base: restore that folder."
+            f"{what} at {base.source} changed since this run started (fingerprint "
+            f"{base.fingerprint[:12]} != recorded {want[:12]}); {fix}"
         )
 
 

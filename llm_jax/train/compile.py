@@ -4,7 +4,8 @@
 mesh's rules (nothing is allocated); `compile_steps` adds the train step, compiled ahead of
 time for one batch's shapes with the state donated, and the eval step. Both return frozen
 records: there is no lazily filled cache. `pmap_train_step` is the same step as a
-`jax.pmap` over local devices, for older notebook code; it gives the same numbers.
+`jax.pmap` over local devices, for older notebook code (distillation included); it gives
+the same numbers.
 """
 
 from __future__ import annotations
@@ -334,16 +335,32 @@ def pmap_train_step(
     graphdef: nnx.GraphDef,
     tx: optax.GradientTransformation,
     objective: str,
+    *,
+    teacher: Teacher | None = None,
     **step_kwargs: Any,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """The train step as a `jax.pmap` over local devices (the batch split on axis 0).
 
     State is replicated per device (`replicate`); batches are [num_devices, B /
     num_devices, ...]. Sums and gradients are psum-reduced, so the result equals the jit
-    path. `step_kwargs` are those of `make_train_step` (e.g. `learning_rate_fn`).
+    path. `step_kwargs` are those of `make_train_step` (e.g. `learning_rate_fn`). With a
+    `teacher` (`llm_jax.compress.distill.prepare_teacher`) the step distils: the teacher's
+    parameters are bound in and broadcast to every device (not replicated by the caller),
+    and each device runs the teacher on its own shard of the batch.
     """
-    fn = make_train_step(graphdef, tx, objective, axis_name="batch", **step_kwargs)
-    return jax.pmap(fn, axis_name="batch", donate_argnums=0)
+    if teacher is None:
+        fn = make_train_step(graphdef, tx, objective, axis_name="batch", **step_kwargs)
+        return jax.pmap(fn, axis_name="batch", donate_argnums=0)
+    fn = make_train_step(
+        graphdef, tx, objective, axis_name="batch", distill=teacher.distillation, **step_kwargs
+    )
+    mapped = jax.pmap(
+        lambda state, batch, params: fn(state, batch, None, params),
+        axis_name="batch",
+        in_axes=(0, 0, None),
+        donate_argnums=0,
+    )
+    return lambda state, batch: mapped(state, batch, teacher.params)
 
 
 def replicate(tree: Any, devices: list[jax.Device] | None = None) -> Any:

@@ -18,6 +18,9 @@ norms, biases, activations, softmax and the loss are excluded (they are gathers 
 element-wise, ≲1% for real sizes). These are *model* FLOPs: rematerialisation adds hardware
 work but not model FLOPs, so MFU is comparable across remat policies.
 
+A distillation run also runs its frozen teacher forward on every batch: 2·N_teacher +
+attention per token, no backward (`teacher_flops_per_token`); MFU counts both models.
+
 Peak FLOP/s are dense (no 2:4 sparsity) tensor-core / MXU numbers **per JAX device**; see
 `PEAK_FLOPS` for the sources and the per-chip vs per-device caveat on TPU v2/v3.
 """
@@ -219,6 +222,23 @@ def flops_and_tokens(cfg: ModelConfig, spec: ObjectiveSpec, batch) -> tuple[floa
     if len(lengths) == 2:
         return model_flops_per_token(cfg, enc_len=lengths[0], dec_len=lengths[1]), tokens
     return model_flops_per_token(cfg, lengths[0], lm_head=spec.lm_head), tokens
+
+
+def teacher_flops_per_token(teacher: ModelConfig, spec: ObjectiveSpec, batch) -> float:
+    """Forward-only FLOPs per token of a distillation teacher (`llm_jax.compress.distill`)
+    on `spec`'s batches shaped like `batch`: 2·N_teacher + 4·L·T·(N_heads·H), no backward
+    (the teacher is frozen). Its vocabulary head always runs (the KL term reads its
+    logits); BERT's per-sequence heads (pooler, NSP) never do.
+
+    Raises:
+      ValueError: an encoder-decoder objective (distillation has none).
+    """
+    if len(spec.token_fields) != 1:
+        raise ValueError(f"objective {spec.name!r} has no distillation teacher to count.")
+    seq_len = batch[spec.token_fields[0]].shape[1]
+    if teacher.family == "bert":
+        teacher = teacher.replace(use_pooler=False, use_nsp=False, num_labels=0)
+    return model_flops_per_token(teacher, seq_len, training=False)
 
 
 def inference_flops_per_token(

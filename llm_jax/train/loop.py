@@ -38,7 +38,7 @@ from llm_jax.train.compile import (
     state_layout,
 )
 from llm_jax.train.config import RunConfig
-from llm_jax.train.flops import flops_and_tokens, peak_flops_per_device
+from llm_jax.train.flops import flops_and_tokens, peak_flops_per_device, teacher_flops_per_token
 from llm_jax.train.hooks import (
     CheckpointEvery,
     EvalEvery,
@@ -178,10 +178,12 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
         partition=plan and plan.partition,
         prune=cfg.prune,
     )
-    teacher = _teacher(cfg, model_config, mesh, layout.rules)
+    teacher = _teacher(cfg, model_config, mesh, layout.rules, workdir)
     resolved = {**cfg.to_dict(), "model": model_config.to_dict()}
     if plan is not None:
         resolved["init"] = plan.reference()
+    if teacher is not None:
+        resolved["teacher"] = teacher.reference
     ckpt = CheckpointManager(
         workdir / "checkpoints",
         save_interval_steps=tc.checkpoint_every,
@@ -229,7 +231,7 @@ def setup(cfg: RunConfig, stop: StopOnSignal) -> Run:
     if is_main:
         (workdir / "config.json").write_text(json.dumps(resolved, indent=2))
         _print_banner(cfg, mesh, run.steps.memory, [] if plan is None else plan.banner(layout))
-    run.hooks = _hooks(cfg, model_config, run.batch, stop)
+    run.hooks = _hooks(cfg, model_config, run.batch, stop, teacher and teacher.config)
     return run
 
 
@@ -257,13 +259,20 @@ def _model_config(cfg: RunConfig, tokenizer_vocab: int):
     return model_config
 
 
-def _teacher(cfg: RunConfig, model_config: ModelConfig, mesh, rules) -> Teacher | None:
-    """The distillation teacher `train.teacher` names, read, checked and placed."""
+def _teacher(
+    cfg: RunConfig, model_config: ModelConfig, mesh, rules, workdir: Path
+) -> Teacher | None:
+    """The distillation teacher `train.teacher` names, read, checked and placed; a resumed
+    run checks it is the teacher its config.json recorded (`resolved["teacher"]`)."""
     if not cfg.train.teacher:
         return None
     from llm_jax.compress.distill import prepare_teacher
 
-    teacher = prepare_teacher(cfg.train, model_config, cfg.data.objective, mesh, rules)
+    saved = workdir / "config.json"
+    recorded = json.loads(saved.read_text()).get("teacher") if saved.is_file() else None
+    teacher = prepare_teacher(
+        cfg.train, model_config, cfg.data.objective, mesh, rules, recorded=recorded
+    )
     print(f"distilling from {cfg.train.teacher}", file=sys.stderr)
     return teacher
 
@@ -320,9 +329,12 @@ def _restore_or_init(
     return layout.init_from(trainable), 0, frozen
 
 
-def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]:
+def _hooks(
+    cfg: RunConfig, model_config, batch, stop: StopOnSignal, teacher: ModelConfig | None
+) -> list[Any]:
     """The periodic actions, in order: the non-finite check first (so nothing of a bad
-    step is logged or saved), then logging, evaluation and checkpointing."""
+    step is logged or saved), then logging, evaluation and checkpointing. A distillation
+    teacher's forward counts towards MFU (`Throughput`'s "mfu" and "teacher_mfu")."""
     tc = cfg.train
     spec = objective_spec(cfg.data.objective)
     flops, tokens_per_step = flops_and_tokens(model_config, spec, batch)
@@ -331,6 +343,7 @@ def _hooks(cfg: RunConfig, model_config, batch, stop: StopOnSignal) -> list[Any]
         flops_per_token=flops,
         num_devices=jax.device_count(),
         peak_flops_per_device=peak_flops_per_device(),
+        teacher_flops_per_token=teacher_flops_per_token(teacher, spec, batch) if teacher else 0.0,
     )
     hooks: list[Any] = [
         NonFinite(tc.on_nonfinite),

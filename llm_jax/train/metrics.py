@@ -311,9 +311,10 @@ def _interactive(file: TextIO) -> bool:
 def format_postfix(metrics: Mapping[str, Any]) -> str:
     """'loss 3.2150 | lr 3.00e-04 | tok/s 12.3k | mfu 41.2%' from a metrics dict.
 
-    Reads `loss`, `learning_rate` (or `lr`), `examples_per_second`, `tokens_per_second`
-    and `mfu`, bare or with a `train/` prefix; a missing one is left out, except MFU which
-    reads "n/a" (evaluation's examples/s lines, which measure no MFU, leave it out too).
+    Reads `loss`, `learning_rate` (or `lr`), `examples_per_second`, `tokens_per_second`,
+    `mfu` and `teacher_mfu`, bare or with a `train/` prefix; a missing one is left out,
+    except MFU which reads "n/a" (evaluation's examples/s lines, which measure no MFU,
+    leave it out too).
     """
     m = {k.removeprefix("train/"): v for k, v in metrics.items()}
     parts = []
@@ -330,6 +331,8 @@ def format_postfix(metrics: Mapping[str, Any]) -> str:
     if value is None and m.get("examples_per_second") is not None:
         return " | ".join(parts)
     parts.append(f"mfu {format_mfu(None if value is None else float(value))}")
+    if m.get("teacher_mfu") is not None:  # a distillation run: the teacher's part of it
+        parts[-1] += f" (teacher {format_mfu(float(m['teacher_mfu']))})"
     return " | ".join(parts)
 
 
@@ -457,6 +460,11 @@ class Throughput:
       skip_steps: leading steps left out of the timing.
       flops_per_token: model FLOPs per token (`flops.model_flops_per_token`); with
         `peak_flops_per_device` it adds "mfu" to `rates()`.
+      teacher_flops_per_token: a distillation teacher's forward FLOPs per token
+        (`flops.teacher_flops_per_token`). Then "mfu" is the hardware's whole model-FLOPs
+        utilisation, the student's training FLOPs plus the teacher's forward, and
+        "teacher_mfu" is the teacher's part of it (the student's is the difference, which
+        is comparable with a run without a teacher).
       num_devices: devices the step runs on.
       peak_flops_per_device: from `flops.peak_flops_per_device`; None (CPU, unknown) leaves
         "mfu" out, which the progress display shows as "n/a".
@@ -471,9 +479,11 @@ class Throughput:
         num_devices: int = 1,
         peak_flops_per_device: float | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        teacher_flops_per_token: float = 0.0,
     ):
         self.skip_steps = skip_steps
         self.flops_per_token = flops_per_token
+        self.teacher_flops_per_token = teacher_flops_per_token
         self.num_devices = num_devices
         self.peak = peak_flops_per_device
         self._clock = clock
@@ -502,8 +512,8 @@ class Throughput:
         self._tokens = self._steps = 0
 
     def rates(self) -> dict[str, float]:
-        """{'tokens_per_second', 'steps_per_second'[, 'mfu']} since the last call, then
-        start a new interval; {} when no timed step has finished yet."""
+        """{'tokens_per_second', 'steps_per_second'[, 'mfu'[, 'teacher_mfu']]} since the
+        last call, then start a new interval; {} when no timed step has finished yet."""
         now = self._clock()
         if self._start is None or self._steps == 0 or now <= self._start:
             return {}
@@ -513,8 +523,11 @@ class Throughput:
             "steps_per_second": self._steps / seconds,
         }
         if self.flops_per_token is not None:
-            value = mfu(out["tokens_per_second"], self.flops_per_token, self.num_devices, self.peak)
+            total = self.flops_per_token + self.teacher_flops_per_token
+            value = mfu(out["tokens_per_second"], total, self.num_devices, self.peak)
             if value is not None:
                 out["mfu"] = value
+                if self.teacher_flops_per_token:
+                    out["teacher_mfu"] = value * self.teacher_flops_per_token / total
         self._start, self._tokens, self._steps = now, 0, 0
         return out
