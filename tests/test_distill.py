@@ -1,6 +1,9 @@
 """Knowledge distillation: the KL term against its NumPy twin, α = 0 is plain CE exactly,
 clear errors for teachers that cannot teach, and a 2-step run from a tiny teacher."""
 
+import dataclasses
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -211,7 +214,11 @@ def test_a_resumed_distillation_checks_its_teacher_and_resumes_exactly(
     whole = train(config_from_dict(d))
     half = tmp_path / "half"  # the whole run as it was at its step-2 checkpoint
     shutil.copytree(whole.workdir, half, ignore=shutil.ignore_patterns("4"))
-    resume = config_from_dict({**d, "workdir": str(half)})
+    # The run's own config.json (with its teacher record) loads back as the resume config.
+    saved = json.loads((half / "config.json").read_text())
+    assert saved["teacher"]["fingerprint"]
+    resume = config_from_dict({**saved, "workdir": str(half)})
+    assert resume.train == config_from_dict(d).train
 
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled before the teacher was checked")
@@ -226,6 +233,9 @@ def test_a_resumed_distillation_checks_its_teacher_and_resumes_exactly(
         shutil.rmtree(teacher)
         with pytest.raises(ValueError, match="teacher is gone: a resumed distillation needs"):
             train(resume)
+        no_teacher = dataclasses.replace(resume.train, teacher=None)
+        with pytest.raises(ValueError, match=r"distils from .*; set train.teacher=.* to resume"):
+            train(dataclasses.replace(resume, train=no_teacher))
     shutil.move(kept, teacher)  # the original back: the resumed run equals the whole one
     resumed = train(resume)
     assert resumed.losses[3] == whole.losses[3] and resumed.losses[4] == whole.losses[4]

@@ -217,10 +217,21 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
+def _without_records(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` less what a run writes into its config.json to check on resume (the base's
+    `init.fingerprint`, the distillation `teacher` record): they are not settings, and a
+    run's config.json must load back as a config (the run re-checks them itself)."""
+    d = {k: v for k, v in d.items() if not (k == "teacher" and isinstance(v, dict))}
+    if isinstance(d.get("init"), dict) and "fingerprint" in d["init"]:
+        d["init"] = {k: v for k, v in d["init"].items() if k != "fingerprint"}
+    return d
+
+
 def config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> RunConfig:
     """Validate and build a RunConfig from a mapping (the YAML's content)."""
     if not isinstance(d, dict):
         raise ValueError(f"{source}: the top level must be a mapping of sections.")
+    d = _without_records(d)
     try:
         RunConfig.check_keys(d)
     except ValueError as e:

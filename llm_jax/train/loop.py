@@ -264,12 +264,18 @@ def _teacher(
 ) -> Teacher | None:
     """The distillation teacher `train.teacher` names, read, checked and placed; a resumed
     run checks it is the teacher its config.json recorded (`resolved["teacher"]`)."""
+    saved = workdir / "config.json"
+    recorded = json.loads(saved.read_text()).get("teacher") if saved.is_file() else None
     if not cfg.train.teacher:
+        if isinstance(recorded, dict):  # resuming a distillation as plain training
+            source = recorded.get("from_checkpoint") or recorded.get("from_hf")
+            raise ValueError(
+                f"the run in {workdir} distils from {source}; set train.teacher={source} to "
+                "resume it, or use a new workdir for a run without a teacher."
+            )
         return None
     from llm_jax.compress.distill import prepare_teacher
 
-    saved = workdir / "config.json"
-    recorded = json.loads(saved.read_text()).get("teacher") if saved.is_file() else None
     teacher = prepare_teacher(
         cfg.train, model_config, cfg.data.objective, mesh, rules, recorded=recorded
     )
