@@ -7,9 +7,21 @@ os.environ.setdefault("XLA_FLAGS", "")
 os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import atexit
+import shutil
+import tempfile
+
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+# One persistent XLA cache per test process, removed when it exits: the many tests that
+# train, resume and reload the same tiny configs (each run builds its jitted steps afresh)
+# load a program compiled earlier instead of compiling it again. A loaded program is the
+# compiled one, so results are bit for bit the same; nothing outlives the session.
+_XLA_CACHE = tempfile.mkdtemp(prefix="llm_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, _XLA_CACHE, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _XLA_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 from pathlib import Path  # noqa: E402
 
