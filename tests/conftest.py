@@ -63,3 +63,25 @@ def shakespeare(corpora, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
     path.write_text((corpora / "shakespeare.txt").read_text(encoding="utf-8"), encoding="utf-8")
     return path
+
+
+@pytest.fixture(scope="module")
+def xla_cache(tmp_path_factory):
+    """A persistent XLA cache for one module, off again after it: for modules whose tests
+    retrain, resume and reload the same tiny configs (each run builds its jitted steps
+    afresh), which then load the programs compiled earlier instead of compiling them
+    again. A loaded program is the compiled one, so results are bit for bit the same.
+    Not suite-wide: computing every compile's cache key costs ~3% where nothing repeats."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    saved = (
+        jax.config.jax_compilation_cache_dir,
+        jax.config.jax_persistent_cache_min_compile_time_secs,
+    )
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    compilation_cache.reset_cache()
+    yield
+    jax.config.update("jax_compilation_cache_dir", saved[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+    compilation_cache.reset_cache()

@@ -21,6 +21,9 @@ from llm_jax.train.hooks import StopOnSignal
 from llm_jax.train.loop import setup, train
 
 FIXTURES = Path(__file__).parent / "fixtures" / "hf"
+# Many runs here restore and retrain the same tiny configs: one compile each (conftest).
+pytestmark = pytest.mark.usefixtures("xla_cache")
+
 BERT = {
     "preset": "bert-tiny",
     "d_model": 32,

@@ -210,13 +210,13 @@ def test_gpt_classify_reads_the_last_real_token_and_its_gradient_flows():
     lengths = np.array([5, 9, 1, 12])
     seg = (np.arange(12)[None] < lengths[:, None]).astype(np.int32)
     tokens = np.where(seg > 0, np.random.default_rng(0).integers(1, 512, (4, 12)), 0)
-    logits = model.classify(jnp.asarray(tokens), segment_ids=jnp.asarray(seg))
-    hidden, _ = model.features(jnp.asarray(tokens), segment_ids=jnp.asarray(seg))
+    # Jitted, logits and hidden states in one program: eager dispatch compiles each op.
+    run = nnx.jit(lambda m, t, s: (m.classify(t, segment_ids=s), m.features(t, segment_ids=s)[0]))
+    logits, hidden = run(model, jnp.asarray(tokens), jnp.asarray(seg))
     manual = np.asarray(hidden)[np.arange(4), lengths - 1] @ np.asarray(model.classifier.kernel)
     np.testing.assert_allclose(logits, manual, rtol=1e-5, atol=1e-6)
     # No segment ids: the last position of every row.
-    full = model.classify(jnp.asarray(tokens))
-    h_full, _ = model.features(jnp.asarray(tokens))
+    full, h_full = run(model, jnp.asarray(tokens), None)
     np.testing.assert_allclose(full, h_full[:, -1] @ model.classifier.kernel[...], rtol=1e-5)
 
     # d logits / d input embeddings: nonzero on every real token, exactly zero on the
@@ -227,7 +227,7 @@ def test_gpt_classify_reads_the_last_real_token_and_its_gradient_flows():
         out = model.classify(inputs_embeds=e, segment_ids=jnp.asarray(seg))
         return jnp.sum(out * jnp.arange(1.0, 4.0))
 
-    g = np.abs(np.asarray(jax.grad(loss)(embeds))).sum(-1)
+    g = np.abs(np.asarray(jax.jit(jax.grad(loss))(embeds))).sum(-1)
     assert (g[seg > 0] > 0).all() and (g[seg == 0] == 0).all()
     graphdef, state = nnx.split(model)
 
@@ -235,7 +235,7 @@ def test_gpt_classify_reads_the_last_real_token_and_its_gradient_flows():
         out = nnx.merge(graphdef, state).classify(jnp.asarray(tokens), segment_ids=jnp.asarray(seg))
         return jnp.sum(out * jnp.arange(1.0, 4.0))
 
-    grads = nnx.to_pure_dict(jax.grad(param_loss)(state))
+    grads = nnx.to_pure_dict(jax.jit(jax.grad(param_loss))(state))
     assert float(jnp.abs(grads["classifier"]["kernel"]).sum()) > 0
     assert float(jnp.abs(grads["layers"]["blocks"]["mlp"]["wi"]["kernel"]).sum()) > 0
 

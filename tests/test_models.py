@@ -326,15 +326,24 @@ def test_block_spec_and_init_scheme_carry_no_family():
     assert init_scheme(TINY["bert"]).o == 0.02
 
 
+@nnx.jit(static_argnames="heads_major")
+def _t5_cache_after_two_tokens(model, enc, enc_seg, first, heads_major):
+    """Encode, then decode two tokens into a fresh cache (jitted: eager T5 ops cost ~20 s)."""
+    cache = model.init_cache(
+        3, 8, model.encode(enc, segment_ids=enc_seg), enc_seg, heads_major=heads_major
+    )
+    return model.decode_step(first, cache)[1]
+
+
+_decode_step = nnx.jit(lambda model, step, cache: model.decode_step(step, cache))
+
+
 @pytest.mark.parametrize("heads_major", [False, True])
 def test_cache_take_rows_gathers_every_batch_tensor(heads_major):
     model = T5(TINY["t5"], rngs=nnx.Rngs(0))
     enc = tokens((3, 5))
     enc_seg = jnp.array([[1] * 5, [1] * 3 + [0] * 2, [1] * 4 + [0]])
-    cache = model.init_cache(
-        3, 8, model.encode(enc, segment_ids=enc_seg), enc_seg, heads_major=heads_major
-    )
-    _, cache = model.decode_step(tokens((3, 2), seed=1), cache)
+    cache = _t5_cache_after_two_tokens(model, enc, enc_seg, tokens((3, 2), seed=1), heads_major)
     rows = jnp.array([2, 0, 0, 1])
     taken = cache.take_rows(rows)
     assert isinstance(taken, KVCache) and isinstance(taken.self_kv, LayerKV)
@@ -349,8 +358,8 @@ def test_cache_take_rows_gathers_every_batch_tensor(heads_major):
     np.testing.assert_array_equal(taken.encoder_valid, np.asarray(enc_seg != 0)[[2, 0, 0, 1]])
     # Decoding from gathered rows == decoding those rows of the original cache.
     step = tokens((3, 1), seed=2)
-    logits, _ = model.decode_step(step, cache)
-    logits_taken, _ = model.decode_step(jnp.take(step, rows, axis=0), taken)
+    logits, _ = _decode_step(model, step, cache)
+    logits_taken, _ = _decode_step(model, jnp.take(step, rows, axis=0), taken)
     np.testing.assert_allclose(logits_taken, np.asarray(logits)[[2, 0, 0, 1]], rtol=1e-6)
 
 

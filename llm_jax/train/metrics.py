@@ -53,6 +53,25 @@ def _scalar(key: str, value: Any) -> int | float:
     raise ValueError(f"metric {key!r} is {type(item).__name__}; write numbers only.")
 
 
+def _summary_writer_class() -> type:
+    """tensorboardX's `SummaryWriter`, imported without torch when torch is not loaded yet.
+
+    tensorboardX imports torch, when installed, only to name a type in its annotations;
+    that import costs ~3 s of every run's start-up (each `llm-jax train` process), and
+    scalars never need it.
+    """
+    if "torch" in sys.modules or "tensorboardX" in sys.modules:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter
+    sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        del sys.modules["torch"]
+    return SummaryWriter
+
+
 class MetricsWriter:
     """Writes scalars to `workdir/metrics.jsonl` and TensorBoard; draws the loss curve.
 
@@ -92,7 +111,7 @@ class MetricsWriter:
             return
         if tensorboard:
             try:
-                from tensorboardX import SummaryWriter
+                SummaryWriter = _summary_writer_class()
             except ImportError as e:
                 raise ImportError(
                     "MetricsWriter(tensorboard=True) needs tensorboardX: `pip install "
