@@ -67,8 +67,13 @@ def _summary_writer_class() -> type:
     sys.modules["torch"] = None  # type: ignore[assignment]  # `import torch` raises ImportError
     try:
         from tensorboardX import SummaryWriter
+    except ImportError:  # a tensorboardX that needs torch after all: import it the slow way
+        SummaryWriter = None
     finally:
         del sys.modules["torch"]
+    if SummaryWriter is None:
+        sys.modules.pop("tensorboardX", None)
+        from tensorboardX import SummaryWriter
     return SummaryWriter
 
 
