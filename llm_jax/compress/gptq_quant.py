@@ -235,7 +235,7 @@ class _Tap:
         self.layer, self.path, self.sink = layer, path, sink
 
     def __call__(self, x: Array, **kwargs: Any) -> Array:
-        flat = _flat_inputs(self.layer.equation, x.astype(self.layer.dtype))
+        flat = _flat_inputs(self.layer.equation, x.astype(jnp.float32))
         self.sink[self.path] = flat.T @ flat
         return self.layer(x, **kwargs)
 
@@ -316,7 +316,7 @@ def _gptq_head(model: nnx.Module, xs: list, settings: dict, qparams: dict) -> No
     @nnx.jit
     def head_hessian(model, x):
         hidden = x if model.final_norm is None else model.final_norm(x)
-        flat = _flat_inputs(head.equation, hidden.astype(head.dtype))
+        flat = _flat_inputs(head.equation, hidden.astype(jnp.float32))
         return flat.T @ flat
 
     for x in xs:
