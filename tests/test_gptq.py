@@ -77,7 +77,8 @@ def test_gptq_layer_output_error_is_below_round_to_nearest(bits, group):
 
 
 def test_gptq_model_has_the_quantize_format_and_reloads_bit_identically(tiny, tmp_path):
-    model = gptq(tiny, CALIB, bits=4, group_size=16, batch_size=3)
+    # Through quantize's method="gptq", in two forward batches of 3 calibration rows.
+    model = quantize(tiny, 4, 16, method="gptq", calibration=CALIB, batch_size=3)
     rtn = quantize(tiny, bits=4, group_size=16)
     assert model.cfg == rtn.cfg
     got, want = params_of(model), params_of(rtn)
@@ -123,6 +124,12 @@ def test_gptq_bad_input_raises_before_any_work(tiny):
         gptq(tiny, CALIB, percdamp=0.0)
     with pytest.raises(ValueError, match="already quantized"):
         gptq(quantize(tiny, bits=8), CALIB)
+    with pytest.raises(ValueError, match=r"method='awq'.*'gptq'"):
+        quantize(tiny, bits=4, method="awq")
+    with pytest.raises(ValueError, match="needs calibration data"):
+        quantize(tiny, bits=4, method="gptq")
+    with pytest.raises(ValueError, match="only used by method='gptq'"):
+        quantize(tiny, bits=4, calibration=CALIB)
     bert = lj.models.build(lj.ModelConfig.from_dict(dict(preset="bert-tiny")), rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="GPT models"):
         gptq(bert, CALIB)

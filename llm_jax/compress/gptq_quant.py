@@ -250,9 +250,7 @@ def _run_block(graphdef, state, x, kwargs) -> tuple[Array, dict[tuple, Array]]:
     block = nnx.merge(graphdef, state)
     sink: dict[tuple, Array] = {}
     for path in einsum_paths(block):
-        parent = block
-        for key in path[:-1]:
-            parent = getattr(parent, key)
+        parent = _get_attr(block, path[:-1])
         setattr(parent, path[-1], _Tap(getattr(parent, path[-1]), path, sink))
     y, _ = block(x, **kwargs)
     return y, sink
