@@ -35,11 +35,11 @@ def tiny():
     return lj.models.build(lj.ModelConfig.from_dict(TINY), rngs=nnx.Rngs(0))
 
 
-def _correlated(i: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs X [4I, I] with strongly correlated features (and input 5 never active), and a
-    kernel W [I, 24]."""
+def _correlated(i: int, seed: int, rows: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs X [rows * I, I] with strongly correlated features (and input 5 never active),
+    and a kernel W [I, 24]."""
     rng = np.random.default_rng(seed)
-    x = rng.standard_normal((4 * i, i)) @ (0.5 * rng.standard_normal((i, i)) + np.eye(i))
+    x = rng.standard_normal((rows * i, i)) @ (0.5 * rng.standard_normal((i, i)) + np.eye(i))
     x[:, 5] = 0.0
     return x, rng.standard_normal((i, 24)).astype(np.float32)
 
@@ -65,14 +65,13 @@ def test_gptq_kernel_matches_the_float64_twin(i, bits, group):
 
 @pytest.mark.parametrize("bits,group", [(4, 16), (4, 0), (8, 0)])
 def test_gptq_layer_output_error_is_below_round_to_nearest(bits, group):
-    """On inputs unlike the fitting ones (fresh draws of the same correlated features)."""
-    x, w = _correlated(64, seed=bits + group)
-    q, scale = gptq_kernel(jnp.asarray(w), x.T @ x, bits, group)
-    rtn = _dequantized(*quant_ops.quantize(jnp.asarray(w), bits, group), bits)
-    if bits == 4:
-        rtn = np.asarray(quant_ops.dequantize(*quant_ops.quantize(jnp.asarray(w), 4, group), 4))
-    err_gptq = np.linalg.norm(x @ (w - _dequantized(q, scale, bits)))
-    err_rtn = np.linalg.norm(x @ (w - rtn))
+    """Fitted on half of the correlated inputs, measured on the other (held-out) half."""
+    x, w = _correlated(64, seed=bits + group, rows=16)
+    fit, held_out = x[: len(x) // 2], x[len(x) // 2 :]
+    q, scale = gptq_kernel(jnp.asarray(w), fit.T @ fit, bits, group)
+    rtn = np.asarray(quant_ops.dequantize(*quant_ops.quantize(jnp.asarray(w), bits, group), bits))
+    err_gptq = np.linalg.norm(held_out @ (w - _dequantized(q, scale, bits)))
+    err_rtn = np.linalg.norm(held_out @ (w - rtn))
     assert err_gptq < 0.8 * err_rtn
 
 
