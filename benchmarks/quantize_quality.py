@@ -2,6 +2,7 @@
 trained model in fp32, int8 (per channel) and int4 (grouped), measured in the same run.
 
     python benchmarks/quantize_quality.py CHECKPOINT [--text FILE ...] [--group-size 128 ...]
+        [--method rtn gptq] [--calib-text FILE] [--calib-windows 128] [--embed-bits 0 8]
 
 CHECKPOINT is any of our checkpoints (a training run's workdir, e.g. `llm-jax train
 configs/tiny.yaml`, or a converted HF model). Perplexity is exp(mean next-token CE) over
@@ -9,6 +10,11 @@ non-overlapping windows of the model's context (at most 256 tokens, at most --ma
 per text); the targets are int8 within 1% and int4 within 5% of fp32. int4 runs once per
 --group-size, each also with the token embedding kept int8 (`embed_bits=8`, "+e8"): on
 models whose tied embedding is a large share of the weights, int4 there costs the most.
+
+`--method gptq` adds the same int4 rows quantized by GPTQ (`lj.compress.gptq`), calibrated
+on --calib-windows windows drawn (seeded) from the first 90% of --calib-text (default
+tinyshakespeare); when that text is also evaluated, its perplexity is measured on its last
+10% only, so calibration and evaluation tokens never overlap.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -47,6 +54,14 @@ def perplexity(model, ids: np.ndarray, window: int) -> float:
     return math.exp(total / (rows.shape[0] * (window - 1)))
 
 
+def calibration_windows(tok, path: str, n: int, window: int) -> np.ndarray:
+    """[n, window] token ids from random (seeded) places in the first 90% of `path`."""
+    text = Path(path).read_text(errors="replace")
+    ids = np.asarray(tok.encode(text[: int(0.9 * len(text))]), np.int32)
+    starts = np.random.default_rng(0).choice(len(ids) - window, size=n, replace=False)
+    return np.stack([ids[s : s + window] for s in np.sort(starts)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
@@ -54,28 +69,47 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--group-size", type=int, nargs="+", default=[128])
     parser.add_argument("--max-tokens", type=int, default=8192)
     parser.add_argument("--new-tokens", type=int, default=24)
+    parser.add_argument("--method", nargs="+", default=["rtn"], choices=["rtn", "gptq"])
+    parser.add_argument("--embed-bits", type=int, nargs="+", default=[0, 8], choices=[0, 8])
+    parser.add_argument("--calib-text", default=str(SHARED / "tinyshakespeare.txt"))
+    parser.add_argument("--calib-windows", type=int, default=128)
     args = parser.parse_args(argv)
     restored = lj.convert.restore_model(args.checkpoint)
     tok = lj.convert.load_hf_tokenizer(restored.tokenizer_dir)
     fp32 = restored.model
     cfg = fp32.cfg
+    window = min(256, cfg.max_position_embeddings or 256)
+    calib = calibration_windows(tok, args.calib_text, args.calib_windows, window)
     models = {"fp32": fp32, "int8": lj.compress.quantize(fp32, bits=8)}
     for size in args.group_size:
         # The largest group <= size dividing every kernel's input (D, F and N * H).
         group = math.gcd(size, cfg.d_model, cfg.d_ff, cfg.num_heads * cfg.head_dim)
-        for embed_bits, tag in ((0, ""), (8, "+e8")):
-            models[f"int4-g{group}{tag}"] = lj.compress.quantize(
-                fp32, bits=4, group_size=group, embed_bits=embed_bits
-            )
-    window = min(256, cfg.max_position_embeddings or 256)
+        for method in args.method:
+            for embed_bits in args.embed_bits:
+                name = f"int4-g{group}{'+e8' if embed_bits else ''}{'-gptq' * (method == 'gptq')}"
+                kw = dict(bits=4, group_size=group, embed_bits=embed_bits)
+                start = time.perf_counter()
+                if method == "gptq":
+                    models[name] = lj.compress.gptq(fp32, calib, **kw)
+                else:
+                    models[name] = lj.compress.quantize(fp32, **kw)
+                seconds = time.perf_counter() - start
+                print(f"{name}: quantized in {seconds:.1f} s", file=sys.stderr, flush=True)
     texts = args.text or [str(SHARED / "bible-kjv.txt"), str(SHARED / "tinyshakespeare.txt")]
     print(f"model: {args.checkpoint} ({lj.models.count_params(fp32):,} parameters)")
-    header = f"{'text':<24} {'model':<13} {'MB':>7} {'perplexity':>11} {'change':>8}"
+    if "gptq" in args.method:
+        print(
+            f"GPTQ calibration: {calib.shape[0]} windows of {window} tokens from the first "
+            f"90% of {Path(args.calib_text).name}"
+        )
+    header = f"{'text':<24} {'model':<18} {'MB':>7} {'perplexity':>11} {'change':>8}"
     print(header + "\n" + "-" * len(header))
     for path in texts:
+        text = Path(path).read_text(errors="replace")
+        if "gptq" in args.method and Path(path).resolve() == Path(args.calib_text).resolve():
+            text = text[int(0.9 * len(text)) :]  # the 10% calibration never saw
         # The text's last characters: held out from any run that trained on its start.
-        text = Path(path).read_text(errors="replace")[-200_000:]
-        ids = np.asarray(tok.encode(text)[: args.max_tokens], np.int32)
+        ids = np.asarray(tok.encode(text[-200_000:])[: args.max_tokens], np.int32)
         ids = ids[: len(ids) // window * window]
         base = None
         for name, model in models.items():
@@ -83,14 +117,14 @@ def main(argv: list[str] | None = None) -> int:
             base = ppl if base is None else base
             mb = lj.compress.weight_bytes(model) / 1e6
             change = f"{100 * (ppl / base - 1):+.2f}%"
-            print(f"{Path(path).name:<24} {name:<13} {mb:7.2f} {ppl:11.3f} {change:>8}")
+            print(f"{Path(path).name:<24} {name:<18} {mb:7.2f} {ppl:11.3f} {change:>8}")
     print("\ngreedy continuations:")
-    for prompt in PROMPTS:
+    for prompt in PROMPTS if args.new_tokens else ():
         ids = tok.encode(prompt)
         for name, model in models.items():
             out = lj.sample.generate(model, [ids], max_new_tokens=args.new_tokens)
             text = tok.decode(np.asarray(out.tokens)[0].tolist())
-            print(f"  {name:<13} {prompt!r} -> {text!r}")
+            print(f"  {name:<18} {prompt!r} -> {text!r}")
     return 0
 
 

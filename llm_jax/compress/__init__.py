@@ -1,5 +1,5 @@
-"""Model compression: weight-only int8 / int4 quantization (`quant`), knowledge
-distillation (`distill`), gradual magnitude pruning (`prune`) and structured pruning of
+"""Model compression: weight-only int8 / int4 quantization (`quant`; GPTQ in `gptq_quant`),
+knowledge distillation (`distill`), gradual magnitude pruning (`prune`) and structured pruning of
 heads and neurons (`structured`).
 
 Names load on first use, so `import llm_jax.compress` stays cheap (and `train.config`,
@@ -12,6 +12,8 @@ from typing import Any
 
 _NAMES = {
     "quantize": "llm_jax.compress.quant",
+    "gptq": "llm_jax.compress.gptq_quant",
+    "gptq_kernel": "llm_jax.compress.gptq_quant",
     "dequantize": "llm_jax.compress.quant",
     "weight_bytes": "llm_jax.compress.quant",
     "Distillation": "llm_jax.compress.distill",

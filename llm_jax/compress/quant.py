@@ -69,7 +69,14 @@ def _quantize_leaf(w: jax.Array, num_lead: int, bits: int, group_size: int, scal
 
 
 def quantize(
-    model: nnx.Module, bits: int = 8, group_size: int | None = None, embed_bits: int = 0
+    model: nnx.Module,
+    bits: int = 8,
+    group_size: int | None = None,
+    embed_bits: int = 0,
+    *,
+    method: str = "rtn",
+    calibration: Any = None,
+    **gptq_options: Any,
 ) -> nnx.Module:
     """`model` with its dense kernels and token embedding quantized (weight-only).
 
@@ -81,6 +88,10 @@ def quantize(
         128 for int4; 0: per channel.
       embed_bits: 8 stores the token embedding (GPT's tied head too) int8 per channel
         whatever `bits` is; 0 quantizes it like the kernels.
+      method: "rtn" rounds each weight to nearest (no data); "gptq" chooses the dense
+        kernels by GPTQ on `calibration` (`llm_jax.compress.gptq`, GPT models), same format.
+      calibration: token ids [n, T] for method="gptq".
+      **gptq_options: `percdamp`, `batch_size` of `gptq` (method="gptq" only).
 
     Returns:
       A new model of `model.cfg` with `quant_bits=bits, quant_group_size=group_size`:
@@ -91,8 +102,23 @@ def quantize(
 
     Raises:
       ValueError: bits not 8 or 4, a group size that does not divide a kernel's inputs,
-        an already quantized or LoRA model (all before any computation).
+        an already quantized or LoRA model, an unknown method, calibration data with
+        method="rtn" (all before any computation).
     """
+    if method not in ("rtn", "gptq"):
+        raise ValueError(
+            f"method={method!r}: use 'rtn' (round to nearest, no data) or 'gptq' (needs "
+            "calibration token ids)."
+        )
+    if method == "gptq":
+        from llm_jax.compress.gptq_quant import gptq  # it builds on this module
+
+        return gptq(model, calibration, bits, group_size, embed_bits, **gptq_options)
+    if calibration is not None or gptq_options:
+        raise ValueError(
+            f"calibration and {sorted(gptq_options)} are only used by method='gptq'; pass "
+            "that method."
+        )
     group_size = _check(model, bits, group_size)
     if embed_bits not in (0, 8):
         raise ValueError(f"embed_bits={embed_bits!r}: use 8 (int8 embedding) or 0 (like bits).")
