@@ -54,14 +54,6 @@ def perplexity(model, ids: np.ndarray, window: int) -> float:
     return math.exp(total / (rows.shape[0] * (window - 1)))
 
 
-def calibration_windows(tok, path: str, n: int, window: int) -> np.ndarray:
-    """[n, window] token ids from random (seeded) places in the first 90% of `path`."""
-    text = Path(path).read_text(errors="replace")
-    ids = np.asarray(tok.encode(text[: int(0.9 * len(text))]), np.int32)
-    starts = np.random.default_rng(0).choice(len(ids) - window, size=n, replace=False)
-    return np.stack([ids[s : s + window] for s in np.sort(starts)])
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint")
@@ -79,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     fp32 = restored.model
     cfg = fp32.cfg
     window = min(256, cfg.max_position_embeddings or 256)
-    calib = calibration_windows(tok, args.calib_text, args.calib_windows, window)
+    calib = lj.compress.text_windows(tok, args.calib_text, args.calib_windows, window)
     models = {"fp32": fp32, "int8": lj.compress.quantize(fp32, bits=8)}
     for size in args.group_size:
         # The largest group <= size dividing every kernel's input (D, F and N * H).

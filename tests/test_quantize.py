@@ -162,6 +162,38 @@ def test_convert_cli_writes_a_quantized_checkpoint(tiny, tmp_path, capsys):
     assert "--quantize writes our checkpoint" in capsys.readouterr().err
 
 
+def test_convert_cli_gptq_is_the_librarys_gptq_on_the_texts_windows(tmp_path, capsys):
+    from llm_jax.data.tokenizer import train_tokenizer
+
+    text = tmp_path / "calib.txt"
+    text.write_text(
+        "".join(f"line {i}: the quick brown fox, {i * 7 % 13} jumps.\n" for i in range(300))
+    )
+    tok = train_tokenizer(text, model_type="char", vocab_size=None, num_sentinels=0)
+    cfg = lj.ModelConfig.from_dict({**TINY, "vocab_size": tok.vocab_size})
+    model = lj.models.build(cfg, rngs=nnx.Rngs(0))
+    save_checkpoint(model, tmp_path / "float", tokenizer=tok)
+    args = ["convert", "--from-checkpoint", str(tmp_path / "float"), "--to", str(tmp_path / "q")]
+    gptq_args = ["--quantize", "int4", "--group-size", "32", "--embed-bits", "8"]
+    assert main([*args, *gptq_args, "--gptq", str(text), "--calib-windows", "4"]) == 0
+    loaded = restore_model(tmp_path / "q")
+    windows = lj.compress.text_windows(tok, text, 4, 64)  # TINY's 64 positions
+    want = lj.compress.gptq(model, windows, 4, 32, embed_bits=8)
+    np.testing.assert_array_equal(loaded.model(TOKENS), want(TOKENS))
+    assert (loaded.model.cfg.quant_bits, loaded.model.cfg.quant_embed_bits) == (4, 8)
+    # Bad input, each before any work.
+    assert main([*args, "--gptq", str(text)]) != 0
+    assert "--gptq applies only with --quantize" in capsys.readouterr().err
+    assert main([*args, *gptq_args, "--gptq", str(tmp_path / "none.txt")]) != 0
+    assert "no such text file" in capsys.readouterr().err
+    latin = tmp_path / "latin1.txt"
+    latin.write_bytes("caf\xe9 ".encode("latin-1") * 400)
+    assert main([*args, *gptq_args, "--gptq", str(latin)]) != 0
+    assert "is not UTF-8" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="fewer than one window"):
+        lj.compress.text_windows(tok, text, 4, 100_000)
+
+
 def _kernel_or_skip():
     if not qmatmul.available():
         pytest.skip("no C++ compiler for the quantized matmul kernel")

@@ -14,6 +14,7 @@ _NAMES = {
     "quantize": "llm_jax.compress.quant",
     "gptq": "llm_jax.compress.gptq_quant",
     "gptq_kernel": "llm_jax.compress.gptq_quant",
+    "text_windows": "llm_jax.compress.gptq_quant",
     "dequantize": "llm_jax.compress.quant",
     "weight_bytes": "llm_jax.compress.quant",
     "Distillation": "llm_jax.compress.distill",

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -183,6 +185,40 @@ def calibration_ids(cfg, calibration: Any) -> np.ndarray:
             f"{limit} positions; cut them to at most {limit}."
         )
     return ids.astype(np.int32)
+
+
+def text_windows(
+    tokenizer, path: str | os.PathLike, n: int = 128, window: int = 256, *, head: float = 0.9
+) -> np.ndarray:
+    """Calibration tokens: `n` windows of `window` ids from seeded random places in the
+    first `head` of a UTF-8 text (the rest can then serve as held-out text), int32 [n, window].
+
+    Args:
+      tokenizer: the model's tokenizer (anything with `encode(text) -> list[int]`).
+      path: a UTF-8 text file.
+      n: windows; fewer when the text has fewer distinct window starts.
+      window: tokens per window.
+      head: the share of the text the windows come from.
+    """
+    if n < 1 or window < 2:
+        raise ValueError(f"calibration needs n >= 1 windows of >= 2 tokens, not {n} x {window}.")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"calibration text {path} not found.") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"calibration text {path} is not UTF-8 ({e.reason} at byte {e.start})."
+        ) from None
+    ids = np.asarray(tokenizer.encode(text[: int(head * len(text))]), np.int32)
+    if len(ids) <= window:
+        raise ValueError(
+            f"calibration text {path} gives {len(ids)} tokens in its first {head:.0%}, fewer "
+            f"than one window of {window}: give a longer text (e.g. a few hundred KB)."
+        )
+    rng = np.random.default_rng(0)
+    starts = np.sort(rng.choice(len(ids) - window, size=min(n, len(ids) - window), replace=False))
+    return np.stack([ids[s : s + window] for s in starts])
 
 
 class _StackInput(Exception):

@@ -7,6 +7,8 @@
         adapters as a PEFT folder; without the flag a LoRA model is written merged)
     llm-jax convert --from-hf HF_DIR --to CHECKPOINT_DIR --quantize int8   (or int4
         [--group-size 128]: weight-only quantized; `sample --checkpoint` loads it as is)
+    llm-jax convert --from-checkpoint RUN --to OUT --quantize int4 --gptq TEXT.txt
+        [--embed-bits 8]   (GPTQ, calibrated on 128 windows of the text's first 90%)
 
 The tokenizer travels along when the source has one (HF tokenizer files, or the
 checkpoint's `tokenizer/` folder).
@@ -51,8 +53,11 @@ QUANT_BITS = {"int8": 8, "int4": 4}
 def _check_quantize(args: argparse.Namespace) -> int | None:
     """The group size for --quantize (None: the default of its bit width)."""
     if args.quantize is None:
-        if args.group_size is not None:
-            raise ValueError("--group-size applies only with --quantize int8|int4.")
+        given = [f for f, v in (("--group-size", args.group_size), ("--gptq", args.gptq)) if v]
+        if given or args.embed_bits:
+            raise ValueError(
+                f"{given[0] if given else '--embed-bits'} applies only with --quantize int8|int4."
+            )
         return None
     if args.to is None:
         raise ValueError(
@@ -61,7 +66,26 @@ def _check_quantize(args: argparse.Namespace) -> int | None:
         )
     if args.group_size is not None and args.group_size < 0:
         raise ValueError(f"--group-size {args.group_size} must be >= 0 (0: per channel).")
+    if args.gptq is not None and not Path(args.gptq).is_file():
+        raise ValueError(f"--gptq {args.gptq}: no such text file (the calibration text).")
     return args.group_size
+
+
+def _quantize(args: argparse.Namespace, model, tokenizer, group_size: int | None):
+    """--quantize: round to nearest, or GPTQ calibrated on --gptq's text."""
+    from llm_jax.compress import gptq, quantize, text_windows
+
+    bits, embed_bits = QUANT_BITS[args.quantize], args.embed_bits
+    if args.gptq is None:
+        return quantize(model, bits=bits, group_size=group_size, embed_bits=embed_bits)
+    if tokenizer is None:
+        raise ValueError(
+            "--gptq tokenizes its text with the source's tokenizer; this one has none."
+        )
+    cfg = model.cfg
+    limit = cfg.max_position_embeddings if cfg.position == "learned" else 256
+    calibration = text_windows(tokenizer, args.gptq, args.calib_windows, min(256, limit))
+    return gptq(model, calibration, bits, group_size, embed_bits)
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -115,9 +139,7 @@ def _convert(args: argparse.Namespace) -> int:
         out = save_peft_adapter(cfg, params_of(model), args.to_hf)
     elif args.to is not None:
         if args.quantize is not None:
-            from llm_jax.compress import quantize
-
-            model = quantize(model, bits=QUANT_BITS[args.quantize], group_size=group_size)
+            model = _quantize(args, model, tokenizer, group_size)
         out = save_checkpoint(model, args.to, tokenizer=tokenizer)
     else:
         out = save_hf(model, args.to_hf, tokenizer=tokenizer, spec=spec, add_bos=add_bos)
@@ -176,6 +198,22 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         type=int,
         metavar="G",
         help="inputs per scale with --quantize (default: per channel for int8, 128 for int4)",
+    )
+    parser.add_argument(
+        "--embed-bits",
+        type=int,
+        choices=(0, 8),
+        default=0,
+        help="with --quantize int4: 8 keeps the token embedding int8 (0: as --quantize)",
+    )
+    parser.add_argument(
+        "--gptq",
+        metavar="TEXT",
+        help="with --quantize: GPTQ instead of round-to-nearest, calibrated on windows of this "
+        "UTF-8 text (GPT models)",
+    )
+    parser.add_argument(
+        "--calib-windows", type=int, default=128, help="--gptq calibration windows (256 tokens)"
     )
     parser.set_defaults(func=_convert)
     return parser
