@@ -23,7 +23,7 @@ from scipy import stats
 
 import llm_jax as lj
 import llm_jax.sample as sample
-from llm_jax.sample import FunctionDecoder, Greedy, Sample, Speculative
+from llm_jax.sample import Beam, FunctionDecoder, Greedy, Sample, Speculative
 
 generate_module = importlib.import_module("llm_jax.sample.generate")
 PROMPTS = [[5, 17, 30, 2], [44], [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11]]  # bucket 4: one dummy
@@ -71,6 +71,22 @@ def test_greedy_is_the_targets_greedy_token_for_token():
     assert got.tokens.shape == (3, N) and accepted.shape == (3,)
     assert 0.0 < got.acceptance_rate < 1.0
     assert len(set(accepted.tolist())) > 1  # rows accepted different numbers of tokens
+
+
+@pytest.mark.parametrize("sampling,eos", [(Greedy(), 7), (Sample(temperature=1.0, top_k=20), None)])
+def test_streamed_speculation_equals_generate_column_by_column(sampling, eos):
+    _, target, draft = models()
+    strategy = Speculative(draft, k=3, sampling=sampling)
+    kw = dict(max_new_tokens=N, strategy=strategy, rng=3, eos_id=eos)
+    want = sample.generate(target, PROMPTS, **kw)
+    stream = sample.stream(target, PROMPTS, **kw)
+    assert isinstance(stream, sample.SpeculativeStream)
+    columns = list(stream)
+    got = np.stack(columns, axis=1)
+    width = int(np.max(want.lengths))
+    assert got.shape == (3, width)
+    np.testing.assert_array_equal(got, np.asarray(want.tokens)[:, :width])
+    assert stream.acceptance_rate == want.acceptance_rate
 
 
 @pytest.mark.parametrize("draft_is_target", [True, False])
@@ -157,7 +173,7 @@ def test_bad_speculation_is_refused_before_compiling():
     with pytest.raises(ValueError, match="k must be an int >= 1"):
         Speculative(draft, k=0)
     with pytest.raises(ValueError, match="use generate"):
-        sample.stream(target, PROMPTS, max_new_tokens=4, strategy=Speculative(draft))
+        sample.stream(target, PROMPTS, max_new_tokens=4, strategy=Beam())
     with pytest.raises(ValueError, match=r"needs \d+ cache slots"):
         # Learned positions (128) cannot hold the holes of 4 rows x 64 tokens.
         sample.generate(target, PROMPTS, max_new_tokens=64, strategy=Speculative(draft))

@@ -16,6 +16,7 @@ from llm_jax.sample.beam import BeamState, gather_beams
 from llm_jax.sample.decoder import Decoder, DecoderInfo, FunctionDecoder
 from llm_jax.sample.generate import (
     GenerateOutput,
+    SpeculativeStream,
     as_decoder,
     batch_bucket,
     bucket_length,
@@ -39,6 +40,7 @@ __all__ = [
     "SamplingState",
     "Speculative",
     "SpeculativeState",
+    "SpeculativeStream",
     "as_decoder",
     "batch_bucket",
     "bucket_length",

@@ -10,8 +10,8 @@
 
 Greedy and sampled text is streamed to stdout as it is generated (the prompt first, for a
 decoder-only model); beam search prints every finished beam, best first, with its score.
-With `--draft` (speculative decoding, greedy or sample) the text comes in one piece when
-generation ends, and the draft's acceptance rate goes to stderr. What was loaded goes to
+With `--draft` (speculative decoding, greedy or sample) the text streams a verification
+round at a time, and the draft's acceptance rate goes to stderr. What was loaded goes to
 stderr, so stdout holds only text.
 """
 
@@ -301,7 +301,7 @@ def _load_draft(
 
 
 def _speculate(args, decoder, draft, tokenizer, context, strategy, common) -> int:
-    """--draft: speculative greedy / sampling in one `generate` call, printed at the end."""
+    """--draft: speculative greedy / sampling, streamed a verification round at a time."""
     import jax
 
     import llm_jax.sample as sample
@@ -309,11 +309,17 @@ def _speculate(args, decoder, draft, tokenizer, context, strategy, common) -> in
     draft = sample.as_decoder(draft)
     spec = sample.Speculative(draft=draft, k=args.speculate_k, sampling=strategy)
     rng = jax.random.key(args.seed) if isinstance(strategy, sample.Sample) else None
-    result = sample.generate(decoder, [context], strategy=spec, rng=rng, **common)
-    sys.stdout.write(render(tokenizer, context + result.to_lists()[0]) + "\n")
+    tokens = sample.stream(decoder, [context], strategy=spec, rng=rng, **common)
+    text = TextStream(tokenizer, context)
+    sys.stdout.write(text.printed)
+    sys.stdout.flush()
+    for column in tokens:
+        sys.stdout.write(text.push(int(column[0])))
+        sys.stdout.flush()
+    sys.stdout.write(text.flush() + "\n")
     sys.stdout.flush()
     print(
-        f"speculative: k={args.speculate_k}, acceptance rate {result.acceptance_rate:.3f}",
+        f"speculative: k={args.speculate_k}, acceptance rate {tokens.acceptance_rate:.3f}",
         file=sys.stderr,
     )
     return 0

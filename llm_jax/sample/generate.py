@@ -57,11 +57,15 @@ from llm_jax.sample.loop import (
     run_sampling,
 )
 from llm_jax.sample.speculative import (
-    cache_length as speculative_cache_length,
-)
-from llm_jax.sample.speculative import (
+    SpeculativeState,
+    any_live,
     run_speculative,
     speculative_output_fields,
+    speculative_round,
+    start_speculative,
+)
+from llm_jax.sample.speculative import (
+    cache_length as speculative_cache_length,
 )
 from llm_jax.sample.strategies import Beam, Greedy, Sample, Speculative
 
@@ -681,18 +685,24 @@ def stream(
 
     Returns:
       An iterator of [B] int32 arrays: token t of every row, pad_id for rows that ended.
+      With `Speculative(...)` a round yields the columns every row has reached (rows
+      accept different numbers of draft tokens), and the iterator is a
+      `SpeculativeStream` with the acceptance rate so far.
     """
     req = _request("stream", request, refused=("return_log_probs",))
-    if isinstance(req.strategy, (Beam, Speculative)):
+    if isinstance(req.strategy, Beam):
         raise ValueError(
-            "stream() supports Greedy() and Sample(...); use generate() for Beam(...) and "
-            "Speculative(...)."
+            "stream() supports Greedy(), Sample(...) and Speculative(...); use generate() "
+            "for Beam(...)."
         )
     decoder, prompt, controls, rng, spec = _check_and_pad(
         model, prompt_ids, req, rng, mesh=mesh, rules=rules
     )
     sharding = MeshRules.make(mesh, rules)
     batch = int(np.sum(~np.asarray(prompt.dummy)))
+    draft = _draft_decoder(decoder, prompt, req, mesh=mesh, rules=rules)
+    if draft is not None:
+        return SpeculativeStream(decoder, draft, prompt, controls, rng, spec, sharding, batch)
 
     def tokens() -> Iterator[np.ndarray]:
         state = _stream_prefill(decoder, prompt, controls, rng, spec, sharding)
@@ -704,3 +714,84 @@ def stream(
             yield np.asarray(state.tokens[:batch, step])
 
     return tokens()
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "sharding"))
+def _speculative_start(
+    decoder: Decoder,
+    draft: Decoder,
+    prompt: Prompt,
+    controls: Controls,
+    rng: jax.Array | None,
+    spec: LoopSpec,
+    sharding: MeshRules | None = None,
+) -> tuple[SpeculativeState, Array]:
+    with _sharding_context(sharding):
+        state = start_speculative(decoder, draft, prompt, controls, rng, spec)
+        return state, any_live(spec, state)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "sharding"), donate_argnames=("state",))
+def _speculative_step(
+    decoder: Decoder,
+    draft: Decoder,
+    controls: Controls,
+    state: SpeculativeState,
+    spec: LoopSpec,
+    sharding: MeshRules | None = None,
+) -> tuple[SpeculativeState, Array]:
+    with _sharding_context(sharding):
+        state = speculative_round(decoder, draft, controls, spec, state)
+        return state, any_live(spec, state)
+
+
+class SpeculativeStream:
+    """`stream(..., strategy=Speculative(...))`: [B] token columns as the verification
+    rounds produce them, equal to `generate(...).tokens` column by column (the rounds
+    draw the same random numbers as generate's loop).
+
+    A column is yielded once every row has it (a row that ended has pad_id there), so a
+    round that accepts k drafts in every row yields k + 1 columns at once.
+    `acceptance_rate` is accepted / proposed draft tokens so far, over the batch.
+    """
+
+    def __init__(self, decoder, draft, prompt, controls, rng, spec, sharding, batch: int):
+        self._args = (decoder, draft, prompt, controls, rng, spec, sharding)
+        self._batch = batch
+        self.accepted = self.proposed = 0
+        self._columns = self._run()
+
+    def __iter__(self) -> SpeculativeStream:
+        return self
+
+    def __next__(self) -> np.ndarray:
+        return next(self._columns)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / max(self.proposed, 1)
+
+    def _run(self) -> Iterator[np.ndarray]:
+        decoder, draft, prompt, controls, rng, spec, sharding = self._args
+        state, running = _speculative_start(decoder, draft, prompt, controls, rng, spec, sharding)
+        sent = 0
+        while True:
+            tokens, lengths, done = jax.device_get((state.tokens, state.lengths, state.done))
+            tokens, lengths, done = (
+                tokens[: self._batch],
+                lengths[: self._batch],
+                done[: self._batch],
+            )
+            live = ~done & (lengths < spec.max_new_tokens)
+            self.accepted = int(np.sum(jax.device_get(state.accepted)[: self._batch]))
+            self.proposed = int(np.sum(jax.device_get(state.proposed)[: self._batch]))
+            if not bool(running):  # the rest of the longest row
+                ready = int(lengths.max())
+            else:  # every row has its columns up to its length; ended rows have them all
+                ready = int(np.min(np.where(live, lengths, spec.max_new_tokens)))
+            for t in range(sent, ready):
+                yield tokens[:, t]
+            sent = max(sent, ready)
+            if not bool(running):
+                return
+            state, running = _speculative_step(decoder, draft, controls, state, spec, sharding)

@@ -261,7 +261,7 @@ def speculative_round(
     )
 
 
-def run_speculative(
+def start_speculative(
     target: Decoder,
     draft: Decoder,
     prompt: Prompt,
@@ -269,7 +269,7 @@ def run_speculative(
     rng: jax.Array | None,
     spec: LoopSpec,
 ) -> SpeculativeState:
-    """The whole speculative generation: both prefills, then `lax.while_loop` of rounds."""
+    """Both prefills: token 0 from the target, the draft's cache filled with the prompt."""
     first = prefill(target, prompt, controls, rng, spec)  # token 0 from the target
     batch = prompt.tokens.shape[0]
     draft_cache = init_cache(
@@ -295,10 +295,27 @@ def run_speculative(
         accepted=zeros,
         proposed=zeros,
     )
+    return state
+
+
+def any_live(spec: LoopSpec, state: SpeculativeState) -> Bool[Array, ""]:
+    """Whether another round is needed."""
+    return jnp.any(_is_live(spec, state))
+
+
+def run_speculative(
+    target: Decoder,
+    draft: Decoder,
+    prompt: Prompt,
+    controls: Controls,
+    rng: jax.Array | None,
+    spec: LoopSpec,
+) -> SpeculativeState:
+    """The whole speculative generation: both prefills, then `lax.while_loop` of rounds."""
     return jax.lax.while_loop(
-        lambda s: jnp.any(_is_live(spec, s)),
+        lambda s: any_live(spec, s),
         lambda s: speculative_round(target, draft, controls, spec, s),
-        state,
+        start_speculative(target, draft, prompt, controls, rng, spec),
     )
 
 
