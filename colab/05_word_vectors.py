@@ -156,7 +156,7 @@ base = w2v.Word2VecConfig(
     dim=nb.pick(smoke=50, full=100),
     window=5,
     min_count=nb.pick(smoke=3, full=5),
-    epochs=nb.pick(smoke=10, full=5),  # a small corpus needs more passes
+    epochs=nb.pick(smoke=5, full=5),
     negative=5,
 )
 analogy_file = nb.find_data("word-analogies.txt")
@@ -187,7 +187,7 @@ display(Markdown(nb.table(rows)))
 
 # %% [markdown]
 # The seconds include each variant's compilation. The scores need a large corpus: on the
-# 60k words of the smoke corpus (10 passes over it) most WordSim pairs and analogy
+# 60k words of the smoke corpus (5 passes over it) most WordSim pairs and analogy
 # questions are out of the vocabulary (the OOV columns) and the rest are barely above
 # chance; the full-size run on 6.3M words (5 passes) is where they become meaningful
 # (`python benchmarks/word2vec.py` compares ours with gensim 4 on the same corpus, same
