@@ -601,10 +601,13 @@ def _restore(ckpt, cfg: Word2VecConfig, vocab: Vocab, init: dict, rows) -> _Run:
     )
 
 
-def _train_loop(cfg: Word2VecConfig, corpus: Corpus, run: _Run, step, hooks: _Hooks) -> None:
+def _train_loop(
+    cfg: Word2VecConfig, corpus: Corpus, run: _Run, step, hooks: _Hooks, sync: bool = False
+) -> None:
     """The epochs from `run`'s position on. Every random draw comes from a generator seeded
     by (seed, epoch) or (seed, epoch, chunk), so a resumed run redraws exactly what the
-    uninterrupted one drew from that position on."""
+    uninterrupted one drew from that position on. `sync`: each call finishes before the
+    next is dispatched (see `train`)."""
     n, cw = len(corpus.ids), cfg.chunk_words
     vocab = corpus.vocab
     # The Huffman paths padded to the longest, and their masks, built once, on the device.
@@ -626,6 +629,8 @@ def _train_loop(cfg: Word2VecConfig, corpus: Corpus, run: _Run, step, hooks: _Ho
                 run.w_in, run.w_out, run.loss_sum, run.count = step(
                     run.w_in, run.w_out, tree, batch, lrs
                 )
+                if sync:
+                    jax.block_until_ready(run.count)
                 run.calls, run.lr, run.words_done = run.calls + 1, float(lrs[-1]), float(done)
                 hooks.call_done(run)
             run.epoch, run.chunk, run.chunks_done = epoch, chunk + 1, run.chunks_done + 1
@@ -702,7 +707,11 @@ def train(
         total = cfg.epochs * len(corpus.ids)
         saver = ckpt if checkpoint_every else None
         hooks = _Hooks(cfg, corpus.vocab, total, on_step, log_every, saver, metrics)
-        _train_loop(cfg, corpus, run, _compile_step(cfg, mesh), hooks)
+        # XLA:CPU runs every (fake) device's part of a call on one shared thread pool; with
+        # a second call dispatched while the first runs, the step's all-reduce can wait for
+        # a participant that never gets a thread, and XLA aborts the process after 40 s.
+        sync = mesh is not None and mesh.size > 1 and jax.default_backend() == "cpu"
+        _train_loop(cfg, corpus, run, _compile_step(cfg, mesh), hooks, sync)
         if hooks.ckpt is not None:
             hooks.chunk_done(run, force=True)
         v = len(corpus.vocab)  # the rows past these are the shards' padding
