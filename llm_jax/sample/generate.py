@@ -58,7 +58,7 @@ from llm_jax.sample.loop import (
 )
 from llm_jax.sample.speculative import (
     SpeculativeState,
-    any_live,
+    live_rows,
     run_speculative,
     speculative_output_fields,
     speculative_round,
@@ -725,10 +725,10 @@ def _speculative_start(
     rng: jax.Array | None,
     spec: LoopSpec,
     sharding: MeshRules | None = None,
-) -> tuple[SpeculativeState, Array]:
+) -> tuple[SpeculativeState, Bool[Array, " B"]]:
     with _sharding_context(sharding):
         state = start_speculative(decoder, draft, prompt, controls, rng, spec)
-        return state, any_live(spec, state)
+        return state, live_rows(spec, state)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "sharding"), donate_argnames=("state",))
@@ -739,10 +739,10 @@ def _speculative_step(
     state: SpeculativeState,
     spec: LoopSpec,
     sharding: MeshRules | None = None,
-) -> tuple[SpeculativeState, Array]:
+) -> tuple[SpeculativeState, Bool[Array, " B"]]:
     with _sharding_context(sharding):
         state = speculative_round(decoder, draft, controls, spec, state)
-        return state, any_live(spec, state)
+        return state, live_rows(spec, state)
 
 
 class SpeculativeStream:
@@ -773,25 +773,20 @@ class SpeculativeStream:
 
     def _run(self) -> Iterator[np.ndarray]:
         decoder, draft, prompt, controls, rng, spec, sharding = self._args
-        state, running = _speculative_start(decoder, draft, prompt, controls, rng, spec, sharding)
+        state, live = _speculative_start(decoder, draft, prompt, controls, rng, spec, sharding)
         sent = 0
         while True:
-            tokens, lengths, done = jax.device_get((state.tokens, state.lengths, state.done))
-            tokens, lengths, done = (
-                tokens[: self._batch],
-                lengths[: self._batch],
-                done[: self._batch],
-            )
-            live = ~done & (lengths < spec.max_new_tokens)
-            self.accepted = int(np.sum(jax.device_get(state.accepted)[: self._batch]))
-            self.proposed = int(np.sum(jax.device_get(state.proposed)[: self._batch]))
-            if not bool(running):  # the rest of the longest row
+            fields = (state.tokens, state.lengths, state.accepted, state.proposed, live)
+            tokens, lengths, accepted, proposed, live = (
+                x[: self._batch] for x in jax.device_get(fields)
+            )  # dummy rows (batch bucket) start finished: they never hold a column back
+            self.accepted, self.proposed = int(accepted.sum()), int(proposed.sum())
+            if not live.any():  # the rest of the longest row
                 ready = int(lengths.max())
-            else:  # every row has its columns up to its length; ended rows have them all
+            else:  # a live row has its columns up to its length; ended rows have them all
                 ready = int(np.min(np.where(live, lengths, spec.max_new_tokens)))
-            for t in range(sent, ready):
-                yield tokens[:, t]
+            yield from (tokens[:, t] for t in range(sent, ready))
             sent = max(sent, ready)
-            if not bool(running):
+            if not live.any():
                 return
-            state, running = _speculative_step(decoder, draft, controls, state, spec, sharding)
+            state, live = _speculative_step(decoder, draft, controls, state, spec, sharding)

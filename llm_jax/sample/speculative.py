@@ -66,7 +66,8 @@ class SpeculativeState:
     proposed: Int[Array, " B"]  # [B] draft tokens proposed to the row while it was live
 
 
-def _is_live(spec: LoopSpec, state: SpeculativeState) -> Bool[Array, " B"]:
+def live_rows(spec: LoopSpec, state: SpeculativeState) -> Bool[Array, " B"]:
+    """[B] rows that still generate (no EOS / stop sequence yet, under max_new_tokens)."""
     return ~state.done & (state.lengths < spec.max_new_tokens)
 
 
@@ -222,7 +223,7 @@ def speculative_round(
 ) -> SpeculativeState:
     """One round: propose k, verify k + 1 in one target call, append, rewind both caches."""
     k = spec.speculate_k
-    live = _is_live(spec, state)
+    live = live_rows(spec, state)
     newest = jnp.take_along_axis(state.tokens, jnp.maximum(state.lengths - 1, 0)[:, None], 1)[:, 0]
     key = None if state.rng is None else jax.random.fold_in(state.rng, state.rounds + 1)
     draft_key, accept_key = (None, None) if key is None else jax.random.split(key)
@@ -248,7 +249,7 @@ def speculative_round(
     # Row b keeps its newest token and its a accepted drafts (slots index..index+a); the
     # index moves past the longest such run among the rows that go on.
     keep_end = state.index + a + 1
-    advance = jnp.max(jnp.where(_is_live(spec, state), a + 1, 0))
+    advance = jnp.max(jnp.where(live_rows(spec, state), a + 1, 0))
     index = state.index + advance
     return state.replace(
         positions=state.positions + a + 1,
@@ -298,11 +299,6 @@ def start_speculative(
     return state
 
 
-def any_live(spec: LoopSpec, state: SpeculativeState) -> Bool[Array, ""]:
-    """Whether another round is needed."""
-    return jnp.any(_is_live(spec, state))
-
-
 def run_speculative(
     target: Decoder,
     draft: Decoder,
@@ -313,7 +309,7 @@ def run_speculative(
 ) -> SpeculativeState:
     """The whole speculative generation: both prefills, then `lax.while_loop` of rounds."""
     return jax.lax.while_loop(
-        lambda s: any_live(spec, s),
+        lambda s: jnp.any(live_rows(spec, s)),
         lambda s: speculative_round(target, draft, controls, spec, s),
         start_speculative(target, draft, prompt, controls, rng, spec),
     )
