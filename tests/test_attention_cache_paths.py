@@ -1,6 +1,8 @@
 """The attention forms of the speed work: the masked softmax's own VJP and attention
 beside a cache (batch-1 decoding on XLA:CPU), against float64 twins and the plain path."""
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 from flax import nnx
 
 import llm_jax.models.layers as layers
+import llm_jax.sample as lj_sample
 from llm_jax import ops
 from llm_jax.models import GPT, ModelConfig
 from llm_jax.ops.attention import attention_beside_cache
@@ -86,3 +89,40 @@ def test_batch1_head_major_decode_equals_full_forward_and_plain_cache(family, mo
     # Later layers' keys differ in the last bits: their inputs went through the other form.
     for got, want in zip(jax.tree.leaves(cache), jax.tree.leaves(plain_cache), strict=True):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-6)
+
+
+def _compiled_generate_hlo(model, prompt, monkeypatch) -> str:
+    """The optimized HLO of the program `generate` compiles for `prompt`."""
+    gen = importlib.import_module("llm_jax.sample.generate")  # the name is also a function
+    seen = {}
+    real = gen._generate_jit
+
+    def capture(*args):
+        seen["hlo"] = real.lower(*args).compile().as_text()
+        return real(*args)
+
+    monkeypatch.setattr(gen, "_generate_jit", capture)
+    lj_sample.generate(model, prompt, max_new_tokens=4, strategy=lj_sample.Greedy())
+    return seen["hlo"]
+
+
+def test_batch1_decode_loop_neither_copies_the_cache_nor_transposes_a_kernel(monkeypatch):
+    # XLA:CPU used to copy every layer's loop-carried cache twice per token (the write was
+    # not ordered after the attention's read), transpose each value cache for probs·V,
+    # and read the dense kernels contracting their leading axes; see `_xla_cpu`.
+    cfg = ModelConfig.preset("gpt2-tiny", d_model=48, num_heads=4, d_ff=80, num_layers=2)
+    model = GPT(cfg, rngs=nnx.Rngs(0))
+    hlo = _compiled_generate_hlo(model, np.arange(5, dtype=np.int32)[None], monkeypatch)
+    # Caches [1, K, S, H] / [1, K, H, S] for any S past the prompt's bucket of 16.
+    moved_shapes = {f"f32[1,4,{s},12]" for s in range(17, 64)} | {
+        f"f32[1,4,12,{s}]" for s in range(17, 64)
+    }
+    # Dense kernels, whole or flattened, either way round.
+    moved_shapes |= {"f32[48,48]", "f32[48,80]", "f32[80,48]", "f32[48,4,12]", "f32[4,12,48]"}
+    moved = []
+    for line in hlo.splitlines():
+        if " copy(" in line or " transpose(" in line:
+            shape = line.split("=", 1)[1].split()[0].split("{")[0]
+            if shape in moved_shapes:
+                moved.append(line.strip()[:160])
+    assert not moved, "\n".join(moved)

@@ -24,7 +24,7 @@ from llm_jax.models import (
     count_params,
 )
 from llm_jax.models.init import init_scheme
-from llm_jax.models.layers import block_spec
+from llm_jax.models.layers import block_spec, num_inputs
 
 FINGERPRINT = Path(__file__).parent / "fixtures" / "init_fingerprint.json"
 
@@ -368,7 +368,9 @@ def test_cache_logical_axes_follow_the_layout():
     plain = gpt.init_cache(2, 8, heads_major=False).logical_axes()
     major = gpt.init_cache(2, 8, heads_major=True).logical_axes()
     assert plain.self_kv.k == ("layers", "batch", "cache_seq", "kv_heads", "kv")
-    assert major.self_kv.v == ("layers", "batch", "kv_heads", "cache_seq", "kv")
+    assert major.self_kv.k == ("layers", "batch", "kv_heads", "cache_seq", "kv")
+    # Values head-major with the cache axis innermost, the axis probs·V contracts.
+    assert major.self_kv.v == ("layers", "batch", "kv_heads", "kv", "cache_seq")
     assert plain.valid == ("batch", "cache_seq") and plain.cross_kv is None
 
 
@@ -389,6 +391,26 @@ def test_kernel_einsum_equals_einsum(equation, x_shape, k_shape):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+@pytest.mark.parametrize(
+    "equation, x_shape, k_shape",
+    [
+        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),
+        ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
+        ("BTF,FD->BTD", (2, 3, 7), (7, 6)),
+    ],
+)
+def test_output_major_einsum_equals_einsum_of_the_logical_kernel(equation, x_shape, k_shape):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(x_shape).astype(np.float32)
+    kernel = rng.standard_normal(k_shape).astype(np.float32)
+    n_in = num_inputs(equation)
+    stored = _xla_cpu.to_output_major(kernel, n_in)
+    assert stored.shape == k_shape[n_in:] + k_shape[:n_in]
+    got = jax.jit(_xla_cpu.output_major_einsum, static_argnums=0)(equation, x, stored)
+    want = np.einsum(equation, x.astype(np.float64), kernel.astype(np.float64))
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_cpu_tricks_only_on_the_cpu_backend():

@@ -23,8 +23,9 @@ class LayerKV:
     """Keys and values of one attention layer, or of L layers stacked on a leading axis.
 
     Attributes:
-      k, v: [B, S, K, H], or head-major [B, K, S, H] when `heads_major` (the XLA:CPU
-        layout, see `llm_jax.models._xla_cpu`); [L, ...] in front when stacked.
+      k, v: [B, S, K, H]; when `heads_major` (the XLA:CPU layout, see
+        `llm_jax.models._xla_cpu`) k is [B, K, S, H] and v [B, K, H, S]. [L, ...] in front
+        when stacked.
       heads_major: the layout (static).
     """
 
@@ -36,7 +37,7 @@ class LayerKV:
     def of(cls, k: Array, v: Array, *, heads_major: bool) -> LayerKV:
         """Stores keys and values given as [..., B, S, K, H] in the chosen layout."""
         if heads_major:
-            k, v = _xla_cpu.to_heads_major(k), _xla_cpu.to_heads_major(v)
+            k, v = _xla_cpu.to_heads_major(k), _xla_cpu.to_values_major(v)
         return cls(k, v, heads_major)
 
     @classmethod
@@ -48,7 +49,7 @@ class LayerKV:
     def keys_values(self) -> tuple[Array, Array]:
         """Keys and values as [..., B, S, K, H], the attention op's layout."""
         if self.heads_major:
-            return _xla_cpu.from_heads_major(self.k), _xla_cpu.from_heads_major(self.v)
+            return _xla_cpu.from_heads_major(self.k), _xla_cpu.from_values_major(self.v)
         return self.k, self.v
 
     def write(self, k: Array, v: Array, index: Int[Array, ""]) -> LayerKV:
@@ -56,24 +57,34 @@ class LayerKV:
         new = LayerKV.of(
             k.astype(self.k.dtype), v.astype(self.v.dtype), heads_major=self.heads_major
         )
-        start = (0, 0, index, 0) if self.heads_major else (0, index, 0, 0)
+        k_start, v_start = (0, index, 0, 0), (0, index, 0, 0)
+        if self.heads_major:
+            k_start, v_start = (0, 0, index, 0), (0, 0, 0, index)
         return self.replace(
-            k=jax.lax.dynamic_update_slice(self.k, new.k, start),
-            v=jax.lax.dynamic_update_slice(self.v, new.v, start),
+            k=jax.lax.dynamic_update_slice(self.k, new.k, k_start),
+            v=jax.lax.dynamic_update_slice(self.v, new.v, v_start),
         )
 
-    def axes(self, ndim: int) -> Axes:
-        """Logical axes of a k or v tensor of rank `ndim` (4, or 5 when stacked)."""
-        layout = ("kv_heads", "cache_seq") if self.heads_major else ("cache_seq", "kv_heads")
-        return ("layers",) * (ndim - 4) + ("batch", *layout, "kv")
+    def axes(self, ndim: int, *, values: bool = False) -> Axes:
+        """Logical axes of a k (or, with `values`, a v) tensor of rank `ndim` (4, or 5 when
+        stacked)."""
+        layout = ("cache_seq", "kv_heads", "kv")
+        if self.heads_major:
+            layout = ("kv_heads", "kv", "cache_seq") if values else ("kv_heads", "cache_seq", "kv")
+        return ("layers",) * (ndim - 4) + ("batch", *layout)
 
     def logical_axes(self) -> LayerKV:
         """The logical axis names of `k` and `v`, in a `LayerKV` of tuples."""
-        return LayerKV(self.axes(self.k.ndim), self.axes(self.v.ndim), self.heads_major)
+        return LayerKV(
+            self.axes(self.k.ndim), self.axes(self.v.ndim, values=True), self.heads_major
+        )
 
     def constrained(self) -> LayerKV:
         """Every tensor pinned to its logical axes (per-layer tuples lose the `layers` axis)."""
-        return jax.tree.map(lambda x: constrain(x, self.axes(x.ndim)), self)
+        return self.replace(
+            k=jax.tree.map(lambda x: constrain(x, self.axes(x.ndim)), self.k),
+            v=jax.tree.map(lambda x: constrain(x, self.axes(x.ndim, values=True)), self.v),
+        )
 
     def take_rows(self, rows: Int[Array, " R"]) -> LayerKV:
         """The cache of batch rows `rows` (the batch axis follows a leading L, if any)."""

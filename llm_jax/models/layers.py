@@ -192,6 +192,9 @@ class Einsum(nnx.Module):
         self.dtype = dtype
         self.quant = quant
         self.kernel_shape = shape
+        # Set by the XLA:CPU decoders on a copy of the graph: `kernel` holds the float
+        # kernel [out..., in...] (`_xla_cpu.to_output_major`).
+        self.output_major = False
         key = rngs.params()
         if quant is None:
             self.kernel = param(None, shape, axes, std=std, dtype=param_dtype, key=key)
@@ -215,6 +218,8 @@ class Einsum(nnx.Module):
         if self.quant is not None:  # the int8/int4 kernel on CPU for decode-sized inputs
             q, s = self.kernel[...], self.scale[...]
             y = qmatmul.einsum(self.equation, x, q, s, self.quant.bits)
+        if y is None and self.output_major:
+            y = _xla_cpu.output_major_einsum(self.equation, x, self.kernel[...].astype(self.dtype))
         if y is None:
             y = _xla_cpu.dense_einsum(self.equation, x, self.float_kernel())
         if self.bias is not None:
@@ -532,6 +537,7 @@ class SelfAttention(_Projections):
             k, v = k.astype(k_old.dtype).astype(q.dtype), v.astype(v_old.dtype).astype(q.dtype)
             out = attention_beside_cache(q, k, v, k_old, v_old, mask, index, scale=self.scale)
             out = constrain(out, ("batch", "length", "heads", "kv"))
+            k, v = _xla_cpu.ordered_after(out, k, v)
             return self.o(out, dropout_rng=lora_rngs[3]), cache.write(k, v, index)
         if cache is not None:
             cache = cache.write(k, v, index)

@@ -34,23 +34,50 @@ from llm_jax.models import _xla_cpu
 from llm_jax.models.cache import KVCache
 from llm_jax.models.config import ModelConfig
 from llm_jax.models.gpt import GPT
+from llm_jax.models.layers import Einsum, num_inputs
 from llm_jax.models.t5 import T5
 from llm_jax.sample.decoder import DecoderInfo
 
 
-def _decode_graphdef(model: nnx.Module, cfg: ModelConfig, *, scan: bool) -> nnx.GraphDef:
-    """The graphdef of the same parameters with scanned (or unrolled) layers and no remat."""
-    graphdef = nnx.split(model)[0]
-    if cfg.scan_layers == scan and cfg.remat_policy == "none":
-        return graphdef
+def _decode_graphdef(
+    model: nnx.Module, cfg: ModelConfig, stack: str, *, cpu_tricks: bool
+) -> tuple[nnx.GraphDef, tuple[tuple[tuple[str, ...], int], ...]]:
+    """The graphdef of the same parameters for decoding: no remat, scanned layers on
+    GPU/TPU; unrolled layers with output-major dense kernels in the stack's blocks on CPU
+    (see `llm_jax.models._xla_cpu`). Also those kernels' paths inside `blocks` and their
+    input axes, which `_cut` transposes to match."""
+    scan = not cpu_tricks
+    if cfg.scan_layers == scan and cfg.remat_policy == "none" and not cpu_tricks:
+        return nnx.split(model)[0], ()
     decode_cfg = cfg.replace(scan_layers=scan, remat_policy="none")
-    return nnx.split(nnx.eval_shape(lambda: type(model)(decode_cfg, rngs=nnx.Rngs(0))))[0]
+    abstract = nnx.eval_shape(lambda: type(model)(decode_cfg, rngs=nnx.Rngs(0)))
+    kernels = _kernel_inputs(abstract, stack) if cpu_tricks else ()
+    for path, _ in kernels:
+        layer = getattr(abstract, stack).blocks
+        for key in path[:-1]:
+            layer = getattr(layer, key)
+        layer.output_major = True
+    return nnx.split(abstract)[0], kernels
 
 
-@jax.jit(static_argnums=1)
-def _cut(params: dict[str, Any], stack: str) -> dict[str, Any]:
-    """The CPU loop form of `params`: the stack's blocks as per-layer slices, cut on device."""
-    blocks = _xla_cpu.cut_layers(params[stack]["blocks"])
+def _kernel_inputs(model: Any, stack: str) -> tuple[tuple[tuple[str, ...], int], ...]:
+    """The float dense kernels of the stack's blocks: (path inside `blocks`, input axes)."""
+    found = []
+    for path, module in nnx.iter_graph(getattr(model, stack).blocks):
+        if isinstance(module, Einsum) and module.quant is None and module.kernel is not None:
+            try:
+                n_in = num_inputs(module.equation)
+            except ValueError:
+                continue
+            found.append(((*map(str, path), "kernel"), n_in))
+    return tuple(found)
+
+
+@jax.jit(static_argnums=(1, 2))
+def _cut(params: dict[str, Any], stack: str, kernel_inputs: tuple) -> dict[str, Any]:
+    """The CPU loop form of `params`: the stack's blocks as per-layer slices, dense kernels
+    output-major, cut on device."""
+    blocks = _xla_cpu.cut_layers(params[stack]["blocks"], dict(kernel_inputs))
     return {**params, stack: {**params[stack], "blocks": blocks}}
 
 
@@ -77,9 +104,9 @@ class _ModelDecoder:
     def _build(cls, model: Any, info: DecoderInfo, stack: str, cpu_tricks: bool | None):
         cpu_tricks = _xla_cpu.use_cpu_tricks() if cpu_tricks is None else cpu_tricks
         params = nnx.to_pure_dict(nnx.state(model))
+        graphdef, kernels = _decode_graphdef(model, model.cfg, stack, cpu_tricks=cpu_tricks)
         if cpu_tricks:
-            params = _cut(params, stack)
-        graphdef = _decode_graphdef(model, model.cfg, scan=not cpu_tricks)
+            params = _cut(params, stack, kernels)
         return cls(graphdef, params, info, stack, cpu_tricks)
 
     def _model(self) -> Any:
