@@ -48,14 +48,17 @@ of every case spend most of their time there.
 
 The ceiling: `weight_pass_ms` times one decode step's weight products alone (the 48 layer
 products and the head, each waiting for the previous one as in decoding) on XLA's and
-torch's kernels, for the M = batch x beams rows of each case. No decoder built on XLA:CPU's
-kernels can take less per step, so HF's time per step over it bounds the ratio any
-implementation on this backend can reach; the last lines print that bound per case.
+torch's kernels, for the M = batch x beams rows of each case, with the weights stored
+either way round ([in, out], read by x @ W, or [out, in], read by x @ W^T as our CPU
+decoders store them) and the faster of the two kept per library. No decoder built on
+XLA:CPU's kernels can take less per step, so HF's time per step over it bounds the ratio
+any implementation on this backend can reach; the last lines print that bound per case.
 
 The floor: decoding one token at batch 1 must read every weight once (all parameters
 except the position table, of which one row is read). Its time is weight bytes / memory
 bandwidth, with the bandwidth of a large fp32 matrix-vector product measured in the same
-run (the best of XLA's and torch's); the fraction printed is floor / our time per token.
+run (the best of XLA's and torch's, each the faster of the matrix stored [in, out] and
+[out, in]); the fraction printed is floor / our time per token.
 """
 
 from __future__ import annotations
@@ -147,7 +150,8 @@ def weight_bytes(model) -> int:
 
 def matvec_bandwidth(repeats: int = 20, sides=("xla", "torch")) -> dict[str, float]:
     """GB/s of a [4096, 16384] fp32 matrix times a vector (256 MiB, far beyond cache), on
-    each of `sides` (torch is imported only when asked for)."""
+    each of `sides` (torch is imported only when asked for): the faster of the matrix
+    stored [in, out] (x @ W) and [out, in] (x @ W^T, the layout our CPU decoders use)."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -155,22 +159,29 @@ def matvec_bandwidth(repeats: int = 20, sides=("xla", "torch")) -> dict[str, flo
     k, n = 4096, 16384
     w = np.random.default_rng(0).standard_normal((k, n), dtype=np.float32)
     gb = w.nbytes / 1e9
-    w_jax, x_jax = jnp.asarray(w), jnp.ones((1, k), jnp.float32)
-    f = jax.jit(lambda w, x: x @ w)
-    f(w_jax, x_jax).block_until_ready()
-    calls = {"xla": lambda: f(w_jax, x_jax).block_until_ready()}
+    wt = np.ascontiguousarray(w.T)
+    w_jax, wt_jax, x_jax = jnp.asarray(w), jnp.asarray(wt), jnp.ones((1, k), jnp.float32)
+    f, ft = jax.jit(lambda w, x: x @ w), jax.jit(lambda wt, x: x @ wt.T)
+    calls = {
+        "xla": [
+            lambda: f(w_jax, x_jax).block_until_ready(),
+            lambda: ft(wt_jax, x_jax).block_until_ready(),
+        ]
+    }
     if "torch" in sides:
         import torch
 
-        w_t, x_t = torch.from_numpy(w), torch.ones(1, k)
-        calls["torch"] = lambda: x_t @ w_t
+        w_t, wt_t, x_t = torch.from_numpy(w), torch.from_numpy(wt), torch.ones(1, k)
+        calls["torch"] = [lambda: x_t @ w_t, lambda: x_t @ wt_t.T]
     out = {}
-    for name, call in ((name, calls[name]) for name in sides):
+    for name in sides:
         best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for call in calls[name]:
             call()
-            best = min(best, time.perf_counter() - t0)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                call()
+                best = min(best, time.perf_counter() - t0)
         out[name] = gb / best
     return out
 
@@ -482,21 +493,36 @@ def weight_pass_ms(rows=(1, 4, 8), repeats: int = 10) -> dict[int, dict[str, flo
     def fit_torch(y, k):
         return y[:, :k] if y.shape[1] >= k else torch.nn.functional.pad(y, (0, k - y.shape[1]))
 
+    def chain_t(mm, wts, head, x, fit):  # the same products, weights stored [out, in]
+        for wt in wts:
+            x = mm(fit(x, wt.shape[1]), wt.T)
+        return mm(fit(x, 768), head.T)
+
     jws, jhead = [jnp.asarray(w) for w in ws], jnp.asarray(head)
+    jwts = [jnp.asarray(np.ascontiguousarray(w.T)) for w in ws]
     xla = jax.jit(lambda ws, head, x: chain(jnp.matmul, ws, head, x, fit_jax))
+    xla_t = jax.jit(lambda wts, head, x: chain_t(jnp.matmul, wts, head, x, fit_jax))
     tws, thead = [torch.from_numpy(w) for w in ws], torch.from_numpy(head)
+    twts = [torch.from_numpy(np.ascontiguousarray(w.T)) for w in ws]
     out: dict[int, dict[str, float]] = {}
     for m in rows:
         x_jax, x_t = jnp.ones((m, 768), jnp.float32), torch.ones(m, 768)
         calls = {
-            "xla": lambda x=x_jax: xla(jws, jhead, x).block_until_ready(),
-            "torch": lambda x=x_t: chain(torch.matmul, tws, thead, x, fit_torch),
+            "xla": [
+                lambda x=x_jax: xla(jws, jhead, x).block_until_ready(),
+                lambda x=x_jax: xla_t(jwts, jhead, x).block_until_ready(),
+            ],
+            "torch": [
+                lambda x=x_t: chain(torch.matmul, tws, thead, x, fit_torch),
+                lambda x=x_t: chain_t(torch.matmul, twts, thead, x, fit_torch),
+            ],
         }
         out[m] = {}
         with torch.inference_mode():
-            for name, call in calls.items():
-                call()
-                out[m][name] = min(timed(call)[0] for _ in range(repeats)) * 1e3
+            for name, layouts in calls.items():
+                for call in layouts:
+                    call()
+                out[m][name] = min(timed(call)[0] for call in layouts for _ in range(repeats)) * 1e3
     return out
 
 
