@@ -234,6 +234,38 @@ def test_quantized_matmul_kernel_matches_the_float64_twin(m, i, o, bits, group_s
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
+# M rows (pairs and an odd one); I inputs (a tail below the 8-lane step); O outputs (a tail
+# below the 4-row block); the last two big enough for the crew's threads.
+@pytest.mark.parametrize(
+    "m,i,o", [(2, 64, 200), (3, 43, 7), (5, 8, 1), (9, 300, 1030), (16, 96, 513)]
+)
+def test_float_matmul_kernel_matches_the_float64_twin(m, i, o):
+    _kernel_or_skip()
+    rng = np.random.default_rng(m + i + o)
+    w = rng.standard_normal((o, i)).astype(np.float32)  # output-major
+    x = rng.standard_normal((m, i)).astype(np.float32)
+    text = jax.jit(qmatmul.float_matmul).lower(x, w).compile().as_text()
+    assert text.count(f'custom_call_target="{qmatmul.F_TARGET}"') == 1
+    y = np.asarray(jax.jit(qmatmul.float_matmul)(x, w), np.float64)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    # One row (XLA's own matvec is as fast) and more than 16 rows (XLA's GEMM) skip it.
+    for rows in (1, 17):
+        text = jax.jit(qmatmul.float_matmul).lower(np.ones((rows, i), np.float32), w)
+        assert qmatmul.F_TARGET not in text.compile().as_text()
+
+
+def test_float_matmul_kernel_gradient_is_the_dots():
+    _kernel_or_skip()
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((3, 24)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((10, 24)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((3, 10)), jnp.float32)
+    got = jax.grad(lambda x, w: jnp.sum(qmatmul.float_matmul(x, w) * cot), (0, 1))(x, w)
+    np.testing.assert_allclose(got[0], np.asarray(cot, np.float64) @ np.asarray(w), rtol=1e-5)
+    np.testing.assert_allclose(got[1], np.asarray(cot, np.float64).T @ np.asarray(x), rtol=1e-5)
+
+
 def test_quantized_matmul_kernel_under_vmap_grad_and_scan():
     _kernel_or_skip()
     rng = np.random.default_rng(0)

@@ -39,10 +39,14 @@ from llm_jax.ops import quant as quant_ops
 
 SOURCE = Path(__file__).with_name("qmatmul.cc")
 TARGET = "llm_jax_qmatmul"
+F_TARGET = "llm_jax_fmatmul"
 FLAGS = ("-O3", "-march=native", "-std=c++20", "-pthread", "-shared", "-fPIC")
 # Up to this many rows the kernel (one pass over the bytes) beats dequantize + GEMM; past
 # it the float copy is amortised over enough rows that XLA's GEMM wins.
 MAX_ROWS = 32
+# The float kernel's rows: from 2 (one row is XLA's own matvec, as fast) up to this many
+# (past it XLA's GEMM reuses each weight over enough rows).
+F_MIN_ROWS, F_MAX_ROWS = 2, 16
 
 
 def cache_dir() -> Path:
@@ -98,6 +102,7 @@ def available() -> bool:
         print(f"qmatmul: kernel unavailable ({detail.strip()[:500]}); using XLA.", file=sys.stderr)
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.LlmJaxQMatmul), platform="cpu")
+    jax.ffi.register_ffi_target(F_TARGET, jax.ffi.pycapsule(lib.LlmJaxFMatmul), platform="cpu")
     return True
 
 
@@ -175,3 +180,33 @@ def einsum(
         return None
     y = matmul(x.reshape(rows, -1), q.reshape(q.shape[0], -1), s.reshape(s.shape[0], -1), bits)
     return y.reshape(*batch, *q.shape[1:])
+
+
+def use_float_kernel(rows: int) -> bool:
+    """Whether `float_matmul` runs the kernel for `rows` rows on the default backend."""
+    return F_MIN_ROWS <= rows <= F_MAX_ROWS and jax.default_backend() == "cpu" and available()
+
+
+@jax.custom_jvp
+def _float_kernel(x, w):
+    call = jax.ffi.ffi_call(
+        F_TARGET,
+        jax.ShapeDtypeStruct((x.shape[0], w.shape[0]), jnp.float32),
+        vmap_method="sequential",
+    )
+    return call(x, w)
+
+
+@_float_kernel.defjvp
+def _float_kernel_jvp(primals, tangents):
+    tangent = jax.jvp(lambda x, w: x @ w.T, primals, tangents)[1]
+    return _float_kernel(*primals), tangent
+
+
+def float_matmul(x: Float[Array, "M I"], w: Float[Array, "O I"]) -> Float[Array, "M O"]:
+    """x . w^T for a float32 weight stored output-major [O, I] (the CPU decoders' layout,
+    `llm_jax.models._xla_cpu.to_output_major`): the kernel for `use_float_kernel` rows
+    (speculative verification, batch 8, beams), XLA's dot otherwise."""
+    if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not use_float_kernel(x.shape[0]):
+        return jax.lax.dot_general(x, w, (((1,), (1,)), ((), ())))
+    return _float_kernel(x, w)

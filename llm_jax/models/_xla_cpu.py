@@ -45,6 +45,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from llm_jax.kernels import qmatmul
+
 
 def use_cpu_tricks(backend: str | None = None) -> bool:
     """Whether the XLA:CPU workarounds apply on `backend` (default: JAX's default backend)."""
@@ -120,8 +122,10 @@ def output_major_einsum(equation: str, x: Array, kernel: Array) -> Array:
     """`jnp.einsum(equation, x, k)` for an 'in,kernel->out' equation whose kernel letters
     are [in..., out...], given `kernel` = `to_output_major(k)`.
 
-    The product runs as one [.., I] x [O, I] dot on the flattened kernel (a bitcast): given
-    a kernel of rank > 2, XLA:CPU's dot canonicalization would transpose it again."""
+    The product runs as one [M, I] x [O, I] product on the flattened kernel (a bitcast):
+    given a kernel of rank > 2, XLA:CPU's dot canonicalization would transpose it again.
+    For 2-16 rows (speculative verification, batch 8, beams) it is the float kernel of
+    `llm_jax.kernels.qmatmul`, which reads these weights 1.3-2x faster than XLA's dot."""
     ins, out = equation.split("->")
     lhs, rhs = ins.split(",")
     n_in = sum(c in lhs and c not in out for c in rhs)
@@ -130,7 +134,7 @@ def output_major_einsum(equation: str, x: Array, kernel: Array) -> Array:
     xt = jnp.transpose(x, [lhs.index(c) for c in free + list(k_in)])
     lead = xt.shape[: len(free)]
     w = kernel.reshape(math.prod(kernel.shape[: len(k_out)]), -1)
-    y = jax.lax.dot_general(xt.reshape(*lead, w.shape[1]), w, (((len(lead),), (1,)), ((), ())))
+    y = qmatmul.float_matmul(xt.reshape(math.prod(lead), w.shape[1]), w)
     y = y.reshape(*lead, *kernel.shape[: len(k_out)])
     got = free + list(k_out)
     return y if got == list(out) else jnp.transpose(y, [got.index(c) for c in out])
