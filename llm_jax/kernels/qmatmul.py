@@ -14,6 +14,11 @@ otherwise (prefill, training, GPU/TPU), and when no compiler is found (said once
 stderr). Derivatives go through the XLA formula, so `jax.grad` works either way; `vmap`
 runs the kernel once per mapped row block.
 
+`float_matmul(x, w)` is the same library's float32 product against an output-major weight
+[O, I], for 2-16 rows: XLA:CPU reads the weights of such a product 2-3x slower than of a
+one-row product, and decoding with a few rows is common (speculative verification,
+batch 8, beams). The CPU decoders call it through `llm_jax.models._xla_cpu`.
+
 Shape letters: M rows (tokens), I inputs, O outputs, G scale groups.
 """
 
