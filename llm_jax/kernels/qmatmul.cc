@@ -343,6 +343,8 @@ inline void fblock(const FProblem& p, int64_t m0, int64_t o) {
   v8f acc[MR][R] = {};
   for (int64_t c = 0; c < vec_end; c += 8) {
     v8f wv[R];
+    if (m0 == 0 && c % 16 == 0)
+      for (int r = 0; r < R; ++r) __builtin_prefetch(w + r * p.i + c + 256, 0, 0);
     for (int r = 0; r < R; ++r) wv[r] = loadf(w + r * p.i + c);
     for (int m = 0; m < MR; ++m) {
       const v8f xv = loadf(x + m * p.i + c);
@@ -363,11 +365,17 @@ inline void fblock(const FProblem& p, int64_t m0, int64_t o) {
 void fdots(const FProblem& p, int64_t o0, int64_t o1) {
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {
-    if (o + 8 <= o1)
-      for (int64_t c = 0; c < 4 * p.i; c += 16) __builtin_prefetch(p.w + (o + 4) * p.i + c, 0, 1);
     int64_t m = 0;
+    if (p.m % 2) {  // an odd row count starts with three rows, not a pass of one
+      if (p.m >= 3) {
+        fblock<3, 4>(p, 0, o);
+        m = 3;
+      } else {
+        fblock<1, 4>(p, 0, o);
+        m = 1;
+      }
+    }
     for (; m + 2 <= p.m; m += 2) fblock<2, 4>(p, m, o);
-    if (m < p.m) fblock<1, 4>(p, m, o);
   }
   for (; o < o1; ++o) {
     int64_t m = 0;
