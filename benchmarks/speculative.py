@@ -12,16 +12,18 @@ draft, both on the default corpus; ~45 min on 2 busy cores):
         model.num_heads=8 model.d_ff=2048 model.max_position_embeddings=256 \
         train.steps=1000 optimizer.learning_rate=1.0e-3 optimizer.warmup_steps=100
     llm-jax train configs/tiny.yaml name=spec_draft model.max_position_embeddings=256 \
-        data.tokenizer_path=runs/spec_target/tokenizer train.steps=800 Every case decodes the same prompts at
-batch 1 with EOS off, so each call generates exactly max_new_tokens tokens; the
-speculative cases assert that their tokens equal the target's greedy tokens. After one
-cold call each, the cases' calls alternate (target, k=2, k=4, ..., target, ...) so load
-from other processes falls on all alike; the table shows the best of --repeats rounds of
-all prompts. acceptance = accepted / proposed draft tokens; tokens/round = new tokens per
-target call; "draft alone" is the draft's own greedy speed. "ideal" is the speedup if a
-round cost exactly k draft steps plus one target step (the verify call priced as a
-one-token step, no bookkeeping): tokens/round / (k c + 1), with c = draft step / target
-step from this run's greedy speeds; measured / ideal is what the loop's overhead leaves.
+        data.tokenizer_path=runs/spec_target/tokenizer train.steps=800
+
+Every case decodes the same prompts at batch 1 with EOS off, so each call generates
+exactly max_new_tokens tokens; the speculative cases assert that their tokens equal the
+target's greedy tokens. After one cold call each, the cases' calls alternate (target,
+k=2, k=4, ..., target, ...) so load from other processes falls on all alike; the table
+shows the best of --repeats rounds of all prompts. acceptance = accepted / proposed
+draft tokens; tokens/round = new tokens per target call; "draft alone" is the draft's
+own greedy speed. "ideal" is the speedup if a round cost exactly k draft steps plus one
+target step (the verify call priced as a one-token step, no bookkeeping): tokens/round /
+(k c + 1), with c = draft step / target step from this run's greedy speeds; measured /
+ideal is what the loop's overhead leaves.
 """
 
 from __future__ import annotations
