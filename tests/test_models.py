@@ -374,14 +374,15 @@ def test_cache_logical_axes_follow_the_layout():
     assert plain.valid == ("batch", "cache_seq") and plain.cross_kv is None
 
 
-@pytest.mark.parametrize(
-    "equation, x_shape, k_shape",
-    [
-        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),
-        ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
-        ("BTF,FD->BTD", (2, 3, 7), (7, 6)),
-    ],
-)
+# The dense layers' einsums: the o-projection, q/k/v, the MLP.
+DENSE_EINSUMS = [
+    ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),
+    ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
+    ("BTF,FD->BTD", (2, 3, 7), (7, 6)),
+]
+
+
+@pytest.mark.parametrize("equation, x_shape, k_shape", DENSE_EINSUMS)
 def test_kernel_einsum_equals_einsum(equation, x_shape, k_shape):
     x = jax.random.normal(jax.random.key(0), x_shape)
     kernel = jax.random.normal(jax.random.key(1), k_shape)
@@ -393,14 +394,7 @@ def test_kernel_einsum_equals_einsum(equation, x_shape, k_shape):
     )
 
 
-@pytest.mark.parametrize(
-    "equation, x_shape, k_shape",
-    [
-        ("BTNH,NHD->BTD", (2, 3, 4, 5), (4, 5, 6)),
-        ("BTD,DNH->BTNH", (2, 3, 6), (6, 4, 5)),
-        ("BTF,FD->BTD", (2, 3, 7), (7, 6)),
-    ],
-)
+@pytest.mark.parametrize("equation, x_shape, k_shape", DENSE_EINSUMS)
 def test_output_major_einsum_equals_einsum_of_the_logical_kernel(equation, x_shape, k_shape):
     rng = np.random.default_rng(0)
     x = rng.standard_normal(x_shape).astype(np.float32)
