@@ -361,7 +361,8 @@ inline void fblock(const FProblem& p, int64_t m0, int64_t o) {
 }
 
 // y[:, o0 : o1]: four weight rows at a time, each read from memory once (the passes over
-// further rows of x find them in L1/L2), prefetching the next four.
+// further rows of x find them in L1/L2; the first pass prefetches ahead within each row's
+// stream, a hint that never faults past the end).
 void fdots(const FProblem& p, int64_t o0, int64_t o1) {
   int64_t o = o0;
   for (; o + 4 <= o1; o += 4) {

@@ -96,7 +96,7 @@ def from_values_major(x: Array) -> Array:
 
 
 def ordered_after(read: Array, *xs: Array) -> tuple[Array, ...]:
-    """`xs` unchanged, but computed from `read` as far as XLA can tell (workaround 2).
+    """`xs` unchanged, but computed from `read` as far as XLA can tell (workaround 3).
 
     A decode step writes each layer's cache in place after attending over it. Unless the
     write depends on the attention's result, XLA:CPU cannot order the reads first and

@@ -64,7 +64,7 @@ def _kernel_inputs(model: Any, stack: str) -> tuple[tuple[tuple[str, ...], int],
     """The float dense kernels of the stack's blocks: (path inside `blocks`, input axes)."""
     found = []
     for path, module in nnx.iter_graph(getattr(model, stack).blocks):
-        if isinstance(module, Einsum) and module.quant is None and module.kernel is not None:
+        if isinstance(module, Einsum) and module.quant is None:
             try:
                 n_in = num_inputs(module.equation)
             except ValueError:
